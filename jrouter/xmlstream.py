@@ -1,0 +1,411 @@
+"""Sans-IO XML stream reader and the few writer helpers every session needs.
+
+Theory of operation
+-------------------
+A component connection is one long XML document: a ``<stream:stream>`` header,
+then top-level elements (stanzas), then ``</stream:stream>``. ``StreamReader``
+takes bytes as they arrive and returns events:
+
+* ``StreamOpen``  - the header, with its attributes and namespace declarations;
+* ``Element``     - one complete top-level element, with its *raw bytes*;
+* ``StreamClose`` - the peer's ``</stream:stream>``.
+
+Routing is the router's whole job, so an element is not turned into a tree:
+expat (with namespace processing, so unbound prefixes are errors as in
+jabberd2) checks well-formedness and reports where each top-level element
+starts and ends, and the element keeps the exact bytes it arrived in. The
+router forwards those bytes unchanged, inserts an attribute by splicing, and
+asks for an lxml tree (``Element.tree()``) only on cold paths such as
+``<bind/>``. For each top-level element the reader keeps its attributes and
+those of its first child, which is all that routing, hashing and filtering
+look at.
+
+Byte positions come from expat's ``CurrentByteIndex``: at a start tag it is
+the ``<``; at an end tag, the ``<`` of ``</``. The end of a start tag is found
+with a quote-aware regular expression (an attribute value may contain ``>``).
+
+Hardening: a DOCTYPE is refused before expat can read any declaration, so no
+entity is ever defined or expanded, and nothing is fetched. A top-level
+element (or the header, or junk between elements) larger than
+``max_element_size`` ends the stream with ``policy-violation``.
+
+This module must not know about routing, SASL, sockets or the clock.
+"""
+
+import pyexpat
+import re
+
+STREAMS_NS = "http://etherx.jabber.org/streams"
+STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
+
+# The start tag of an element that expat has already accepted: the name, then
+# anything up to '>' that is not inside a quoted attribute value.
+_START_TAG = re.compile(rb"<([^\s/>]+)[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
+
+
+class StreamError(Exception):
+    """A fatal problem with what the peer sent: answered by a stream error.
+
+    ``condition`` is an RFC 6120 stream error condition; ``text`` is the
+    optional human-readable explanation sent in ``<text/>``.
+    """
+
+    def __init__(self, condition, text=None):
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+
+
+class StreamOpen:
+    """The peer's stream header.
+
+    ``name`` is the expanded name (``"uri local"`` or ``"local"``), ``attrs``
+    the non-namespace attributes, ``default_ns`` the default namespace
+    declared on it (or None) and ``prefixes`` the other declarations.
+    """
+
+    __slots__ = ("name", "attrs", "default_ns", "prefixes")
+
+    def __init__(self, name, attrs, default_ns, prefixes):
+        self.name = name
+        self.attrs = attrs
+        self.default_ns = default_ns
+        self.prefixes = prefixes
+
+    def __repr__(self):
+        return f"StreamOpen({self.name!r}, {self.attrs!r}, default_ns={self.default_ns!r})"
+
+
+class StreamClose:
+    """The peer closed its stream with ``</stream:stream>``."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "StreamClose()"
+
+
+class NamespaceContext:
+    """The namespace declarations in force at the top level of one stream.
+
+    Shared by every element of the stream: it is what ``Element.tree()``
+    needs to parse a raw element on its own.
+    """
+
+    __slots__ = ("default_ns", "prefixes", "_wrapper_open")
+
+    def __init__(self, default_ns, prefixes):
+        self.default_ns = default_ns
+        self.prefixes = dict(prefixes)
+        decls = "".join(f" xmlns:{p}={quoteattr(u)}" for p, u in self.prefixes.items())
+        if default_ns:
+            decls += f" xmlns={quoteattr(default_ns)}"
+        self._wrapper_open = f"<w{decls}>".encode()
+
+    def parse(self, raw):
+        """Parse one top-level element's bytes into an lxml element."""
+        from lxml import etree
+
+        wrapper = etree.fromstring(self._wrapper_open + raw + b"</w>", _lxml_parser())
+        return wrapper[0]
+
+
+_LXML_PARSER = None
+
+
+def _lxml_parser():
+    global _LXML_PARSER
+    if _LXML_PARSER is None:
+        from lxml import etree
+
+        _LXML_PARSER = etree.XMLParser(
+            resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False
+        )
+    return _LXML_PARSER
+
+
+class Element:
+    """One complete top-level element, as raw bytes plus what routing needs.
+
+    ``name``: expanded name (``"uri local"``, or ``"local"`` without a
+    namespace); ``attrs``: its attributes (namespaced ones keyed ``"uri
+    local"``); ``raw``: its exact bytes; ``name_end``: offset in ``raw`` just
+    after the tag name (where an attribute can be spliced in); ``inner_start``
+    and ``inner_end``: the content between its start and end tags;
+    ``child_name`` / ``child_attrs``: its first child element, or None.
+    ``context``: the stream's NamespaceContext (what unprefixed names and
+    stream-level prefixes in ``raw`` mean).
+    ``end``: absolute stream offset just after the element.
+    """
+
+    __slots__ = (
+        "name", "attrs", "raw", "name_end", "inner_start", "inner_end",
+        "child_name", "child_attrs", "child_start", "child_mark", "context", "end", "_tree",
+    )
+
+    def __init__(self, name, attrs, raw, name_end, inner_start, inner_end,
+                 child_name, child_attrs, child_start, child_mark, context, end):
+        self.name = name
+        self.attrs = attrs
+        self.raw = raw
+        self.name_end = name_end
+        self.inner_start = inner_start
+        self.inner_end = inner_end
+        self.child_name = child_name
+        self.child_attrs = child_attrs
+        # Where the first child starts, and where expat reported its end:
+        # enough to cut it out on demand (first_child()).
+        self.child_start = child_start
+        self.child_mark = child_mark
+        self.context = context
+        self.end = end
+        self._tree = None
+
+    @property
+    def local_name(self):
+        return self.name.rpartition(" ")[2]
+
+    @property
+    def namespace(self):
+        ns, sep, _ = self.name.rpartition(" ")
+        return ns if sep else None
+
+    @property
+    def qname(self):
+        """The tag name as written, prefix included."""
+        return self.raw[1:self.name_end].decode()
+
+    @property
+    def inner(self):
+        """The bytes between the start and end tags (the children)."""
+        return self.raw[self.inner_start:self.inner_end]
+
+    def first_child(self):
+        """The bytes of the first child element, or b'' when there is none."""
+        if self.child_name is None:
+            return b""
+        raw = self.raw
+        match = _START_TAG.match(raw, self.child_start)
+        if raw[match.end() - 2] == 0x2F:     # an empty element: its start tag is all of it
+            return raw[self.child_start:match.end()]
+        return raw[self.child_start:raw.index(b">", self.child_mark) + 1]
+
+    def tree(self):
+        """The element as an lxml tree (parsed once, on demand)."""
+        if self._tree is None:
+            self._tree = self.context.parse(self.raw)
+        return self._tree
+
+    def with_attribute(self, name, value):
+        """The raw bytes with ``name='value'`` added first (jabberd2 puts added
+        attributes first too). The attribute must not be present already."""
+        raw = self.raw
+        cut = self.name_end
+        return b"".join((raw[:cut], b" ", name.encode(), b"=", quoteattr(value).encode(), raw[cut:]))
+
+    def declares_namespaces(self):
+        """Whether the start tag carries any xmlns declaration."""
+        return b"xmlns" in self.raw[:self.inner_start]
+
+    def __repr__(self):
+        return f"Element({self.raw[:80]!r})"
+
+
+class StreamReader:
+    """Incremental parser for one XML stream: ``feed(bytes) -> [events]``.
+
+    Raises ``StreamError`` for anything that must end the stream. After a
+    stream restart (STARTTLS, SASL) call ``restart(offset)``.
+    """
+
+    def __init__(self, max_element_size=0):
+        self.max_element_size = max_element_size
+        self._new_parser()
+
+    def _new_parser(self):
+        parser = pyexpat.ParserCreate(namespace_separator=" ")
+        parser.buffer_text = True
+        parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.StartDoctypeDeclHandler = self._refuse_doctype
+        parser.EntityDeclHandler = self._refuse_entity
+        parser.StartNamespaceDeclHandler = self._header_namespace
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        self._parser = parser
+        self._depth = 0
+        self._buffer = bytearray()
+        self._base = 0          # absolute offset of _buffer[0]
+        self._keep_from = 0     # absolute offset where unconsumed bytes begin
+        self._events = []
+        self._header_default = None
+        self._header_prefixes = {}
+        self.context = None
+        # The top-level element being read.
+        self._top_start = 0
+        self._top_name = None
+        self._top_attrs = None
+        self._top_name_end = 0
+        self._top_tag_end = 0
+        self._child_name = None
+        self._child_attrs = None
+        self._child_start = 0
+        self._child_mark = None
+
+    # -- expat callbacks ---------------------------------------------------
+
+    def _refuse_doctype(self, *args):
+        raise StreamError("restricted-xml", "DTDs are not allowed")
+
+    def _refuse_entity(self, *args):
+        raise StreamError("restricted-xml", "entity declarations are not allowed")
+
+    def _header_namespace(self, prefix, uri):
+        if prefix is None:
+            self._header_default = uri
+        else:
+            self._header_prefixes[prefix] = uri
+
+    def _start(self, name, attrs):
+        depth = self._depth
+        self._depth = depth + 1
+        if depth == 1:
+            start = self._parser.CurrentByteIndex
+            offset = start - self._base
+            match = _START_TAG.match(self._buffer, offset)
+            self._top_start = start
+            self._top_name = name
+            self._top_attrs = attrs
+            # Both relative to the element's first byte: the buffer may be
+            # trimmed before the element ends.
+            self._top_name_end = match.end(1) - offset
+            self._top_tag_end = match.end() - offset
+        elif depth == 2:
+            if self._child_name is None:
+                self._child_name = name
+                self._child_attrs = attrs
+                self._child_start = self._parser.CurrentByteIndex
+        elif depth == 0:
+            self._open(name, attrs)
+
+    def _end(self, name):
+        depth = self._depth - 1
+        self._depth = depth
+        if depth == 1:
+            self._close_top()
+        elif depth == 2:
+            if self._child_mark is None:
+                self._child_mark = self._parser.CurrentByteIndex
+        elif depth == 0:
+            self._events.append(StreamClose())
+
+    def _open(self, name, attrs):
+        # Later declarations belong to stanzas, not to the stream context.
+        self._parser.StartNamespaceDeclHandler = None
+        self.context = NamespaceContext(self._header_default, self._header_prefixes)
+        offset = self._parser.CurrentByteIndex - self._base
+        self._keep_from = self._base + _START_TAG.match(self._buffer, offset).end()
+        self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
+
+    def _close_top(self):
+        buffer = self._buffer
+        base = self._base
+        start = self._top_start - base
+        tag_end = start + self._top_tag_end
+        if buffer[tag_end - 2] == 0x2F:      # b'/': an empty element
+            end = inner_end = tag_end
+        else:
+            inner_end = self._parser.CurrentByteIndex - base
+            end = buffer.index(b">", inner_end) + 1
+        raw = bytes(buffer[start:end])
+        top_start = self._top_start
+        child_mark = self._child_mark
+        self._events.append(Element(
+            self._top_name, self._top_attrs, raw, self._top_name_end,
+            tag_end - start, inner_end - start,
+            self._child_name, self._child_attrs, self._child_start - top_start,
+            0 if child_mark is None else child_mark - top_start,
+            self.context, end + base,
+        ))
+        self._keep_from = end + base
+        self._child_name = self._child_attrs = self._child_mark = None
+
+    # -- public API --------------------------------------------------------
+
+    def feed(self, data):
+        """Parse ``data``; return the events it completed."""
+        buffer = self._buffer
+        drop = self._keep_from - self._base
+        if drop > 0:
+            del buffer[:drop]
+            self._base = self._keep_from
+        buffer += data
+        try:
+            self._parser.Parse(data)
+        except pyexpat.ExpatError as exc:
+            raise StreamError("xml-not-well-formed", pyexpat.ErrorString(exc.code)) from None
+        limit = self.max_element_size
+        if limit and self._base + len(buffer) - self._keep_from > limit:
+            raise StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
+        events = self._events
+        if events:
+            self._events = []
+        return events
+
+    def restart(self, offset):
+        """Start a new stream after the element that ended at ``offset``.
+
+        Returns the bytes the peer sent after that element (normally none:
+        a peer waits for ``<success/>`` or ``<proceed/>``); they belong to the
+        new stream, or, after STARTTLS, to the TLS handshake.
+        """
+        leftover = bytes(self._buffer[max(0, offset - self._base):])
+        self._new_parser()
+        return leftover
+
+
+# -- writing ---------------------------------------------------------------
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;"})
+
+
+def escape(text):
+    """Escape text for element content or a single-quoted attribute value."""
+    return text.translate(_ESCAPES)
+
+
+def quoteattr(value):
+    return "'" + value.translate(_ESCAPES) + "'"
+
+
+def stream_header(default_ns, stream_id=None, to=None, from_=None, version=None, declaration=True):
+    """Our stream header, attribute for attribute as jabberd2 writes it (spec 3.2)."""
+    parts = ["<?xml version='1.0'?>" if declaration else "",
+             "<stream:stream xmlns:stream='", STREAMS_NS, "'"]
+    if default_ns:
+        parts.append(" xmlns=" + quoteattr(default_ns))
+    if to is not None:
+        parts.append(" to=" + quoteattr(to))
+    if from_ is not None:
+        parts.append(" from=" + quoteattr(from_))
+    if version is not None:
+        parts.append(" version=" + quoteattr(version))
+    if stream_id is not None:
+        parts.append(" id=" + quoteattr(stream_id))
+    parts.append(">")
+    return "".join(parts).encode()
+
+
+def stream_error(condition, text=None, header_sent=True):
+    """A stream error and the stream close (spec 3.3); before our header was
+    sent, jabberd2 prefixes a minimal header, and so do we."""
+    parts = [] if header_sent else [
+        "<stream:stream xmlns:stream='", STREAMS_NS, "' version='1.0'>"]
+    parts += ["<stream:error xmlns:stream='", STREAMS_NS, "'><", condition,
+              " xmlns='", STREAM_ERRORS_NS, "'/>"]
+    if text:
+        parts += ["<text xmlns='", STREAM_ERRORS_NS, "'>", escape(text), "</text>"]
+    parts.append("</stream:error></stream:stream>")
+    return "".join(parts).encode()
+
+
+STREAM_CLOSE = b"</stream:stream>"

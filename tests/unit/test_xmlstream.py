@@ -1,0 +1,181 @@
+"""The sans-IO stream reader: framing, raw bytes, namespaces, hardening."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jrouter.xmlstream import (STREAMS_NS, Element, StreamClose, StreamError, StreamOpen,
+                               StreamReader, stream_error, stream_header)
+
+NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
+HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='" + NS_C.encode() +
+          b"' xmlns:stream='http://etherx.jabber.org/streams' to='foo' version='1.0'>")
+BODY = (b"<route to='sm' from='c2s' note='a>b'/>"
+        b"<route to='sm' from='c2s'><message xmlns='jabber:client' to='a@b'><body>x &amp; y</body>"
+        b"</message><iq/></route  >\n "
+        b"<bind name='x'>text</bind>")
+STREAM = HEADER + BODY + b"</stream:stream>"
+
+
+def feed_in_chunks(data, size, reader=None):
+    reader = reader or StreamReader()
+    events = []
+    for at in range(0, len(data), size):
+        events += reader.feed(data[at:at + size])
+    return events
+
+
+def elements(events):
+    return [e for e in events if isinstance(e, Element)]
+
+
+def test_header_event_carries_attributes_and_namespaces():
+    """The header event names the root, its attributes and its declarations."""
+    (opened,) = StreamReader().feed(HEADER)
+    assert isinstance(opened, StreamOpen)
+    assert opened.name == STREAMS_NS + " stream"
+    assert opened.attrs == {"to": "foo", "version": "1.0"}
+    assert opened.default_ns == NS_C
+    assert opened.prefixes == {"stream": STREAMS_NS}
+
+
+@pytest.mark.parametrize("size", range(1, len(STREAM) + 1))
+def test_framing_is_the_same_at_every_chunk_size(size):
+    """Split anywhere, the stream yields the same events and the exact bytes."""
+    events = feed_in_chunks(STREAM, size)
+    assert [type(e) for e in events] == [StreamOpen, Element, Element, Element, StreamClose]
+    raws = [e.raw for e in elements(events)]
+    assert raws == [b"<route to='sm' from='c2s' note='a>b'/>",
+                    b"<route to='sm' from='c2s'><message xmlns='jabber:client' to='a@b'>"
+                    b"<body>x &amp; y</body></message><iq/></route  >",
+                    b"<bind name='x'>text</bind>"]
+
+
+def test_element_exposes_names_attributes_and_first_child():
+    """Routing sees the top element's and the first child's name and attributes."""
+    empty, route, bind = elements(feed_in_chunks(STREAM, 7))
+    assert empty.name == NS_C + " route" and empty.attrs["note"] == "a>b"
+    assert empty.child_name is None and empty.first_child() == b"" and empty.inner == b""
+    assert route.child_name == "jabber:client message"
+    assert route.child_attrs == {"to": "a@b"}
+    assert route.first_child() == (b"<message xmlns='jabber:client' to='a@b'>"
+                                   b"<body>x &amp; y</body></message>")
+    assert route.inner.endswith(b"<iq/>")
+    assert bind.local_name == "bind" and bind.namespace == NS_C and bind.inner == b"text"
+
+
+def test_attribute_is_spliced_in_first():
+    """A bounce adds error='404' without touching the rest of the bytes."""
+    _, route, _ = elements(feed_in_chunks(STREAM, 1000))
+    assert route.with_attribute("error", "404").startswith(b"<route error='404' to='sm'")
+    assert route.with_attribute("error", "404")[len(b"<route error='404'"):] == route.raw[6:]
+
+
+def test_empty_first_child_followed_by_end_tag():
+    """An empty first child right before the parent's end tag is cut exactly."""
+    data = HEADER + b"<route><e a='/>'/></route><route><f></f><g/></route>"
+    first, second = elements(feed_in_chunks(data, 3))
+    assert first.first_child() == b"<e a='/>'/>"
+    assert second.first_child() == b"<f></f>"
+
+
+def test_tree_resolves_stream_namespaces():
+    """tree() parses the raw element in the stream's namespace context."""
+    _, route, _ = elements(feed_in_chunks(STREAM, 1000))
+    tree = route.tree()
+    assert tree.tag == "{%s}route" % NS_C
+    assert tree[0].tag == "{jabber:client}message"
+    assert tree[1].tag == "{%s}iq" % NS_C
+    assert tree[0][0].text == "x & y"
+
+
+def test_stream_close_event():
+    """</stream:stream> is an event of its own."""
+    assert isinstance(feed_in_chunks(STREAM, 1000)[-1], StreamClose)
+
+
+@pytest.mark.parametrize("bad, text", [
+    (b"<bind name='x'></foo>", "mismatched tag"),
+    (b"<a:bind/>", "unbound prefix"),
+    (b"<bind name='x' name='y'/>", "duplicate attribute"),
+    (b"<bind>&unknown;</bind>", "undefined entity"),
+])
+def test_malformed_xml_is_a_stream_error_with_expats_message(bad, text):
+    """Malformed input ends the stream with xml-not-well-formed and expat's text."""
+    reader = StreamReader()
+    reader.feed(HEADER)
+    with pytest.raises(StreamError) as caught:
+        reader.feed(bad)
+    assert caught.value.condition == "xml-not-well-formed"
+    assert caught.value.text == text
+
+
+def test_doctype_is_refused_before_any_entity_is_defined():
+    """A DTD (and so any entity expansion) is refused outright."""
+    laughs = (b"<?xml version='1.0'?><!DOCTYPE s [<!ENTITY a 'aaaaaaaaaa'>"
+              b"<!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;'>]><s>&b;</s>")
+    with pytest.raises(StreamError) as caught:
+        StreamReader().feed(laughs)
+    assert caught.value.condition == "restricted-xml"
+
+
+def test_oversize_element_is_a_policy_violation_even_before_it_ends():
+    """An element growing past the limit ends the stream before it completes."""
+    reader = StreamReader(max_element_size=1000)
+    reader.feed(HEADER)
+    reader.feed(b"<route><message><body>" + b"x" * 900)
+    with pytest.raises(StreamError) as caught:
+        reader.feed(b"x" * 200)
+    assert caught.value.condition == "policy-violation"
+
+
+def test_many_small_elements_never_hit_the_limit():
+    """The limit is per element, not per stream."""
+    reader = StreamReader(max_element_size=200)
+    reader.feed(HEADER)
+    stanza = b"<route to='a' from='b'><message><body>" + b"x" * 100 + b"</body></message></route>"
+    total = sum(len(reader.feed(stanza * 10)) for _ in range(100))
+    assert total == 1000
+
+
+def test_oversize_start_tag_is_caught_while_incomplete():
+    """A never-ending start tag cannot grow the buffer without bound."""
+    reader = StreamReader(max_element_size=1000)
+    reader.feed(HEADER)
+    with pytest.raises(StreamError):
+        for _ in range(20):
+            reader.feed(b"<route " + b"a='b' " * 100)
+
+
+def test_restart_returns_what_followed_the_element():
+    """After SASL or STARTTLS the reader starts a new document."""
+    reader = StreamReader()
+    reader.feed(HEADER)
+    (response,) = reader.feed(b"<response/>LEFTOVER")
+    assert reader.restart(response.end) == b"LEFTOVER"
+    (opened,) = reader.feed(HEADER)
+    assert isinstance(opened, StreamOpen)
+
+
+def test_writer_helpers_match_jabberd2_bytes():
+    """Our header and stream errors are byte-for-byte what jabberd2 writes."""
+    assert stream_header(NS_C, "abc", to="bar", from_="foo", version="1.0") == (
+        b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+        b"xmlns='" + NS_C.encode() + b"' to='bar' from='foo' version='1.0' id='abc'>")
+    assert stream_error("bad-format", header_sent=False) == (
+        b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+        b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
+        b"<bad-format xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(STREAM)), min_size=1, max_size=30))
+def test_any_chunking_gives_the_same_events(cuts):
+    """Hypothesis: arbitrary cut points never change what is read."""
+    reader = StreamReader()
+    events = []
+    points = sorted(set(cuts)) + [len(STREAM)]
+    start = 0
+    for point in points:
+        events += reader.feed(STREAM[start:point])
+        start = point
+    assert [e.raw for e in elements(events)] == [e.raw for e in elements(feed_in_chunks(STREAM, 1000))]
