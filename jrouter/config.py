@@ -1,0 +1,514 @@
+"""router.xml and router-users.xml: read once, validated in one place, frozen into a ``Config``.
+
+Owns how jabberd2 reads its configuration (``util/config.c`` ``config_load``,
+``router/main.c`` ``_router_config_expand``, ``router/aci.c``,
+``router/user.c``; spec 2.1-2.4) and every check we add on top.  It must not
+know what the settings are used for: it does not open sockets, log files or
+pidfiles, and ``load_users`` returns its log lines instead of logging them.
+
+Theory of operation
+-------------------
+1. The file is parsed with a hardened lxml parser (no DTD, no entities, no
+   network).  Every element below the root becomes an entry under its dotted
+   path (``<local><port>`` is ``local.port``); the root's name is ignored and
+   repeated elements keep every occurrence.  An element's value is its own
+   text, as expat hands it over (text before its first child element, comments
+   skipped, nothing trimmed); an element without text has the value ``"1"``.
+2. ``${key}`` in a value is replaced by the first value of ``key`` among the
+   entries already read, in document order; ``-i`` is seeded as ``id`` before
+   anything else, so it wins over ``<id>``.
+3. ``_build`` reads each setting from the first occurrence of its key through
+   the table ``_SETTINGS`` (key, default, validator) or a section builder
+   (log, limits, access, aliases, ACLs).  Every problem is collected, named by
+   file, line and element path, and reported together in one ``ConfigError``.
+   Unknown elements are ignored so any router.xml written for jabberd2 loads.
+
+Where jabberd2 silently turns garbage into something (``atoi("abc")`` is 0, so
+``<port>abc</port>`` listens on a random port), we refuse to start instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional
+
+from lxml import etree
+
+from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
+
+CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
+DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
+# sx/ssl.c: "!aNULL:!eNULL:!EXP:" SSL_DEFAULT_CIPHER_LIST; DEFAULT names that list.
+DEFAULT_CIPHERS = "!aNULL:!eNULL:!EXP:DEFAULT"
+DEFAULT_STANZA_SIZE = 1048576
+
+LOG_TYPES = ("stdout", "file", "syslog")
+# util/log.c _log_facilities; anything else, or none, means local7.
+SYSLOG_FACILITIES = tuple(f"local{n}" for n in range(8)) + ("log_user",)
+
+
+# ---------------------------------------------------------------------------
+# Hardened XML, shared with filter.py.
+
+
+class XMLProblem(Exception):
+    """A file is not well-formed XML (or uses a DOCTYPE, which we refuse)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.message = message
+
+
+def parse_xml(data: bytes) -> etree._Element:
+    """Parse a whole document without DTDs, entity expansion or network access."""
+    parser = etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=False
+    )
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        errors = [e for e in exc.error_log if e.level >= etree.ErrorLevels.ERROR] or list(exc.error_log)
+        if errors:
+            raise XMLProblem(errors[0].line, errors[0].message) from None
+        raise XMLProblem(exc.lineno or 0, str(exc)) from None
+    if root.getroottree().docinfo.doctype:
+        # expat would expand internal entities (config_load) or stop at their
+        # declaration (nad_parse); a DOCTYPE has no use here, so refuse it.
+        line = data[: max(data.find(b"<!DOCTYPE"), 0)].count(b"\n") + 1
+        raise XMLProblem(line, "DOCTYPE declarations are not allowed")
+    return root
+
+
+def element_text(el: etree._Element) -> str:
+    """The text expat gives jabberd2 for ``el``: all text before its first child element."""
+    parts = [el.text or ""]
+    for child in el:
+        if isinstance(child.tag, str):
+            break
+        parts.append(child.tail or "")  # a comment or PI splits the text, expat joins it
+    return "".join(parts)
+
+
+def _name(el: etree._Element) -> str:
+    # config_load's expat does no namespace processing: keys use the name as written.
+    local = etree.QName(el).localname
+    return f"{el.prefix}:{local}" if el.prefix else local
+
+
+def _children(el: etree._Element, name: str) -> list[etree._Element]:
+    return [c for c in el.iterchildren(etree.Element) if _name(c) == name]
+
+
+# ---------------------------------------------------------------------------
+# The settings and their types.
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason, one string each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """``<log type=...>``: where log lines go (spec 1.9)."""
+
+    type: str = "stdout"  # 'stdout' | 'file' | 'syslog'
+    ident: str = "jabberd/router"
+    facility: str = "local7"  # one of SYSLOG_FACILITIES, lower case
+    file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Alias:
+    """``<alias name=... target=.../>``: route ``name`` to whoever bound ``target`` (spec 4.11)."""
+
+    name: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the router takes from router.xml, validated.  Defaults are jabberd2's (spec 2.2)."""
+
+    source: str = DEFAULT_CONFIG_FILE
+    id: str = "router"
+    pidfile: Optional[str] = None
+    log: LogSettings = field(default_factory=LogSettings)
+    ip: str = "0.0.0.0"
+    port: int = 5347
+    users_file: str = CONFIG_DIR + "/router-users.xml"
+    secret: Optional[str] = None
+    pemfile: Optional[str] = None
+    private_key_password: Optional[str] = None
+    ciphers: str = DEFAULT_CIPHERS
+    max_fds: int = 1024
+    bytes_limit: RateLimit = field(default_factory=RateLimit)
+    connects_limit: RateLimit = field(default_factory=RateLimit)
+    stanza_size_limit: int = DEFAULT_STANZA_SIZE  # ours: <io><limits><stanzasize>, 0 = unlimited
+    access: AccessRules = field(default_factory=AccessRules)
+    check_interval: int = 60
+    keepalive: int = 0
+    aliases: tuple[Alias, ...] = ()
+    acls: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    filter_file: str = CONFIG_DIR + "/router-filter.xml"
+    message_logging_enabled: bool = False
+    message_logging_file: Optional[str] = None
+
+    def acl_allows(self, acl_type: Optional[str], username: str) -> bool:
+        """``aci_check``: ``username`` is in ACL ``all`` or in ACL ``acl_type`` (exact match)."""
+        if username in self.acls.get("all", ()):
+            return True
+        return acl_type is not None and username in self.acls.get(acl_type, ())
+
+    @property
+    def message_logging(self) -> bool:
+        """Message logging needs both ``<enabled/>`` and ``<file>`` (spec 7.2)."""
+        return self.message_logging_enabled and self.message_logging_file is not None
+
+
+# ---------------------------------------------------------------------------
+# Validators: value text in, typed value out, ValueError with a reason.
+
+_INTEGER = re.compile(r"[ \t\r\n]*([+-]?[0-9]+)[ \t\r\n]*\Z")
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _integer(value: str) -> int:
+    # Stricter than jabberd2's atoi, which reads "12abc" as 12 and "abc" as 0:
+    # surrounding whitespace is fine, anything else is refused.
+    match = _INTEGER.match(value)
+    if match is None:
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(match.group(1))
+
+
+def _non_negative(value: str) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, got {number}")
+    return number
+
+
+def _positive(value: str) -> int:
+    number = _integer(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1, got {number}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _integer(value)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {number}")
+    return number
+
+
+def _ip_literal(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address (host names are not allowed)") from None
+    return value
+
+
+def _flag(value: str) -> bool:
+    return _integer(value) != 0
+
+
+_LABEL = re.compile(r"[\w-]{1,63}\Z")
+
+
+def _domain(value: str) -> str:
+    name = value.lower()
+    if len(name.encode("utf-8")) > 1023 or not all(_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{value!r} is not a domain name")
+    return name
+
+
+# Plain settings: Config field, key, validator.  Defaults come from Config.
+_SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+    ("id", "id", _text),
+    ("pidfile", "pidfile", _text),
+    ("ip", "local.ip", _ip_literal),
+    ("port", "local.port", _port),
+    ("users_file", "local.users", _text),
+    ("secret", "local.secret", _text),
+    ("pemfile", "local.pemfile", _text),
+    ("private_key_password", "local.private_key_password", _text),
+    ("ciphers", "local.ciphers", _text),
+    ("max_fds", "io.max_fds", _positive),
+    ("stanza_size_limit", "io.limits.stanzasize", _non_negative),
+    ("check_interval", "check.interval", _non_negative),
+    ("keepalive", "check.keepalive", _non_negative),
+    ("filter_file", "aci.filter", _text),
+    ("message_logging_enabled", "message_logging.enabled", _flag),
+    ("message_logging_file", "message_logging.file", _text),
+)
+
+
+# ---------------------------------------------------------------------------
+# Reading the key table (config_load_with_id).
+
+
+@dataclass
+class _Entry:
+    value: str
+    attrs: Mapping[str, str]
+    line: int
+    failed: bool = False  # its ${} expansion failed; already reported
+
+
+class _Reader:
+    """The key table of one file, plus the problems found so far."""
+
+    def __init__(self, path: str, root: etree._Element, id_override: Optional[str]) -> None:
+        self.path = path
+        self.root = root
+        self.problems: list[str] = []
+        self.table: dict[str, list[_Entry]] = {}
+        if id_override is not None:
+            self.table["id"] = [_Entry(id_override, {}, 0)]
+        self._walk(root, "")
+
+    def problem(self, line: int, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}:{line}: {key}: {message}")
+
+    def _walk(self, parent: etree._Element, prefix: str) -> None:
+        for el in parent.iterchildren(etree.Element):
+            key = prefix + _name(el)
+            entry = _Entry("1", dict(el.attrib), el.sourceline or 0)
+            text = element_text(el)
+            if text:
+                entry.value, entry.failed = self._expand(text, key, entry.line)
+            self.table.setdefault(key, []).append(entry)
+            self._walk(el, key + ".")
+
+    def _expand(self, text: str, key: str, line: int) -> tuple[str, bool]:
+        """Replace ``${var}`` as _config_expandx does: leftmost first, rescanning the result."""
+        for _ in range(1000):
+            start = text.find("${")
+            if start < 0:
+                return text, False
+            end = text.find("}", start + 2)
+            if end < 0:
+                self.problem(line, key, "'${' without a closing '}'")
+                return text, True
+            var = text[start + 2:end]
+            known = self.table.get(var)
+            if not known:
+                self.problem(line, key, f"${{{var}}} is not defined (no <{var}> element before this one)")
+                return text, True
+            if known[0].failed:
+                return text, True
+            text = text[:start] + known[0].value + text[end + 1:]
+        self.problem(line, key, "${} expansion does not terminate")
+        return text, True
+
+    def first(self, key: str) -> Optional[_Entry]:
+        entries = self.table.get(key)
+        return entries[0] if entries else None
+
+    def get(self, key: str, default: object, validate: Callable[[str], object]) -> object:
+        entry = self.first(key)
+        if entry is None or entry.failed:
+            return default
+        return self.check(entry.value, entry.line, key, default, validate)
+
+    def check(self, value: str, line: int, key: str, default: object, validate: Callable[[str], object]) -> object:
+        try:
+            return validate(value)
+        except ValueError as exc:
+            self.problem(line, key, str(exc))
+            return default
+
+
+# ---------------------------------------------------------------------------
+# Section builders: each reads what jabberd2 reads, the way it reads it.
+
+
+def _log(r: _Reader) -> LogSettings:
+    entry = r.first("log")
+    kind = entry.attrs.get("type") if entry is not None else None
+    kind = kind if kind in ("file", "syslog") else "stdout"  # jabberd2: anything else is stdout
+    facility = r.get("log.facility", None, _text)
+    facility = facility.lower() if isinstance(facility, str) else None
+    file = r.get("log.file", None, _text)
+    if kind == "file" and file is None:
+        r.problem(entry.line, "log@type", "type='file' needs a <file> element naming the log file")
+    return LogSettings(
+        type=kind,
+        ident=r.get("log.ident", LogSettings.ident, _text),
+        facility=facility if facility in SYSLOG_FACILITIES else "local7",
+        file=file,
+    )
+
+
+def _rate(r: _Reader, key: str) -> RateLimit:
+    entry = r.first(key)
+    if entry is None or entry.failed:
+        return RateLimit()
+    total = r.check(entry.value, entry.line, key, 0, _non_negative)
+    if total == 0:
+        return RateLimit()  # jabberd2 does not even read the attributes then
+
+    def attr(name: str) -> int:
+        value = entry.attrs.get(name)
+        default = getattr(RateLimit, name)
+        return default if value is None else r.check(value, entry.line, f"{key}@{name}", default, _non_negative)
+
+    return RateLimit(total, attr("seconds"), attr("throttle"))
+
+
+def _access(r: _Reader) -> AccessRules:
+    order = r.get("io.access.order", ALLOW_DENY, _text).strip(" \t\r\n")
+    if order not in (ALLOW_DENY, DENY_ALLOW):
+        # jabberd2 takes anything but "deny,allow" as allow,deny, so a typo
+        # quietly opens the router; we refuse.
+        r.problem(r.first("io.access.order").line, "io.access.order", f"must be 'allow,deny' or 'deny,allow', got {order!r}")
+        order = ALLOW_DENY
+    return AccessRules(order, _access_rules(r, "io.access.allow"), _access_rules(r, "io.access.deny"))
+
+
+def _access_rules(r: _Reader, key: str) -> tuple[AccessRule, ...]:
+    rules = []
+    for entry in r.table.get(key, []):
+        ip, mask = entry.attrs.get("ip"), entry.attrs.get("mask")
+        if ip is None:
+            r.problem(entry.line, key, "missing the ip attribute")  # jabberd2 skips the rule
+            continue
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            r.problem(entry.line, f"{key}@ip", f"{ip!r} is not an IPv4 or IPv6 address")
+            continue
+        try:
+            rules.append(AccessRule(address, parse_mask(mask, address.version)))
+        except ValueError as exc:
+            r.problem(entry.line, f"{key}@mask", str(exc))
+    return tuple(rules)
+
+
+def _aliases(r: _Reader) -> tuple[Alias, ...]:
+    aliases: dict[str, tuple[Alias, int]] = {}
+    for entry in r.table.get("aliases.alias", []):
+        names = {}
+        for attr in ("name", "target"):
+            value = entry.attrs.get(attr)
+            if value is None:
+                r.problem(entry.line, "aliases.alias", f"missing the {attr} attribute")
+            else:
+                names[attr] = r.check(value, entry.line, f"aliases.alias@{attr}", None, _domain)
+        if None in names.values() or len(names) < 2:
+            continue
+        if names["name"] in aliases:
+            seen = aliases[names["name"]][1]
+            r.problem(entry.line, "aliases.alias@name", f"alias {names['name']!r} is already defined on line {seen}")
+            continue
+        aliases[names["name"]] = (Alias(names["name"], names["target"]), entry.line)
+    return tuple(alias for alias, _line in aliases.values())
+
+
+def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
+    """``aci_load``: read straight from the tree, so user names are raw text, never ${}-expanded."""
+    acls: dict[str, frozenset[str]] = {}
+    aci = _children(root, "aci")
+    for acl in _children(aci[0], "acl") if aci else []:
+        kind = acl.get("type")
+        if kind is None:
+            continue
+        users = frozenset(t for t in (element_text(u) for u in _children(acl, "user")) if t)
+        if users:  # an <acl> with no users leaves an earlier one of its type alone
+            acls[kind[:32]] = users
+    return MappingProxyType(acls)
+
+
+def _build(r: _Reader, source: str) -> Config:
+    values = {name: r.get(key, getattr(Config, name, None), validate) for name, key, validate in _SETTINGS}
+    return Config(
+        source=source,
+        log=_log(r),
+        bytes_limit=_rate(r, "io.limits.bytes"),
+        connects_limit=_rate(r, "io.limits.connects"),
+        access=_access(r),
+        aliases=_aliases(r),
+        acls=_acls(r.root),
+        **values,
+    )
+
+
+def load_config(path: str, id_override: Optional[str] = None) -> Config:
+    """Read and validate router.xml; ``id_override`` is ``-i``.  Raises ``ConfigError`` with every problem."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"couldn't open {path} for reading: {exc.strerror}"]) from None
+    try:
+        root = parse_xml(data)
+    except XMLProblem as exc:
+        raise ConfigError([f"{path}:{exc.line}: parse error: {exc.message}"]) from None
+    reader = _Reader(path, root, id_override)
+    config = _build(reader, path)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return config
+
+
+# ---------------------------------------------------------------------------
+# router-users.xml (user_table_load).
+
+
+@dataclass(frozen=True)
+class UsersResult:
+    """The user table (name -> secret) and the log lines (level, text) jabberd2 would write."""
+
+    users: dict[str, str]
+    messages: list[tuple[str, str]]
+
+
+def _local_children(el: etree._Element, name: str) -> list[etree._Element]:
+    # nad_parse is namespace-aware: names are compared without prefix or namespace.
+    return [c for c in el.iterchildren(etree.Element) if etree.QName(c).localname == name]
+
+
+def load_users(path: str) -> UsersResult:
+    """Read the user table.  Never raises: a bad file gives an empty table and an error line."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        return UsersResult({}, [("error", f"couldn't open user table file {path}: {exc.strerror}")])
+    try:
+        with handle:
+            data = handle.read()
+    except OSError as exc:
+        return UsersResult({}, [("error", f"couldn't read from user table file: {exc.strerror}")])
+    if not data:
+        return UsersResult({}, [("error", f"empty user table file {path}")])
+    try:
+        root = parse_xml(data)
+    except XMLProblem:
+        return UsersResult({}, [("error", "couldn't parse user table")])
+    users: dict[str, str] = {}
+    messages: list[tuple[str, str]] = []
+    count = 0
+    for user in _local_children(root, "user"):
+        name = [element_text(e) for e in _local_children(user, "name")[:1]]
+        secret = [element_text(e) for e in _local_children(user, "secret")[:1]]
+        if not (name and name[0] and secret and secret[0]):
+            # jabberd2 logs this forever without advancing (spec 2.3 BUG); we log once and go on.
+            messages.append(("error", "malformed user entry in user table file, skipping"))
+            continue
+        users[name[0]] = secret[0]  # a later duplicate overwrites, as xhash_put does
+        count += 1
+    messages.append(("notice", f"loaded user table ({count} users)"))
+    return UsersResult(users, messages)
