@@ -49,6 +49,11 @@ def module_dir():
 
 def create_database(path):
     """Create an empty jabberd2 sqlite database at `path` from Debian's schema."""
+    if not os.path.exists(SQLITE_SCHEMA):
+        raise FileNotFoundError(
+            "%s is missing: install jabberd2 (scripts/bootstrap), and check that dpkg "
+            "does not exclude /usr/share/doc (path-exclude in /etc/dpkg/dpkg.cfg.d)"
+            % SQLITE_SCHEMA)
     with gzip.open(SQLITE_SCHEMA, "rt", encoding="utf-8") as f:
         schema = f.read()
     conn = sqlite3.connect(str(path))
@@ -209,6 +214,8 @@ def write_c2s_config(path, router, *, c2s_id="c2s", domain=DEFAULT_DOMAIN, ip="1
 
 class SmProcess(ManagedProcess):
     """One jabberd2-sm; `start` waits until the router accepted its binds."""
+
+    log_noise = ("' added to chain '",)  # ~70 lines of module loading at startup
 
     def __init__(self, config_path, workdir, sm_id, log_path):
         super().__init__("sm-" + sm_id, [JABBERD2_SM, "-c", str(config_path)], workdir,

@@ -33,6 +33,9 @@ class ManagedProcess:
     `log_path` is the daemon's own log file, if it writes one.
     """
 
+    # Log lines containing any of these are left out of describe().
+    log_noise = ()
+
     def __init__(self, name, argv, workdir, *, cwd=None, env=None, log_path=None):
         self.name = name
         self.argv = list(argv)
@@ -134,11 +137,13 @@ class ManagedProcess:
     def describe(self):
         """argv plus the tail of log, stdout and stderr, for failure messages."""
         parts = ["command: %s" % " ".join(self.argv)]
-        for label, text in (("log", self.log_text), ("stdout", self.stdout_text),
-                            ("stderr", self.stderr_text)):
-            if text:
+        log = [line for line in self.log_text.splitlines()
+               if not any(noise in line for noise in self.log_noise)]
+        for label, lines in (("log", log), ("stdout", self.stdout_text.splitlines()),
+                             ("stderr", self.stderr_text.splitlines())):
+            if lines:
                 parts.append("--- %s %s (last 40 lines) ---\n%s" % (
-                    self.name, label, "\n".join(text.splitlines()[-40:])))
+                    self.name, label, "\n".join(lines[-40:])))
         return "\n".join(parts)
 
     def __enter__(self):
