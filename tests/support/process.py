@@ -98,14 +98,14 @@ class ManagedProcess:
         """Raise ProcessDied, with the process's output, if it has exited."""
         if self.popen is not None and self.popen.poll() is not None:
             raise ProcessDied("%s exited with code %s\n%s" % (
-                self.name, self.popen.returncode, self.describe()))
+                self.name, self.popen.returncode, self.describe(tail=5)))
 
     def wait_for(self, predicate, timeout, what):
         """Poll `predicate()` until true; fail fast if the process dies."""
         try:
             wait_until(predicate, timeout, "%s: %s" % (self.name, what), alive=self.check_alive)
         except TimeoutError as exc:
-            raise TimeoutError("%s\n%s" % (exc, self.describe())) from None
+            raise TimeoutError("%s\n%s" % (exc, self.describe(tail=5))) from None
 
     def wait_for_log(self, text, timeout=10.0):
         """Wait until the daemon's log file contains `text`."""
@@ -134,16 +134,16 @@ class ManagedProcess:
     def stderr_text(self):
         return self._read(self.stderr_path)
 
-    def describe(self):
-        """argv plus the tail of log, stdout and stderr, for failure messages."""
+    def describe(self, tail=40):
+        """argv plus the last `tail` lines of log, stdout and stderr, for failure messages."""
         parts = ["command: %s" % " ".join(self.argv)]
         log = [line for line in self.log_text.splitlines()
                if not any(noise in line for noise in self.log_noise)]
         for label, lines in (("log", log), ("stdout", self.stdout_text.splitlines()),
                              ("stderr", self.stderr_text.splitlines())):
             if lines:
-                parts.append("--- %s %s (last 40 lines) ---\n%s" % (
-                    self.name, label, "\n".join(lines[-40:])))
+                parts.append("--- %s %s (last %d lines) ---\n%s" % (
+                    self.name, label, tail, "\n".join(lines[-tail:])))
         return "\n".join(parts)
 
     def __enter__(self):
