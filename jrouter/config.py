@@ -71,7 +71,8 @@ def parse_xml(data: bytes) -> etree._Element:
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        errors = [e for e in exc.error_log if e.level >= etree.ErrorLevels.ERROR] or list(exc.error_log)
+        log = parser.error_log  # exc.error_log also holds errors of earlier parses
+        errors = [e for e in log if e.level >= etree.ErrorLevels.ERROR] or list(log)
         if errors:
             raise XMLProblem(errors[0].line, errors[0].message) from None
         raise XMLProblem(exc.lineno or 0, str(exc)) from None

@@ -283,6 +283,13 @@ def test_not_well_formed(tmp_path):
     assert "mismatch" in problem
 
 
+def test_parse_error_line_not_taken_from_earlier_parse(tmp_path):
+    """Each file's parse error reports its own line, not one left over from a previous parse."""
+    problems(tmp_path, "<r><a></r>")
+    [problem] = problems(tmp_path, "<r>\n\n\n<a></r>")
+    assert ":4: parse error: " in problem
+
+
 def test_empty_file(tmp_path):
     """An empty router.xml is a parse error."""
     assert "parse error" in problems(tmp_path, "")[0]
