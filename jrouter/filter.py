@@ -1,0 +1,483 @@
+"""router-filter.xml: loading the rule list and matching a unicast route against it.
+
+Owns the semantics of jabberd2's ``router/filter.c`` (spec 2.5 and the errata
+clarifications): which rules load, how a rule matches, and what the first
+matching rule decides.  It must not know about connections or the route table,
+and it performs no I/O beyond reading the filter file in ``load_filter``:
+appending a matched stanza to a ``dump`` file and writing the log line are left
+to the caller, which gets both from the ``Verdict``.
+
+Theory of operation
+-------------------
+``load_filter`` turns every ``<rule>`` child of the root into an immutable
+``Rule``.  ``FilterRules.match`` is then a pure function of the stanza's ``from``
+and ``to`` attributes (resource stripped, no case folding), plus, only when
+some candidate rule has a ``what`` path, the parsed ``<route>`` element, which
+the caller supplies lazily because building it costs a parse.
+
+A rule's outcome follows ``filter_load`` exactly, including its corners:
+
+* ``error`` selects the first condition whose name *starts with* the value
+  (so ``''`` is ``bad-request`` and ``re`` is ``recipient-unavailable``), or
+  ``not-allowed`` when none does;
+* ``redirect`` alone makes a redirect; ``error`` together with ``redirect``
+  bounces with the error *after* rewriting the route's ``to`` (errata);
+* an ``error`` that selects the ``redirect`` condition is no error at all:
+  jabberd2 treats the result as a redirect and, without a ``redirect``
+  attribute, delivers the route unchanged (while logging "deny");
+* ``log`` is on when its value is a case-insensitive prefix of ``YES`` or
+  ``ON`` -- the empty string included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from lxml import etree
+
+from jrouter.config import XMLProblem, parse_xml
+
+# util/stanza.c's _stanza_errors, in table order: (condition, legacy code).
+# The nameless 401 entry (stanza_err_OLD_UNAUTH) can never be selected by name.
+STANZA_ERRORS: tuple[tuple[Optional[str], int], ...] = (
+    ("bad-request", 400),
+    ("conflict", 409),
+    ("feature-not-implemented", 501),
+    ("forbidden", 403),
+    ("gone", 302),
+    ("internal-server-error", 500),
+    ("item-not-found", 404),
+    ("jid-malformed", 400),
+    ("not-acceptable", 406),
+    ("not-allowed", 405),
+    ("payment-required", 402),
+    ("recipient-unavailable", 404),
+    ("redirect", 302),
+    ("registration-required", 407),
+    ("remote-server-not-found", 404),
+    ("remote-server-timeout", 502),
+    ("resource-constraint", 500),
+    ("service-unavailable", 503),
+    ("subscription-required", 407),
+    ("undefined-condition", 500),
+    ("unexpected-request", 400),
+    (None, 401),
+    ("unknown-sender", 400),
+)
+ERROR_CODES: dict[str, int] = {name: code for name, code in STANZA_ERRORS if name}
+
+ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
+
+
+class FilterError(Exception):
+    """The filter file exists but cannot be used; jabberd2 logs ``str(self)`` and exits 1."""
+
+    def __init__(self, message: str, level: str = "error") -> None:
+        super().__init__(message)
+        self.level = level
+
+
+def condition_for(value: str) -> str:
+    """The stanza-error condition an ``error`` attribute selects (prefix lookup, spec 2.5)."""
+    for name, _code in STANZA_ERRORS:
+        if name is not None and name.startswith(value):
+            return name
+    return "not-allowed"
+
+
+# ---------------------------------------------------------------------------
+# Wildcards: POSIX fnmatch(3) with flags 0, as filter_packet calls it.
+
+
+_CLASSES = {
+    "alnum": b"0-9A-Za-z", "alpha": b"A-Za-z", "blank": b" \\t", "cntrl": b"\\x00-\\x1f\\x7f",
+    "digit": b"0-9", "graph": b"!-~", "lower": b"a-z", "print": b" -~",
+    "punct": b"!-/:-@\\[-`{-~", "space": b" \\t\\n\\r\\x0b\\x0c", "upper": b"A-Z",
+    "xdigit": b"0-9A-Fa-f",
+}
+_NEVER = re.compile(b"(?!)")
+
+
+def compile_wildcard(pattern: str) -> "re.Pattern[bytes]":
+    """Compile a shell wildcard into a regex over UTF-8 bytes, matching as glibc fnmatch(p, s, 0).
+
+    Byte-wise, because jabberd2 never calls setlocale: ``?`` is one byte.
+    ``*`` and ``?`` match ``/`` and a leading ``.``; ``\\`` quotes the next
+    character; ``[...]`` takes ``!`` or ``^`` for negation, ranges,
+    ``[:class:]``, ``[.c.]`` and ``[=c=]``; an unterminated ``[`` is literal.
+    Patterns glibc can never match (trailing ``\\``, unknown class, a range
+    running off the end) compile to a regex that matches nothing.  So do the
+    few malformed brackets that glibc's matcher and its skipper read in two
+    different ways (a ``[:`` or ``[=`` as a range end), where glibc's answer
+    depends on the text; the property test checks all the rest against libc.
+    """
+    pat = pattern.encode("utf-8")
+    out: list[bytes] = []
+    i = 0
+    try:
+        while i < len(pat):
+            c = pat[i:i + 1]
+            i += 1
+            if c == b"*":
+                if not out or out[-1] != b".*":
+                    out.append(b".*")
+            elif c == b"?":
+                out.append(b".")
+            elif c == b"\\":
+                if i == len(pat):
+                    raise _Never  # a trailing backslash never matches
+                out.append(re.escape(pat[i:i + 1]))
+                i += 1
+            elif c == b"[" and (bracket := _bracket(pat, i)) is not None:
+                out.append(bracket[0])
+                i = bracket[1]
+            else:
+                out.append(re.escape(c))
+    except _Never:
+        return _NEVER
+    return re.compile(b"(?s:" + b"".join(out) + b")\\Z")
+
+
+class _Never(Exception):
+    """The pattern holds something glibc answers FNM_NOMATCH for, whatever the text."""
+
+
+def _bracket(pat: bytes, i: int) -> Optional[tuple[bytes, int]]:
+    """Parse a bracket expression whose ``[`` is just before ``i``.
+
+    Returns (regex, index after ``]``), or None when the bracket is
+    unterminated and so stands for a literal ``[``.  Raises ``_Never``.
+    """
+    negate = pat[i:i + 1] in (b"!", b"^")
+    i += negate
+    items: list[bytes] = []
+    first = True
+    while i < len(pat):
+        if pat[i:i + 1] == b"]" and not first:
+            body = b"".join(items) or b"^\\x00-\\xff"  # [] is impossible: the first ] is literal
+            return b"[" + (b"^" if negate else b"") + body + b"]", i + 1
+        first = False
+        kind, value, i = _bracket_item(pat, i)
+        if kind == "class":
+            items.append(value)
+            continue
+        if kind == "char" and pat[i:i + 1] == b"-" and i + 1 < len(pat) and pat[i + 1:i + 2] != b"]":
+            high, i = _range_end(pat, i + 1)
+            if value <= high:
+                items.append(re.escape(value) + b"-" + re.escape(high))
+            continue
+        items.append(re.escape(value))
+    return None  # unterminated: glibc goes back and compares a literal '['
+
+
+def _bracket_item(pat: bytes, i: int) -> tuple[str, bytes, int]:
+    """One bracket item at ``i``: ("char" | "equiv" | "class", regex-or-byte, next index)."""
+    c, nxt = pat[i:i + 1], pat[i + 1:i + 2]
+    if c == b"\\":
+        if i + 1 >= len(pat):
+            raise _Never
+        return "char", nxt, i + 2
+    if c == b"[" and nxt == b":":
+        j = i + 2
+        while j < len(pat) and pat[j:j + 2] != b":]":
+            if not b"a" <= pat[j:j + 1] < b"z":  # glibc's test, which also refuses 'z'
+                return "char", c, i + 1  # not a class name: a plain '['
+            j += 1
+        if j >= len(pat):
+            return "char", c, i + 1
+        name = pat[i + 2:j].decode("ascii")
+        if name not in _CLASSES:
+            raise _Never
+        return "class", _CLASSES[name], j + 2
+    if c == b"[" and nxt in (b".", b"="):
+        # Collating symbol [.x.] or equivalence class [=x=]: in the C locale
+        # only single characters exist, and only [.x.] may bound a range.
+        closing = nxt + b"]"
+        if pat[i + 3:i + 5] != closing:
+            raise _Never
+        return ("char" if nxt == b"." else "equiv"), pat[i + 2:i + 3], i + 5
+    return "char", c, i + 1
+
+
+def _range_end(pat: bytes, i: int) -> tuple[bytes, int]:
+    c = pat[i:i + 1]
+    if c == b"[" and pat[i + 1:i + 2] == b".":
+        kind, value, i = _bracket_item(pat, i)
+        return value, i
+    if c == b"[" and pat[i + 1:i + 2] in (b":", b"="):
+        # glibc's matcher reads this '[' as the range end but its skipper reads
+        # a class: the two disagree on where the bracket ends.  Refuse it.
+        raise _Never
+    if c == b"\\":
+        c = pat[i + 1:i + 2]
+        i += 1
+    if not c:
+        raise _Never
+    return c, i + 1
+
+
+# ---------------------------------------------------------------------------
+# The what path: util/nad.c's nad_find_elem_path, evaluated on lxml elements.
+
+
+def _local(el: etree._Element) -> str:
+    return etree.QName(el).localname
+
+
+def _children(el: etree._Element, name: str):
+    """Child elements called ``name`` (local name, any namespace); ``''`` means any name."""
+    return (c for c in el.iterchildren(etree.Element) if not name or _local(c) == name)
+
+
+def _has_attr(el: etree._Element, name: str, value: Optional[str]) -> bool:
+    # nad_find_attr: attribute local name; an empty or absent value tests presence only.
+    for key, val in el.attrib.items():
+        if etree.QName(key).localname == name and (not value or val == value):
+            return True
+    return False
+
+
+def _has_namespace(el: etree._Element, uri: Optional[str], top: etree._Element) -> bool:
+    """nad_find_namespace: ``uri`` is the namespace of, or declared on, ``el`` or an ancestor up to ``top``."""
+    if uri is None:
+        return False
+    node: Optional[etree._Element] = el
+    while node is not None:
+        parent = node.getparent()
+        inherited = parent.nsmap if parent is not None else {}
+        declared = {u for p, u in node.nsmap.items() if inherited.get(p) != u}
+        declared.add(etree.QName(node).namespace or "")
+        declared.update(etree.QName(k).namespace or "" for k in node.attrib)
+        if uri in declared:
+            return True
+        if node is top:
+            break
+        node = parent
+    return False
+
+
+def find_path(el: etree._Element, path: str, top: Optional[etree._Element] = None) -> Optional[etree._Element]:
+    """A port of ``nad_find_elem_path(nad, el, -1, path)``: the element ``path`` selects, or None.
+
+    The C code cuts the path in place with NUL bytes; ``_cstr`` reproduces that
+    so odd paths (``a=b?c``, ``iq?type=get/query``) select what jabberd2 selects.
+    """
+    top = el if top is None else top
+    if "/" not in path and "?" not in path and "!" not in path:
+        return next(_children(el, path), None)
+    slash, qmark, excl, equals = (path.find(ch) for ch in "/?!=")
+    for mark, wanted in ((qmark, True), (excl, False)):
+        if mark >= 0 and (slash < 0 or mark < slash):
+            cuts = {mark} | ({equals} if equals >= 0 else set())
+            name = _cstr(path, 0, cuts)
+            attr = _cstr(path, mark + 1, cuts)
+            value = _cstr(path, equals + 1, cuts) if equals >= 0 else None
+            for child in _children(el, name):
+                if attr == "xmlns":
+                    found = _has_namespace(child, value, top)
+                else:
+                    found = _has_attr(child, attr, value)
+                if found == wanted:
+                    return child
+            return None
+    # Only the first child called ``name`` is searched: the C loop overwrites
+    # its cursor with the failed recursion's -1 and stops.
+    first = next(_children(el, path[:slash]), None)
+    return None if first is None else find_path(first, path[slash + 1:], top)
+
+
+def _cstr(s: str, start: int, cuts: set[int]) -> str:
+    ends = [c for c in cuts if c >= start]
+    return s[start:min(ends)] if ends else s[start:]
+
+
+# ---------------------------------------------------------------------------
+# Rules and verdicts.
+
+
+def strip_resource(jid: Optional[str]) -> Optional[str]:
+    """``filter_packet``'s resource strip: cut at the first ``/`` after ``@`` (or the first ``/``)."""
+    if not jid:
+        return None
+    at = jid.find("@")
+    cut = jid.find("/", at if at >= 0 else 0)
+    return jid if cut < 0 else jid[:cut]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``<rule/>``; empty attribute values are stored as None, as filter_load does."""
+
+    sender: Optional[str] = None  # the ``from`` pattern
+    to: Optional[str] = None
+    what: Optional[str] = None  # None also for ``what='*'``
+    redirect: Optional[str] = None
+    error: Optional[str] = None  # condition name the ``error`` attribute selected
+    log: bool = False
+    dump: Optional[str] = None
+    line: int = 0
+
+    @property
+    def code_name(self) -> Optional[str]:
+        """jabberd2's ``acl->error``: the condition, ``redirect`` for a redirect rule, None to allow."""
+        if self.error is not None:
+            return self.error
+        return "redirect" if self.redirect is not None else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the first matching rule decided for one route.
+
+    ``action``: ``allow`` (deliver), ``deny`` (bounce the route with
+    ``error=code``) or ``redirect`` (rewrite the route's ``to`` to ``redirect``
+    and deliver).  A ``deny`` may also carry ``redirect``: rewrite the route's
+    ``to`` first, then bounce (spec errata).  ``log_line`` is the notice to log,
+    ``dump`` the file to append the route's XML and a newline to.
+    """
+
+    action: str
+    code: Optional[int] = None
+    condition: Optional[str] = None
+    redirect: Optional[str] = None
+    log_line: Optional[str] = None
+    dump: Optional[str] = None
+    rule_index: int = 0
+
+
+def _n(value: Optional[str]) -> str:
+    return "(null)" if value is None else value  # glibc's printf of NULL %s
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """The loaded rule list; empty means filtering is off (jabberd2 skips it)."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        wildcards = {}
+        for rule in self.rules:
+            for pattern in (rule.sender, rule.to):
+                if pattern is not None and pattern not in wildcards:
+                    wildcards[pattern] = compile_wildcard(pattern)
+        object.__setattr__(self, "_wildcards", wildcards)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def match(
+        self,
+        stanza_from: Optional[str],
+        stanza_to: Optional[str],
+        route_tree_factory: Callable[[], etree._Element],
+    ) -> Optional[Verdict]:
+        """The verdict of the first rule matching this route, or None (allow, silently).
+
+        ``stanza_from``/``stanza_to`` are the raw attributes of the route's first
+        child (None if absent).  ``route_tree_factory()`` must return the
+        ``<route>`` element; it is called at most once, and only if a rule
+        with a ``what`` path is reached.
+        """
+        sender, to = strip_resource(stanza_from), strip_resource(stanza_to)
+        route: list[etree._Element] = []
+        for index, rule in enumerate(self.rules):
+            if (sender is None) != (rule.sender is None) or (to is None) != (rule.to is None):
+                continue
+            if sender is not None and not self._wildcards[rule.sender].match(sender.encode("utf-8")):
+                continue
+            if to is not None and not self._wildcards[rule.to].match(to.encode("utf-8")):
+                continue
+            if rule.what is not None:
+                if not route:
+                    route.append(route_tree_factory())
+                if find_path(route[0], rule.what) is None:
+                    continue
+            return _verdict(rule, index, sender, to)
+        return None
+
+
+def _verdict(rule: Rule, index: int, sender: Optional[str], to: Optional[str]) -> Verdict:
+    name = rule.code_name
+    log_line = None
+    if rule.log:
+        context = f"from={_n(sender)} to={_n(to)} - rule (from={_n(rule.sender)} to={_n(rule.to)} what={_n(rule.what)})"
+        if rule.redirect is not None:
+            log_line = f"filter: redirect packet {context}, new to={rule.redirect}"
+        else:
+            log_line = f"filter: {'deny' if name else 'allow'} packet {context}"
+    if name is None:
+        return Verdict(ALLOW, log_line=log_line, dump=rule.dump, rule_index=index)
+    if name == "redirect":
+        # router.c re-reads the route's to and routes on; without a target
+        # nothing was rewritten, so the route goes where it was going.
+        action = REDIRECT if rule.redirect is not None else ALLOW
+        return Verdict(action, redirect=rule.redirect, log_line=log_line, dump=rule.dump, rule_index=index)
+    return Verdict(DENY, ERROR_CODES[name], name, rule.redirect, log_line, rule.dump, index)
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Loaded rules plus the log lines (level, text) jabberd2 would have written."""
+
+    rules: FilterRules
+    messages: list[tuple[str, str]]
+
+
+def _attr(el: etree._Element, name: str) -> Optional[str]:
+    # nad_find_attr matches the attribute's local name, whatever its namespace.
+    for key, value in el.attrib.items():
+        if etree.QName(key).localname == name:
+            return value
+    return None
+
+
+def _rule(el: etree._Element) -> Rule:
+    def nonempty(name: str) -> Optional[str]:
+        return _attr(el, name) or None
+
+    what = nonempty("what")
+    error = _attr(el, "error")
+    log = _attr(el, "log")
+    return Rule(
+        sender=nonempty("from"),
+        to=nonempty("to"),
+        what=None if what == "*" else what,
+        redirect=nonempty("redirect"),
+        error=None if error is None else condition_for(error),
+        log=log is not None and ("yes".startswith(log.lower()) or "on".startswith(log.lower())),
+        dump=nonempty("dump"),
+        line=el.sourceline or 0,
+    )
+
+
+def load_filter(path: str) -> FilterResult:
+    """Read router-filter.xml as ``filter_load`` does.
+
+    A file that cannot be opened is not fatal: no rules and a notice.  An
+    empty, unreadable or malformed file raises ``FilterError`` carrying
+    jabberd2's log line (the router then exits 1).
+    """
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        return FilterResult(FilterRules(), [("notice", f"couldn't open filter file {path}: {exc.strerror}")])
+    try:
+        with handle:
+            data = handle.read()
+    except OSError as exc:
+        raise FilterError(f"couldn't read from filter file: {exc.strerror}") from None
+    if not data:
+        raise FilterError(f"empty filter file {path}", "notice")
+    try:
+        root = parse_xml(data)
+    except XMLProblem:
+        raise FilterError("couldn't parse filter file") from None
+    rules = tuple(_rule(el) for el in _children(root, "rule"))
+    return FilterResult(FilterRules(rules), [("notice", f"loaded filters ({len(rules)} rules)")])
