@@ -124,6 +124,7 @@ class LogSettings:
     ident: str = "jabberd/router"
     facility: str = "local7"  # one of SYSLOG_FACILITIES, lower case
     file: Optional[str] = None
+    debug: Optional[str] = None  # log.debug: where debug lines go (jabberd2 debug builds only)
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,7 @@ def _log(r: _Reader) -> LogSettings:
         ident=r.get("log.ident", LogSettings.ident, _text),
         facility=facility if facility in SYSLOG_FACILITIES else "local7",
         file=file,
+        debug=r.get("log.debug", None, _text),
     )
 
 

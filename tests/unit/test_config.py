@@ -69,7 +69,7 @@ def test_every_key_is_read():
     config = load_config(str(DATA / "full.xml"))
     assert config.id == "test-router"
     assert config.pidfile == "/run/jr/test-router.pid"
-    assert config.log == LogSettings("syslog", "jr/test-router", "local2", "/var/log/jr.log")
+    assert config.log == LogSettings("syslog", "jr/test-router", "local2", "/var/log/jr.log", "/var/log/jr-debug.log")
     assert (config.ip, config.port) == ("::1", 15347)
     assert config.users_file == "/etc/jr/users.xml"
     assert config.secret == "s3cret"
@@ -107,7 +107,7 @@ def test_debian_router_xml_loads():
     """Debian's shipped /etc/jabberd2/router.xml loads with the values spec 2.6 lists."""
     config = load_config("/etc/jabberd2/router.xml")
     assert (config.ip, config.port, config.secret) == ("0.0.0.0", 5347, "secret")
-    assert config.log == LogSettings("file", "jabberd/router", "local3", "/var/log/jabberd2/router.log")
+    assert config.log == LogSettings("file", "jabberd/router", "local3", "/var/log/jabberd2/router.log", None)
     assert config.pidfile == "/var/run/jabberd2/router.pid"
     assert (config.check_interval, config.keepalive) == (60, 0)
     assert not config.bytes_limit.enabled and not config.connects_limit.enabled
