@@ -1,0 +1,131 @@
+"""One benchmark run: a fresh router, the load generator, the result.
+
+Owns: the order of events of a run (config, router start, load generator
+process, router stop) and its bounds in time; the check that a router can
+run at all.  Knows nothing about tables.
+
+Every run gets a fresh router process, so peak RSS (VmHWM) belongs to that
+run alone, and a crash or leak cannot spill into the next measurement.
+The router is pinned to one core and the load generator to the other
+(2-core machine: the router gets one core, the clients the other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from . import routers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.dirname(HERE)
+REPO = os.path.dirname(SCRIPTS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    python: str  # interpreter for `python -m jrouter`
+    time_limit: float  # s of sending per measured phase
+    nap_us: float  # load generator poll moderation
+    pin: bool  # router on cpu 0, load generator on cpu 1
+    grace: float = 10.0  # s to collect what is in flight after time_limit
+    stall: float = 10.0  # s without any arrival that end a phase
+
+    def cpus(self):
+        """(router cpus, load generator cpus), or (None, None) when not pinning."""
+        ncpu = len(os.sched_getaffinity(0))
+        if not self.pin or ncpu < 2:
+            return None, None
+        avail = sorted(os.sched_getaffinity(0))
+        return [avail[0]], avail[1:]
+
+
+def setup_timeout(components: int) -> float:
+    """Seconds allowed for connecting and authenticating `components`."""
+    return 30.0 + 0.1 * components
+
+
+def run(router: str, settings: Settings, *, mode: str, protocol: str, components: int,
+        messages: int = 0, size: int = 200, window: int = 100) -> Dict[str, Any]:
+    """Start `router`, drive it with the load generator, stop it; return the figures.
+
+    The result always has the run's parameters; on failure it has "error"."""
+    result: Dict[str, Any] = dict(router=router, mode=mode, protocol=protocol,
+                                  components=components, messages=messages, size=size,
+                                  window=window)
+    router_cpus, gen_cpus = settings.cpus()
+    with tempfile.TemporaryDirectory(prefix="jrouter-bench-") as tmp:
+        port = routers.free_port()
+        config = routers.write_config(tmp, port)
+        proc = routers.Router(router, routers.command(router, config, settings.python), REPO,
+                              os.path.join(tmp, "router.log"), port, router_cpus)
+        try:
+            proc.start()
+            spec = dict(mode=mode, protocol=protocol, components=components, messages=messages,
+                        size=size, window=window, port=port, router_pid=proc.pid,
+                        time_limit=settings.time_limit, grace=settings.grace,
+                        stall=settings.stall, nap_us=settings.nap_us,
+                        setup_timeout=setup_timeout(components),
+                        user=routers.USER, password=routers.PASSWORD, secret=routers.SECRET,
+                        repo=REPO)
+            result.update(loadgen(spec, gen_cpus))
+            if not proc.alive():
+                result["error"] = (f"{router} died during the run (status "
+                                   f"{proc.proc.returncode}):\n{proc.log_tail()}")
+            elif "error" in result:
+                result["error"] += "\n  router log:\n" + proc.log_tail()
+        except routers.RouterError as e:
+            result["error"] = str(e)
+        finally:
+            proc.stop()
+    return result
+
+
+def loadgen(spec: Dict[str, Any], cpus: Optional[List[int]]) -> Dict[str, Any]:
+    """Run the load generator process with `spec`; its JSON answer, or an error."""
+    timeout = spec["setup_timeout"] + spec["time_limit"] + spec["grace"] + 60
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SCRIPTS, REPO]))
+    proc = subprocess.Popen([sys.executable, "-m", "benchlib.loadgen", json.dumps(spec)],
+                            cwd=SCRIPTS, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=routers.child_setup(cpus))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": f"load generator did not finish within {timeout:.0f} s"}
+    finally:
+        if proc.poll() is None:  # KeyboardInterrupt and friends
+            proc.kill()
+            proc.wait()
+    try:
+        return json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-8:]
+        return {"error": f"load generator failed (status {proc.returncode}):\n    "
+                         + "\n    ".join(tail)}
+
+
+def probe(router: str, settings: Settings) -> Optional[str]:
+    """None if `router` starts and listens; else why not, in one paragraph."""
+    if router == "jabberd2" and not os.access(routers.C_ROUTER, os.X_OK):
+        return f"{routers.C_ROUTER} is not installed (apt-get install jabberd2)"
+    with tempfile.TemporaryDirectory(prefix="jrouter-bench-") as tmp:
+        port = routers.free_port()
+        config = routers.write_config(tmp, port)
+        argv = routers.command(router, config, settings.python)
+        proc = routers.Router(router, argv, REPO, os.path.join(tmp, "router.log"), port)
+        try:
+            proc.start()
+        except (routers.RouterError, OSError) as e:
+            shown = " ".join(os.path.basename(a) if a == settings.python else a for a in argv[:3])
+            return f"`{shown} -c router.xml` failed: {e}"
+        finally:
+            proc.stop()
+    return None
