@@ -1,0 +1,70 @@
+"""scripts/jrouter-bench, run small: its JSON parses, every message arrives.
+
+The benchmark starts its own routers, so the test parametrizes the router
+name itself; the jabberd2 case proves the test (and the load generator)
+against the C router.  No test asserts a time.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH = REPO_ROOT / "scripts" / "jrouter-bench"
+COMPONENTS, MESSAGES = 2, 25
+
+RUN_FIELDS = {
+    "router", "protocol", "round", "components", "messages", "size", "window",
+    "sent", "delivered", "bounced", "lost", "unsent", "elapsed_s", "stanzas_per_s",
+    "latency_ms", "router_cpu_s", "router_cpu_pct", "router_peak_rss_kb",
+    "cpu_us_per_stanza", "loadgen_cpu_s", "loadgen_cpu_pct",
+}
+
+
+def bench(*args, timeout=240):
+    argv = [sys.executable, str(BENCH), "--python", sys.executable, "--rounds", "1",
+            "--messages", str(MESSAGES), "--components", str(COMPONENTS),
+            "--time-limit", "30", "--json", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("router", ["jrouter", "jabberd2"])
+def test_bench_delivers_every_message_and_reports_every_figure(router):
+    """A tiny benchmark run over both protocols delivers all messages and reports all figures."""
+    result = bench("--routers", router, "--protocol", "both")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["unavailable"] == {} and doc["all_delivered"] is True
+    assert sorted(r["protocol"] for r in doc["runs"]) == ["jabberd2", "xep0114"]
+    for run in doc["runs"]:
+        assert "error" not in run, run["error"]
+        assert RUN_FIELDS <= run.keys(), RUN_FIELDS - run.keys()
+        assert run["router"] == router
+        assert run["sent"] == run["delivered"] == COMPONENTS * MESSAGES
+        assert run["lost"] == run["bounced"] == run["unsent"] == 0
+        assert {"p50", "p99", "max"} <= run["latency_ms"].keys()
+        assert run["stanzas_per_s"] > 0 and run["router_peak_rss_kb"] > 0
+    assert {(s["protocol"], s["router"]) for s in doc["summary"]} == {
+        ("jabberd2", router), ("xep0114", router)}
+
+
+def test_bench_says_when_jrouter_cannot_run_and_measures_the_c_router_alone(tmp_path):
+    """If `python -m jrouter` cannot start, the bench says so and still runs jabberd2."""
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no jrouter here' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    argv = [sys.executable, str(BENCH), "--routers", "jabberd2,jrouter", "--python",
+            str(broken), "--rounds", "1", "--messages", "5", "--components", "2",
+            "--protocol", "xep0114", "--time-limit", "30", "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=240,
+                            cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "jrouter is not runnable; running jabberd2 alone" in result.stderr
+    doc = json.loads(result.stdout)
+    assert "no jrouter here" in doc["unavailable"]["jrouter"]
+    assert [r["router"] for r in doc["runs"]] == ["jabberd2"]
+    assert doc["runs"][0]["delivered"] == 2 * 5
