@@ -124,6 +124,27 @@ def problems(runs: Iterable[Dict[str, Any]]) -> List[str]:
     return out
 
 
+BUSY_GEN_PCT = 90.0  # above: the load generator may be what limits the run
+BUSY_OTHER_PCT = 20.0  # above: something else on the machine competed for the cores
+
+
+def caveats(runs: Iterable[Dict[str, Any]]) -> List[str]:
+    """Warnings about runs whose figures the machine itself may have skewed."""
+    runs = [r for r in runs if "loadgen_cpu_pct" in r]
+    gen = [r for r in runs if r["loadgen_cpu_pct"] > BUSY_GEN_PCT]
+    other = [r for r in runs if r["other_cpu_pct"] > BUSY_OTHER_PCT]
+    out = []
+    if gen:
+        out.append(f"note: the load generator used more than {BUSY_GEN_PCT:.0f}% of its core in "
+                   f"{len(gen)} of {len(runs)} runs; there it may be the bottleneck.")
+    if other:
+        worst = max(r["other_cpu_pct"] for r in other)
+        out.append(f"note: other processes used more than {BUSY_OTHER_PCT:.0f}% of a core in "
+                   f"{len(other)} of {len(runs)} runs (up to {worst:.0f}%, column 'other %'); "
+                   f"those figures are skewed, rerun on a quiet machine.")
+    return out
+
+
 METRICS = [  # (label, key path, formatter)
     ("stanzas/s", ("stanzas_per_s",), n0),
     ("p50 latency ms", ("latency_ms", "p50"), f2),
