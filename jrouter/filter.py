@@ -100,6 +100,10 @@ _CLASSES = {
 _NEVER = re.compile(b"(?!)")
 
 
+class _Never(Exception):
+    """The pattern holds something glibc answers FNM_NOMATCH for, whatever the text."""
+
+
 def compile_wildcard(pattern: str) -> "re.Pattern[bytes]":
     """Compile a shell wildcard into a regex over UTF-8 bytes, matching as glibc fnmatch(p, s, 0).
 
@@ -140,10 +144,6 @@ def compile_wildcard(pattern: str) -> "re.Pattern[bytes]":
     return re.compile(b"(?s:" + b"".join(out) + b")\\Z")
 
 
-class _Never(Exception):
-    """The pattern holds something glibc answers FNM_NOMATCH for, whatever the text."""
-
-
 def _bracket(pat: bytes, i: int) -> Optional[tuple[bytes, int]]:
     """Parse a bracket expression whose ``[`` is just before ``i``.
 
@@ -156,14 +156,15 @@ def _bracket(pat: bytes, i: int) -> Optional[tuple[bytes, int]]:
     first = True
     while i < len(pat):
         if pat[i:i + 1] == b"]" and not first:
-            body = b"".join(items) or b"^\\x00-\\xff"  # [] is impossible: the first ] is literal
-            return b"[" + (b"^" if negate else b"") + body + b"]", i + 1
+            if not items:  # only empty ranges such as [c-a]
+                return (b"[\\x00-\\xff]" if negate else b"(?!)"), i + 1
+            return b"[" + (b"^" if negate else b"") + b"".join(items) + b"]", i + 1
         first = False
         kind, value, i = _bracket_item(pat, i)
         if kind == "class":
             items.append(value)
             continue
-        if kind == "char" and pat[i:i + 1] == b"-" and i + 1 < len(pat) and pat[i + 1:i + 2] != b"]":
+        if kind == "char" and pat[i:i + 1] == b"-" and pat[i + 1:i + 2] != b"]":  # "-" at the end: a range to NUL
             high, i = _range_end(pat, i + 1)
             if value <= high:
                 items.append(re.escape(value) + b"-" + re.escape(high))
@@ -248,8 +249,8 @@ def _has_namespace(el: etree._Element, uri: Optional[str], top: etree._Element) 
         parent = node.getparent()
         inherited = parent.nsmap if parent is not None else {}
         declared = {u for p, u in node.nsmap.items() if inherited.get(p) != u}
-        declared.add(etree.QName(node).namespace or "")
-        declared.update(etree.QName(k).namespace or "" for k in node.attrib)
+        declared.add(etree.QName(node).namespace)
+        declared.update(etree.QName(k).namespace for k in node.attrib)
         if uri in declared:
             return True
         if node is top:

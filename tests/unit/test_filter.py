@@ -224,6 +224,7 @@ def test_what_path_only_built_when_needed(tmp_path):
         ("<message/>", f"message?xmlns={NS_C}", True),  # verified: inherited route namespace
         ("<message xmlns='jabber:client'/>", "message?xmlns=jabber:client", True),  # verified
         ("<message/>", "message?xmlns=http://etherx.jabber.org/streams", False),  # stream-level only
+        ("<message/>", "message?xmlns=", False),  # no element has the empty namespace
         ("<message xmlns='jabber:client'><body/></message>", "message/body?xmlns=jabber:client", True),
         ("<x:message xmlns:x='urn:x'/>", "message", True),  # names compared without namespace
         ("<message p:type='chat' xmlns:p='urn:p'/>", "message?type=chat", True),
@@ -341,6 +342,8 @@ def libc_fnmatch(pattern: str, text: str) -> bool:
         ("[c-a]", "b"), ("\\*", "*"), ("\\*", "a"), ("a\\", "a\\"), ("[", "["), ("[ab", "[ab"),
         ("[[:alpha:]]1", "x1"), ("[[:digit:]]", "x"), ("[[:bogus:]]", "b"), ("*.*", ".x"),
         ("[\\]]", "]"), ("[a\\-z]", "-"), ("[a-]", "-"), ("**", ""), ("*", ""),
+        ("[!c-a]", "b"), ("[^c-a]x", "bx"), ("[[.a.]-c]", "b"), ("[[=a=]-c]", "b"), ("[[:Alpha:]]", "A"),
+        ("[a-", "[a-"), ("[[", "[["), ("[!a", "[!a"), ("[[.ab.]]", "a"), ("a[aa-[:alpha:]", "aa"),
     ],
 )
 def test_wildcard_examples_match_libc(pattern, text):
@@ -348,8 +351,8 @@ def test_wildcard_examples_match_libc(pattern, text):
     assert bool(compile_wildcard(pattern).match(text.encode())) == libc_fnmatch(pattern, text)
 
 
-_pattern_chars = st.sampled_from(list("ab*?[]!^-\\/.") + ["[:alpha:]", "[:digit:]", "@"])
-_text_chars = st.sampled_from(list("ab-]!^\\/.[1@"))
+_pattern_chars = st.sampled_from(list("abc*?[]!^-\\/.:=") + ["[:alpha:]", "[:digit:]", "[.", "[=", ":]", "@"])
+_text_chars = st.sampled_from(list("abc-]!^\\/.[1@:"))
 
 
 @given(st.lists(_pattern_chars, max_size=8).map("".join), st.lists(_text_chars, max_size=8).map("".join))
