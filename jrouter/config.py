@@ -345,7 +345,7 @@ def _log(r: _Reader) -> LogSettings:
     facility = r.get("log.facility", None, _text)
     facility = facility.lower() if isinstance(facility, str) else None
     file = r.get("log.file", None, _text)
-    if kind == "file" and file is None:
+    if kind == "file" and r.first("log.file") is None:
         r.problem(entry.line, "log@type", "type='file' needs a <file> element naming the log file")
     return LogSettings(
         type=kind,
