@@ -333,14 +333,14 @@ class Verdict:
     """What the first matching rule decided for one route.
 
     ``action``: ``allow`` (deliver), ``deny`` (bounce the route with
-    ``error=code``) or ``redirect`` (rewrite the route's ``to`` to ``redirect``
+    ``error=error_code``) or ``redirect`` (rewrite the route's ``to`` to ``redirect``
     and deliver).  A ``deny`` may also carry ``redirect``: rewrite the route's
     ``to`` first, then bounce (spec errata).  ``log_line`` is the notice to log,
     ``dump`` the file to append the route's XML and a newline to.
     """
 
     action: str
-    code: Optional[int] = None
+    error_code: Optional[int] = None  # legacy code of ``condition`` (spec 4.5 table)
     condition: Optional[str] = None
     redirect: Optional[str] = None
     log_line: Optional[str] = None

@@ -176,13 +176,13 @@ def test_wildcards_case_sensitive_and_resource_free(tmp_path):
     """Patterns see the bare JID and compare case-sensitively (verified: U3 vs u3)."""
     rules = rules_of(tmp_path, "<rule from='U3@c2s' to='x@sm' error='gone'/>")
     assert rules.match("u3@c2s/r", "x@sm/r", never) is None
-    assert rules.match("U3@c2s/r", "x@sm/r", never).code == 302
+    assert rules.match("U3@c2s/r", "x@sm/r", never).error_code == 302
 
 
 def test_wildcard_star_spans_dots_and_slashes(tmp_path):
     """'*' matches across '.' and '/', since fnmatch runs without flags."""
     rules = rules_of(tmp_path, "<rule from='*' to='*.example.com' error='forbidden'/>")
-    assert rules.match("a/b@c", "user@muc.sub.example.com/nick", never).code == 403
+    assert rules.match("a/b@c", "user@muc.sub.example.com/nick", never).error_code == 403
     assert rules.match("a", "example.com", never) is None
 
 
@@ -200,7 +200,7 @@ def test_what_path_only_built_when_needed(tmp_path):
 
     rules = rules_of(tmp_path, "<rule from='x@y' to='*' what='message'/>", "<rule from='*' to='*' what='iq'/>",
                      "<rule from='*' to='*' what='message/body' error='gone'/>")
-    assert rules.match("a@b", "c@d", factory).code == 302
+    assert rules.match("a@b", "c@d", factory).error_code == 302
     assert calls == [1]
 
 
@@ -277,7 +277,7 @@ def test_redirect_verdict(tmp_path):
     rules = rules_of(tmp_path, "<rule from='*' to='god@example.org' redirect='admin@example.org' log='yes'/>")
     verdict = rules.match("a@b/c", "god@example.org/x", never)
     assert verdict.action == "redirect" and verdict.redirect == "admin@example.org"
-    assert verdict.code is None
+    assert verdict.error_code is None
     assert verdict.log_line.endswith("what=(null)), new to=admin@example.org")
 
 
@@ -285,14 +285,14 @@ def test_redirect_with_error_bounces_to_redirect_target(tmp_path):
     """error + redirect: deny with the error, after rewriting the route's to (errata)."""
     rules = rules_of(tmp_path, "<rule from='*' to='*' redirect='admin@redir.example.com' error='forbidden' log='yes'/>")
     verdict = rules.match("a@b", "c@d", never)
-    assert (verdict.action, verdict.code, verdict.redirect) == ("deny", 403, "admin@redir.example.com")
+    assert (verdict.action, verdict.error_code, verdict.redirect) == ("deny", 403, "admin@redir.example.com")
     assert verdict.log_line.startswith("filter: redirect packet")  # jabberd2 logs it as a redirect
 
 
 def test_error_selecting_redirect_with_target_redirects(tmp_path):
     """error='red' selects the redirect condition: with a target it is a plain redirect (verified)."""
     verdict = rules_of(tmp_path, "<rule from='*' to='*' error='red' redirect='other'/>").match("a@b", "c@d", never)
-    assert (verdict.action, verdict.redirect, verdict.code) == ("redirect", "other", None)
+    assert (verdict.action, verdict.redirect, verdict.error_code) == ("redirect", "other", None)
 
 
 def test_error_selecting_redirect_without_target_delivers(tmp_path):
@@ -316,7 +316,7 @@ def test_dump_path_in_verdict(tmp_path):
 def test_error_codes(tmp_path, condition, code):
     """Deny verdicts carry the legacy code of spec 4.5's table."""
     verdict = rules_of(tmp_path, f"<rule error='{condition}'/>").match(None, None, never)
-    assert (verdict.condition, verdict.code) == (condition, code)
+    assert (verdict.condition, verdict.error_code) == (condition, code)
 
 
 def test_empty_rules_falsy():
