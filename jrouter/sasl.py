@@ -226,7 +226,7 @@ def digest_response(
 def b64decode(text: Union[str, bytes]) -> bytes:
     """Decode a SASL element's text; whitespace is ignored, "=" means empty.
 
-    Raises SaslEncodingError on anything that is not canonical base64.
+    Raises SaslEncodingError on anything that is not strict base64.
     """
     if isinstance(text, str):
         try:
@@ -366,7 +366,7 @@ class SaslServer:
         """`<auth mechanism=…>`; the initial response is ignored (DIGEST-MD5 has none)."""
         if mechanism != MECHANISM:
             return self._move(Event.AUTH, State.IDLE, _failure("invalid-mechanism"))
-        self._nonce = self._nonce_source()
+        self._nonce = _check_nonce(self._nonce_source())
         challenge = (f'realm={quote(self.realm)}, nonce={quote(self._nonce)}, '
                      f'qop="auth", charset=utf-8, algorithm=md5-sess')
         return self._move(Event.AUTH, State.CHALLENGED,
@@ -470,6 +470,13 @@ class SaslServer:
         if not ok:
             raise _Reject(*_PARSE_ERROR)
         return d
+
+
+def _check_nonce(nonce: str) -> str:
+    """A nonce must survive quoting untouched: printable ASCII without '"' or '\\'."""
+    if not nonce or not all(" " < c <= "~" and c not in '"\\' for c in nonce):
+        raise ValueError("nonce must be printable ASCII without quotes or backslashes")
+    return nonce
 
 
 def _is_hex(s: str) -> bool:

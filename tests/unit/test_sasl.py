@@ -152,6 +152,13 @@ def test_response_for_an_older_nonce_is_refused():
     assert (reply.condition, reply.text) == ("invalid-mechanism", sasl.TEXT_PARSE_ERROR)
 
 
+@pytest.mark.parametrize("bad", ["", 'a"b', "a\\b", "n\u00e9", "a b"])
+def test_unsafe_nonce_is_refused(bad):
+    """A nonce that quoting would alter is a caller error."""
+    with pytest.raises(ValueError):
+        SaslServer(USERS.get, bad).auth("DIGEST-MD5")
+
+
 def test_initial_response_is_ignored():
     """Data carried on <auth/> is ignored, as GNU SASL's DIGEST-MD5 step 0 does."""
     s = server()
