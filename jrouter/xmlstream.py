@@ -54,6 +54,7 @@ class StreamError(Exception):
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
+        self.events = []        # what the reader completed before the error
 
 
 class StreamOpen:
@@ -214,8 +215,9 @@ class Element:
 class StreamReader:
     """Incremental parser for one XML stream: ``feed(bytes) -> [events]``.
 
-    Raises ``StreamError`` for anything that must end the stream. After a
-    stream restart (STARTTLS, SASL) call ``restart(offset)``.
+    Raises ``StreamError`` for anything that must end the stream; its
+    ``events`` are those completed before the error. After a stream restart
+    (STARTTLS, SASL) call ``restart(offset)``.
     """
 
     def __init__(self, max_element_size=0):
@@ -316,6 +318,8 @@ class StreamReader:
         else:
             inner_end = self._parser.CurrentByteIndex - base
             end = buffer.index(b">", inner_end) + 1
+        if self.max_element_size and end - start > self.max_element_size:
+            raise _too_large(self.max_element_size)
         raw = bytes(buffer[start:end])
         top_start = self._top_start
         child_mark = self._child_mark
@@ -341,15 +345,24 @@ class StreamReader:
         buffer += data
         try:
             self._parser.Parse(data)
+            limit = self.max_element_size
+            if limit and self._base + len(buffer) - self._keep_from > limit:
+                raise _too_large(limit)
         except pyexpat.ExpatError as exc:
-            raise StreamError("xml-not-well-formed", pyexpat.ErrorString(exc.code)) from None
-        limit = self.max_element_size
-        if limit and self._base + len(buffer) - self._keep_from > limit:
-            raise StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
+            raise self._fatal(StreamError("xml-not-well-formed", pyexpat.ErrorString(exc.code))) from None
+        except StreamError as exc:
+            raise self._fatal(exc) from None
         events = self._events
         if events:
             self._events = []
         return events
+
+    def _fatal(self, error):
+        """Attach the elements completed before the error: they were sent
+        before it, and are handled before the stream ends."""
+        error.events = self._events
+        self._events = []
+        return error
 
     def restart(self, offset):
         """Start a new stream after the element that ended at ``offset``.
@@ -361,6 +374,10 @@ class StreamReader:
         leftover = bytes(self._buffer[max(0, offset - self._base):])
         self._new_parser()
         return leftover
+
+
+def _too_large(limit):
+    return StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
 
 
 # -- writing ---------------------------------------------------------------

@@ -179,3 +179,21 @@ def test_any_chunking_gives_the_same_events(cuts):
         events += reader.feed(STREAM[start:point])
         start = point
     assert [e.raw for e in elements(events)] == [e.raw for e in elements(feed_in_chunks(STREAM, 1000))]
+
+
+def test_oversize_element_arriving_whole_is_a_policy_violation():
+    """An element over the limit is refused even when it arrives in one read."""
+    reader = StreamReader(max_element_size=1000)
+    reader.feed(HEADER)
+    with pytest.raises(StreamError) as caught:
+        reader.feed(b"<route><body>" + b"x" * 2000 + b"</body></route>")
+    assert caught.value.condition == "policy-violation"
+
+
+def test_elements_before_an_error_are_kept_on_the_error():
+    """What the peer completed before a fatal error is handed over with it."""
+    reader = StreamReader(max_element_size=1000)
+    reader.feed(HEADER)
+    with pytest.raises(StreamError) as caught:
+        reader.feed(b"<iq id='1'/><iq id='2'/></oops>")
+    assert [e.attrs["id"] for e in caught.value.events] == ["1", "2"]

@@ -1,0 +1,483 @@
+"""The router without sockets: spec section 10, behaviours 1-25, transcript by transcript."""
+
+import base64
+import re
+
+import pytest
+
+from jrouter.xmlstream import StreamClose, StreamOpen
+
+from .harness import NS_ACCEPT, NS_C, NS_SASL, STREAMS, Network, header, same
+
+STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+
+
+@pytest.fixture
+def net():
+    return Network()
+
+
+def stream_error_condition(events):
+    (error,) = [e for e in events if not isinstance(e, (StreamOpen, StreamClose))
+                and e.tag == "{%s}error" % STREAMS]
+    return error[0].tag.rpartition("}")[2], [c.text for c in error[1:]]
+
+
+# -- 1-4: the stream layer ---------------------------------------------------------
+
+def test_1_header_is_echoed_without_version_or_features(net):
+    """A header without version gets ours, to/from swapped, a 40-char id, no features."""
+    peer = net.peer()
+    peer.send(f"<stream:stream xmlns='{NS_C}' xmlns:stream='{STREAMS}' to='foo' from='bar'>")
+    data = peer.raw()
+    assert re.fullmatch(
+        rb"<\?xml version='1.0'\?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+        rb"xmlns='http://jabberd.jabberstudio.org/ns/component/1.0' to='bar' from='foo' "
+        rb"id='[0-9a-z]{40}'>", data)
+
+
+def test_2_version_gets_features_with_digest_md5_only(net):
+    """With version='1.0' the features offer exactly DIGEST-MD5 (no TLS configured)."""
+    peer = net.peer()
+    peer.send(header())
+    opened, features = peer.take()
+    assert opened.attrs["version"] == "1.0"
+    assert same(features, f"<stream:features xmlns:stream='{STREAMS}'><mechanisms "
+                          f"xmlns='{NS_SASL}'><mechanism>DIGEST-MD5</mechanism></mechanisms>"
+                          "</stream:features>")
+
+
+def test_2_tls_is_offered_first_when_configured(net):
+    """With a pemfile loaded, <starttls/> precedes the mechanisms."""
+    net.router.tls_available = True
+    peer = net.peer()
+    peer.send(header())
+    _, features = peer.take()
+    assert [c.tag for c in features] == ["{urn:ietf:params:xml:ns:xmpp-tls}starttls",
+                                         "{%s}mechanisms" % NS_SASL]
+
+
+@pytest.mark.parametrize("opening, condition", [
+    ("<foo xmlns='bar'>", "bad-format"),
+    (f"<stream:stream xmlns:stream='{STREAMS}' xmlns='{NS_C}' version='2.0'>", "unsupported-version"),
+])
+def test_3_bad_header_gets_a_minimal_header_and_a_stream_error(net, opening, condition):
+    """A wrong root or version: minimal header, stream error, close."""
+    peer = net.peer()
+    peer.send(opening)
+    data = peer.raw()
+    assert data.startswith(f"<stream:stream xmlns:stream='{STREAMS}' version='1.0'><stream:error".encode())
+    assert f"<{condition} xmlns='{STREAM_ERRORS}'/>".encode() in data
+    assert data.endswith(b"</stream:stream>") and peer.closed
+
+
+def test_4_malformed_xml_ends_the_stream_with_expats_text(net):
+    """Not well-formed input: xml-not-well-formed with text, close, and a log line."""
+    peer = net.peer()
+    peer.send(header())
+    peer.take()
+    peer.send("<bind name='x'></foo>")
+    events = peer.take()
+    assert stream_error_condition(events) == ("xml-not-well-formed", ["mismatched tag"])
+    assert isinstance(events[-1], StreamClose) and peer.closed
+    assert net.logged("error: XML parse error (mismatched tag)")
+
+
+# -- 5-7: SASL ---------------------------------------------------------------------
+
+def test_5_sasl_success_restarts_with_new_id_and_empty_features(net):
+    """DIGEST-MD5 succeeds; the new stream has a new id and empty features."""
+    peer = net.peer()
+    peer.send(header())
+    first_id = peer.take()[0].attrs["id"]
+    events = peer.authenticate(opened=True)
+    opened, features = events
+    assert opened.attrs["id"] != first_id
+    assert len(features) == 0
+    assert net.logged("authenticated as jabberd@")
+
+
+def test_5_challenge_has_jabberd2_directives(net):
+    """The challenge carries realm, qop, charset and algorithm as jabberd2's."""
+    peer = net.peer()
+    peer.send(header())
+    peer.take()
+    peer.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
+    (challenge,) = peer.stanzas()
+    decoded = base64.b64decode(challenge.text).decode()
+    for directive in ('realm="jabberd-router"', 'qop="auth"', "charset=utf-8", "algorithm=md5-sess"):
+        assert directive in decoded
+
+
+@pytest.mark.parametrize("script, condition", [
+    ([f"<auth xmlns='{NS_SASL}' mechanism='PLAIN'>AGEAYg==</auth>"], "invalid-mechanism"),
+    ([f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>", f"<abort xmlns='{NS_SASL}'/>"], "aborted"),
+])
+def test_6_sasl_failures_keep_the_stream_open(net, script, condition):
+    """Refused SASL answers <failure> with the condition; the stream stays."""
+    peer = net.peer()
+    peer.send(header())
+    peer.take()
+    for line in script:
+        peer.send(line)
+    failure = peer.stanzas()[-1]
+    assert failure.tag == "{%s}failure" % NS_SASL
+    assert failure[0].tag == "{%s}%s" % (NS_SASL, condition)
+    assert not peer.closed
+
+
+def test_6_wrong_password_is_not_authorized_and_a_retry_works(net):
+    """A wrong password fails with not-authorized; the right one then succeeds."""
+    peer = net.peer()
+    with pytest.raises(AssertionError):
+        peer.authenticate("jabberd", "wrong")
+    peer2 = net.peer()
+    peer2.authenticate("jabberd", "secret")
+    assert net.logged("authenticated as")
+
+
+def test_7_packets_before_authentication_are_dropped(net):
+    """<bind/> before SASL gets no answer at all."""
+    peer = net.peer()
+    peer.send(header())
+    peer.take()
+    peer.send("<bind name='x'/>")
+    assert peer.raw() == b"" and not peer.closed
+
+
+# -- 8-10: bind ----------------------------------------------------------------------
+
+def test_8_bind_ok_strips_the_name(net):
+    """<bind name='sm'/> is answered with <bind/>; multi is kept."""
+    peer = net.component()
+    peer.bind("sm")
+    assert same(peer.stanzas()[0], "<bind/>")
+    peer.bind("example.com", multi="to")
+    assert same(peer.stanzas()[0], "<bind multi='to'/>")
+    assert net.logged("[sm] online (bound to 127.0.0.1, port")
+
+
+@pytest.mark.parametrize("request_, reply", [
+    ("<bind/>", "<bind error='400'/>"),
+    ("<bind name='@bad'/>", "<bind error='400' name='@bad'/>"),
+    ("<bind name='SM'/>", "<bind error='409'/>"),
+    ("<bind name='lalias.example.com'/>", "<bind error='409'/>"),
+])
+def test_9_bind_errors(net, request_, reply):
+    """Missing/invalid names are 400, taken (case-folded) or aliased names 409."""
+    net.component("sm")
+    peer = net.component()
+    peer.send(request_)
+    assert same(peer.stanzas()[0], reply)
+
+
+def test_9_bind_of_another_name_needs_the_acl(net):
+    """A user not in the bind/all ACL may bind only its own name."""
+    logger = net.component(user="logger", password="pwl")
+    logger.bind("other")
+    assert same(logger.stanzas()[0], "<bind error='403'/>")
+    logger.bind("logger")
+    assert same(logger.stanzas()[0], "<bind/>")
+
+
+def test_10_one_default_route(net):
+    """<default/> is granted once; a second one is 409 with <default/> kept."""
+    first = net.component()
+    first.bind("s2s", default=True)
+    assert same(first.stanzas()[0], "<bind><default/></bind>")
+    second = net.component()
+    second.bind("s2s-b", default=True)
+    assert same(second.stanzas()[0], "<bind error='409'><default/></bind>")
+
+
+def test_10_default_and_log_checks_both_precede_the_commit(net):
+    """A refused <log/> leaves no stale default route (jabberd2 bug fixed)."""
+    net2 = Network(acls={"default-route": frozenset({"jabberd"})})
+    peer = net2.component()
+    peer.bind("jabberd", default=True, log=True)
+    assert same(peer.stanzas()[0], "<bind error='403'><default/><log/></bind>")
+    assert net2.router.table.default_name is None
+
+
+# -- 11-12: advertisements -------------------------------------------------------------
+
+def test_11_binds_are_advertised_both_ways(net):
+    """A binder hears about existing names; others hear about the binder."""
+    sm = net.component("sm")
+    c2s = net.component()
+    c2s.bind("c2s")
+    bind, presence = c2s.stanzas()
+    assert same(bind, "<bind/>") and same(presence, "<presence from='sm'/>")
+    assert [same(p, "<presence from='c2s'/>") for p in sm.stanzas()] == [True]
+
+
+def test_12_close_advertises_unavailable(net):
+    """</stream:stream> is answered in kind and others see the name go."""
+    sm = net.component("sm")
+    c2s = net.component("c2s")
+    sm.take()
+    c2s.send("</stream:stream>")
+    assert c2s.raw().endswith(b"</stream:stream>") and c2s.closed
+    c2s.hang_up()
+    assert same(sm.stanzas()[0], "<presence type='unavailable' from='c2s'/>")
+    assert net.logged("[c2s] offline") and net.logged("disconnect")
+
+
+# -- 13-17: routes -------------------------------------------------------------------------
+
+def test_13_unicast_reaches_only_the_target(net):
+    """A route to a bound name is delivered unchanged to it, nothing to the sender."""
+    sm = net.component("sm")
+    c2s = net.component("c2s")
+    sm.take()
+    c2s.send("<route to='sm' from='c2s'><iq type='get' id='1'/></route>")
+    assert same(sm.stanzas()[0], "<route to='sm' from='c2s'><iq type='get' id='1'/></route>")
+    assert c2s.raw() == b""
+
+
+def test_14_unknown_destination_bounces_404_unswapped(net):
+    """No route and no default: the same route comes back with error='404'."""
+    sm = net.component("sm")
+    sm.send("<route to='nowhere' from='sm'><message to='a@nowhere' from='b@sm'><body>hi</body></message></route>")
+    assert same(sm.stanzas()[0], "<route error='404' to='nowhere' from='sm'><message to='a@nowhere' "
+                                 "from='b@sm'><body>hi</body></message></route>")
+
+
+@pytest.mark.parametrize("route, reply", [
+    ("<route to='x' from='notmine'><message/></route>", "<route error='401' to='x' from='notmine'><message/></route>"),
+    ("<route to='x'><message/></route>", "<route error='400' to='x'><message/></route>"),
+    ("<route to='bar.com/' from='sm'><message/></route>", "<route error='400' to='bar.com/' from='sm'><message/></route>"),
+])
+def test_15_bounces_400_and_401(net, route, reply):
+    """Bad or foreign addresses bounce with 400 or 401."""
+    sm = net.component("sm")
+    sm.send(route)
+    assert same(sm.stanzas()[0], reply)
+
+
+def test_15_routes_carrying_an_error_are_dropped(net):
+    """An error is never bounced or delivered."""
+    sm = net.component("sm")
+    sm.send("<route error='503' to='sm' from='sm'><message/></route>")
+    assert sm.raw() == b""
+
+
+def test_16_default_route_forwards_and_stops_loops(net):
+    """Unknown domains go to the default route; its own unknowns bounce 404."""
+    s2s = net.component("s2s", default=True)
+    c2s = net.component("c2s")
+    s2s.take()
+    c2s.send("<route to='remote.org' from='c2s'><message/></route>")
+    assert same(s2s.stanzas()[0], "<route to='remote.org' from='c2s'><message/></route>")
+    s2s.send("<route to='unknown.org' from='s2s'><message/></route>")
+    assert same(s2s.stanzas()[0], "<route error='404' to='unknown.org' from='s2s'><message/></route>")
+
+
+def test_17_broadcast_reaches_authenticated_peers_only(net):
+    """A broadcast goes to every other authenticated peer; XEP-0114 gets the payload."""
+    sm = net.component("sm")
+    quiet = net.component()
+    legacy = net.legacy("legacy.example.com")
+    stranger = net.peer()
+    stranger.send(header())
+    stranger.take()
+    c2s = net.component("c2s")
+    for p in (sm, quiet, legacy):
+        p.take()
+    c2s.send("<route type='broadcast' from='c2s'><presence/></route>")
+    expected = "<route type='broadcast' from='c2s'><presence/></route>"
+    assert same(sm.stanzas()[0], expected) and same(quiet.stanzas()[0], expected)
+    assert same(legacy.stanzas()[0], "<presence/>", NS_ACCEPT)
+    assert stranger.raw() == b"" and c2s.raw() == b""
+
+
+def test_17_broadcast_errors(net):
+    """A broadcast without from bounces 400; an unknown type is dropped."""
+    c2s = net.component("c2s")
+    c2s.send("<route type='broadcast'><presence/></route>")
+    assert same(c2s.stanzas()[0], "<route error='400' type='broadcast'><presence/></route>")
+    c2s.send("<route type='bogus' from='c2s' to='c2s'><presence/></route>")
+    assert c2s.raw() == b""
+
+
+# -- 18-20: log sinks, throttle, unbind ---------------------------------------------------------
+
+def test_18_log_sink_gets_a_typed_copy(net):
+    """A log sink gets type='log' copies of unicast routes; the target the original."""
+    logger = net.component("logger", user="logger", password="pwl", log=True)
+    sm = net.component("sm")
+    c2s = net.component("c2s")
+    logger.take(), sm.take()
+    c2s.send("<route to='sm' from='c2s'><iq type='get' id='1'/></route>")
+    assert same(logger.stanzas()[0], "<route type='log' to='sm' from='c2s'><iq type='get' id='1'/></route>")
+    assert same(sm.stanzas()[0], "<route to='sm' from='c2s'><iq type='get' id='1'/></route>")
+
+
+def test_19_throttle_holds_packets_until_toggled(net):
+    """<throttle/> holds routed packets; the second one releases them in order."""
+    sm = net.component("sm")
+    c2s = net.component("c2s")
+    sm.take()
+    sm.send("<throttle/>")
+    assert same(sm.stanzas()[0], "<throttle/>")
+    c2s.send("<route to='sm' from='c2s'><iq id='1'/></route><route to='sm' from='c2s'><iq id='2'/></route>")
+    assert sm.raw() == b""
+    sm.send("<throttle/>")
+    echo, first, second = sm.stanzas()
+    assert same(echo, "<throttle/>")
+    assert first[0].get("id") == "1" and second[0].get("id") == "2"
+
+
+def test_20_unbind(net):
+    """Unbinding a foreign name is 404; unbinding one's own advertises unavailable."""
+    sm = net.component("sm")
+    c2s = net.component("c2s")
+    sm.take()
+    sm.send("<unbind name='nothere'/>")
+    assert same(sm.stanzas()[0], "<unbind error='404'/>")
+    sm.send("<unbind name='sm'/>")
+    assert same(sm.stanzas()[0], "<unbind/>")
+    assert same(c2s.stanzas()[0], "<presence type='unavailable' from='sm'/>")
+
+
+# -- 21-23: XEP-0114 ---------------------------------------------------------------------------------
+
+def test_21_handshake_binds_the_name_and_its_alias(net):
+    """A good handshake is echoed empty; jabberd2 peers see the name and its alias."""
+    sm = net.component("sm")
+    legacy = net.peer()
+    legacy.handshake("legacy.example.com")
+    (reply,) = legacy.stanzas()
+    assert same(reply, "<handshake/>", NS_ACCEPT)
+    froms = sorted(p.get("from") for p in sm.stanzas())
+    assert froms == ["lalias.example.com", "legacy.example.com"]
+
+
+@pytest.mark.parametrize("digest, text", [
+    ("0" * 40, "hash didn't match, auth failed"),
+    ("0" * 39, "handshake isn't long enough to be a sha1 hash"),
+])
+def test_21_bad_handshakes_are_not_authorized(net, digest, text):
+    """Wrong or short handshakes end the stream with not-authorized."""
+    legacy = net.peer()
+    legacy.send(header(NS_ACCEPT, version=False, to="legacy.example.com"))
+    legacy.take()
+    legacy.send(f"<handshake>{digest}</handshake>")
+    assert stream_error_condition(legacy.take()) == ("not-authorized", [text])
+
+
+def test_21_uppercase_hash_fails(net):
+    """The hash is compared case-sensitively, as jabberd2 does."""
+    import hashlib
+
+    legacy = net.peer()
+    legacy.send(header(NS_ACCEPT, version=False, to="legacy.example.com"))
+    legacy.take()
+    digest = hashlib.sha1((legacy.stream_id + "secret").encode()).hexdigest().upper()
+    legacy.send(f"<handshake>{digest}</handshake>")
+    assert legacy.closed
+
+
+@pytest.mark.parametrize("settings, to, condition", [
+    ({}, None, "host-unknown"),
+    ({"secret": None}, "legacy.example.com", "invalid-namespace"),
+    ({}, "lalias.example.com", "host-unknown"),
+])
+def test_21_legacy_stream_errors(settings, to, condition):
+    """No 'to', no secret, or an aliased name: the stream ends with an error."""
+    import hashlib
+
+    net = Network(**settings)
+    legacy = net.peer()
+    legacy.send(header(NS_ACCEPT, version=False, to=to))
+    if not legacy.closed:
+        legacy.take()
+        legacy.send("<handshake>%s</handshake>" %
+                    hashlib.sha1((legacy.stream_id + "secret").encode()).hexdigest())
+    assert stream_error_condition(legacy.take())[0] == condition
+    assert legacy.closed
+
+
+def test_22_xep0114_wrap_and_unwrap(net):
+    """Stanzas are wrapped into jabber:client routes and unwrapped on the way back."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    legacy.send("<message to='u@example.com/r' from='bot@legacy.example.com/x'><body>hello</body></message>")
+    assert same(sm.stanzas()[0],
+                "<route to='example.com' from='legacy.example.com'><message xmlns='jabber:client' "
+                "to='u@example.com/r' from='bot@legacy.example.com/x'><body>hello</body></message></route>")
+    sm.send("<route to='legacy.example.com' from='example.com'><message xmlns='jabber:client' "
+            "to='bot@legacy.example.com' from='u@example.com/r'><body>yo</body></message></route>")
+    assert same(legacy.stanzas()[0], "<message xmlns='jabber:client' to='bot@legacy.example.com' "
+                                     "from='u@example.com/r'><body>yo</body></message>", NS_ACCEPT)
+
+
+@pytest.mark.parametrize("sender", ["bot@legacy.example.com", "bot@notmine.com"])
+def test_23_xep0114_errors_come_back_as_stanza_errors(net, sender):
+    """Unroutable or foreign stanzas return as service-unavailable stanza errors."""
+    legacy = net.legacy("legacy.example.com")
+    legacy.send(f"<iq to='u@unknown.com' from='{sender}' type='get' id='7'>"
+                "<query xmlns='jabber:iq:version'/></iq>")
+    assert same(legacy.stanzas()[0],
+                f"<iq xmlns='jabber:client' type='error' id='7' to='u@unknown.com' from='{sender}'>"
+                "<error type='cancel' code='503'><service-unavailable "
+                "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
+                "<query xmlns='jabber:iq:version'/></iq>", NS_ACCEPT)
+
+
+def test_23_xep0114_stanza_without_from_is_dropped(net):
+    """A stanza without from is dropped silently."""
+    legacy = net.legacy("legacy.example.com")
+    legacy.send("<message to='u@example.com'/>")
+    assert legacy.raw() == b"" and not legacy.closed
+
+
+# -- 24-25: jabberd2 cluster placement ------------------------------------------------------------
+
+def test_24_multi_to_cluster_follows_jabberd2_hash(net):
+    """Members are picked by the jabberd2 hash of the stanza 'to', with swap-remove."""
+    members = [net.component("example.com", multi="to") for _ in range(3)]
+    c2s = net.component("c2s")
+    for m in members:
+        m.take()
+
+    def receiver(to):
+        c2s.send(f"<route to='example.com' from='c2s'><message to='{to}'/></route>")
+        got = [i for i, m in enumerate(members) if m.stanzas()]
+        return got
+
+    assert receiver("user4@example.com") == [2]
+    assert receiver("user1@example.com") == [0]
+    assert receiver("User0@Example.COM/res") == [1]
+    members[0].hang_up()
+    assert receiver("user0@example.com") == [1]
+    assert receiver("user1@example.com") == [2]
+
+
+def test_24_invalid_address_in_a_cluster_does_not_crash(net):
+    """An invalid stanza 'to' in a clustered route goes to one member (jabberd2 crashes)."""
+    members = [net.component("example.com", multi="to") for _ in range(2)]
+    c2s = net.component("c2s")
+    for m in members:
+        m.take()
+    c2s.send("<route to='example.com' from='c2s'><message to='@bad'/></route>")
+    assert sum(len(m.stanzas()) for m in members) == 1
+
+
+def test_25_xep0114_cluster_hashes_from(net):
+    """XEP-0114 members are picked by the stanza 'from'; unavailable only when the last goes."""
+    sm = net.component("example.com")
+    x = net.legacy("muc.example.com")
+    y = net.legacy("muc.example.com")
+    sm.take()
+    sm.send("<route to='muc.example.com' from='example.com'><presence to='room@muc.example.com/nick' "
+            "from='carol@example.com/r'/></route>")
+    assert x.stanzas() and not y.stanzas()
+    sm.send("<route to='muc.example.com' from='example.com'><presence to='room@muc.example.com/nick' "
+            "from='alice@example.com/r'/></route>")
+    assert y.stanzas() and not x.stanzas()
+    x.hang_up()
+    assert sm.raw() == b""
+    y.hang_up()
+    assert same(sm.stanzas()[0], "<presence type='unavailable' from='muc.example.com'/>")
