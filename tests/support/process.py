@@ -108,8 +108,9 @@ class ManagedProcess:
             raise TimeoutError("%s\n%s" % (exc, self.describe(tail=5))) from None
 
     def wait_for_log(self, text, timeout=10.0):
-        """Wait until the daemon's log file contains `text`."""
+        """Wait until the daemon's log file contains `text`; return the log."""
         self.wait_for(lambda: text in self.log_text, timeout, "log line %r" % text)
+        return self.log_text
 
     # -- output ------------------------------------------------------------
 

@@ -1,0 +1,58 @@
+"""Command line: the same flags, defaults and exit codes as jabberd2's router.
+
+Usage:
+  jrouter [-D] [-c CONFIG] [-i ID]
+  jrouter -h | --help
+  jrouter --version
+
+Options:
+  -c CONFIG   config file to use [default: /etc/jabberd2/router.xml]
+  -i ID       override the <id> config element
+  -D          enable debug output
+  -h --help   show this help and exit
+  --version   show the version and exit
+"""
+
+import sys
+
+from docopt import DocoptExit, docopt
+
+from . import __version__
+
+USAGE = __doc__[__doc__.index("Usage:"):]
+
+EXIT_OK = 0
+EXIT_USAGE = 1          # jabberd2: usage, cannot listen, bad filter file
+EXIT_CONFIG = 2         # jabberd2: config cannot be loaded
+
+
+def parse_args(argv):
+    """Return the options, or an exit code when there is nothing to run."""
+    if any(arg in ("-h", "--help", "-?") for arg in argv):
+        # jabberd2 prints its usage on stdout and exits 1.
+        print(f"jrouter - jabberd router replacement ({__version__})")
+        print(USAGE, end="")
+        return EXIT_USAGE
+    try:
+        options = docopt(USAGE, argv=argv, default_help=False)
+    except DocoptExit:
+        print(USAGE, end="")
+        return EXIT_USAGE
+    if options["--version"]:
+        print(f"jrouter {__version__}")
+        return EXIT_OK
+    return options
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    options = parse_args(argv)
+    if isinstance(options, int):
+        return options
+    from .app import run
+
+    return run(options["-c"], id_override=options["-i"], debug=options["-D"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The gevent shell: sockets, greenlets, timers and TLS around the sans-IO router.
+
+Each accepted socket gets a reader (the handler greenlet) and a writer
+greenlet; only the writer sends on the socket (house rule 5), woken through
+``Connection.on_output`` when the router queues something for that peer. A
+read can route packets to many peers: each of them gets one wake-up and one
+``sendall`` of everything queued, so writes are batched per socket.
+
+This module must not know the protocols: it moves bytes and calls
+``Connection.receive``, ``Router.connect``/``disconnect``/``tick``.
+"""
+
+import errno
+import ssl
+import time
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from .component import ConnectionClosed, State
+
+
+class ListenError(Exception):
+    """The listening socket could not be opened."""
+
+
+class RouterServer:
+    """Accept peers on ``config.ip``:``config.port`` and serve the router."""
+
+    #: bytes asked of the kernel per read
+    read_size = 65536
+    #: seconds a peer gets to answer our ``</stream:stream>`` at shutdown
+    shutdown_grace = 2.0
+    #: seconds the TLS handshake may take
+    tls_timeout = 30.0
+
+    def __init__(self, config, router, log, access=None, connect_limiter=None,
+                 byte_limit=None, tls_context=None, clock=time.monotonic):
+        self.config = config
+        self.router = router
+        self.log = log
+        self.access = access
+        self.connect_limiter = connect_limiter
+        self.byte_limit = byte_limit
+        self.tls_context = tls_context
+        self.clock = clock
+        router.tls_available = tls_context is not None
+        self._pool = Pool(config.max_fds if config.max_fds > 0 else None)
+        self._server = None
+        self._timer = None
+        self._sockets = {}
+
+    @property
+    def address(self):
+        return self._server.address if self._server else None
+
+    def start(self):
+        """Listen; raise ListenError with jabberd2's log line on failure."""
+        ip, port = self.config.ip, self.config.port
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind((ip, port))
+            listener.listen(1024)
+        except OSError as exc:
+            raise ListenError(f"[{ip}, port={port}] unable to listen ({exc.strerror})") from None
+        self._server = StreamServer(listener, self._handle, spawn=self._pool)
+        self._server.start()
+        self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
+        if self.config.check_interval > 0:
+            self._timer = gevent.spawn(self._time_checks)
+
+    def _time_checks(self):
+        interval = self.config.check_interval
+        while True:
+            self.router.tick(self.clock())
+            gevent.sleep(interval)
+
+    def stop(self):
+        """Graceful shutdown, bounded in time (jabberd2 can wait forever)."""
+        if self._server is not None:
+            self._server.close()
+        if self._timer is not None:
+            self._timer.kill()
+        self.router.shutdown()
+        self._pool.join(timeout=self.shutdown_grace)
+        for sock in list(self._sockets.values()):
+            _shutdown(sock)
+        self._pool.join(timeout=1.0)
+        self._pool.kill(timeout=1.0)
+
+    # -- one peer ----------------------------------------------------------
+
+    def _handle(self, sock, address):
+        ip, port = address[0], address[1]
+        if self.access is not None and not self.access.allows(ip):
+            self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
+            sock.close()
+            return
+        if self.connect_limiter is not None and not self.connect_limiter.admit(ip, self.clock()):
+            self.log.notice(f"[{sock.fileno()}] [{ip}] is being rate limited")
+            sock.close()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = self.router.connect(ip, port)
+        key = id(connection)
+        self._sockets[key] = sock
+        peer = _Peer(self, sock, connection)
+        try:
+            peer.run()
+        finally:
+            self._sockets.pop(key, None)
+            self.router.disconnect(connection)
+            peer.finish()
+
+
+class _Peer:
+    """The reader loop and the writer greenlet of one connection."""
+
+    def __init__(self, server, sock, connection):
+        self.server = server
+        self.sock = sock
+        self.connection = connection
+        self.wake = Event()
+        connection.on_output = self.wake.set
+        connection.last_activity = server.clock()
+        self.writer = gevent.spawn(self._write_loop)
+
+    def run(self):
+        connection = self.connection
+        clock = self.server.clock
+        read_size = self.server.read_size
+        try:
+            while True:
+                data = self.sock.recv(read_size)
+                if not data:
+                    return
+                connection.last_activity = clock()
+                connection.receive(data)
+                if connection.state is State.STARTING_TLS:
+                    self._start_tls()
+        except ConnectionClosed:
+            pass
+        except (OSError, ssl.SSLError) as exc:
+            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, None):
+                self.server.log.notice(f"{connection.label} read error: {exc}")
+
+    def _write_loop(self):
+        connection = self.connection
+        wake = self.wake
+        clock = self.server.clock
+        try:
+            while True:
+                wake.wait()
+                wake.clear()
+                data = connection.data_to_send()
+                if data:
+                    self.sock.sendall(data)
+                    connection.last_activity = clock()
+                if not connection.out and (connection.closing
+                                           or connection.state is State.STARTING_TLS):
+                    break
+        except (OSError, ssl.SSLError):
+            connection.closing = True
+        if connection.closing:
+            _shutdown(self.sock)
+
+    def _start_tls(self):
+        """Send <proceed/>, then turn the socket into a TLS server socket."""
+        connection = self.connection
+        self.wake.set()
+        self.writer.join(timeout=self.server.tls_timeout)
+        try:
+            with gevent.Timeout(self.server.tls_timeout):
+                self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ssl.SSLError, gevent.Timeout) as exc:
+            self.server.log.notice(f"{connection.label} TLS handshake failed: {exc}")
+            raise ConnectionClosed() from None
+        leftover = connection.tls_started()
+        if leftover:
+            self.server.log.notice(f"{connection.label} sent data in the clear after <starttls/>")
+            raise ConnectionClosed()
+        self.writer = gevent.spawn(self._write_loop)
+
+    def finish(self):
+        """Let the writer flush what is queued (bounded), then close."""
+        self.connection.closing = True
+        self.wake.set()
+        self.writer.join(timeout=self.server.shutdown_grace)
+        self.writer.kill(block=False)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,20 @@
+"""TLS for STARTTLS (spec 3.5): one server context built from router.xml.
+
+jabberd2 reads the certificate chain and the key from one PEM file
+(``<pemfile>``), with an optional passphrase and cipher list, asks no client
+certificate and accepts any TLS version but SSLv3.
+"""
+
+from gevent import ssl
+
+# jabberd2 prefixes OpenSSL's default list with these exclusions.
+DEFAULT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!EXP"
+
+
+def make_server_context(pemfile, password=None, ciphers=None):
+    """A gevent-cooperative server SSLContext; raises OSError or ssl.SSLError."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.options |= ssl.OP_NO_SSLv3
+    context.load_cert_chain(pemfile, password=password or None)
+    context.set_ciphers(ciphers or DEFAULT_CIPHERS)
+    return context
