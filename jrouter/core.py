@@ -68,6 +68,8 @@ class Router:
         self.aliases = {alias.name: alias.target for alias in config.aliases}
         self.tls_available = False
         self._context_keys = {}
+        self._accept_context = self.output_context(NS_ACCEPT)
+        self._route_heads = {}            # (to, from) -> b"<route ...>" for XEP-0114 packets
         self._client_context = None
         self._dispatch = {
             _ROUTE: self._route,
@@ -139,18 +141,18 @@ class Router:
             return          # loop protection (spec 4.5 step 0)
         kind = attrs.get("type")
         if kind is None:
-            self._unicast(connection, element, connection.input_key)
+            self._unicast(connection, element, connection.input_key,
+                          _jid_or_none(attrs.get("to")), _jid_or_none(attrs.get("from")))
         elif kind == "broadcast":
             self._broadcast(connection, element)
         else:
             self.log.debug(f"unknown route type '{kind}', dropping")
 
-    def _unicast(self, sender, element, sender_key, origin=None):
-        """Route one packet (spec 4.5). ``origin`` is the XEP-0114 stanza
-        the packet was wrapped from, for a stanza-error bounce."""
-        attrs = element.attrs
-        to = _jid_or_none(attrs.get("to"))
-        from_ = _jid_or_none(attrs.get("from"))
+    def _unicast(self, sender, element, sender_key, to, from_, origin=None):
+        """Route one packet (spec 4.5) from ``from_`` to ``to`` (parsed JIDs;
+        only their domains and, for clustering, nodes matter). ``origin`` is
+        the XEP-0114 stanza the packet was wrapped from, for a stanza-error
+        bounce."""
         if to is None or from_ is None:
             return self._bounce(sender, element, "400", origin)
         if from_.domain not in sender.names:
@@ -448,27 +450,29 @@ class Router:
             self.log.debug("invalid or missing address on legacy packet, dropping it")
             return
         route = self._wrap(connection, stanza, to.domain, from_.domain)
-        self._unicast(connection, route, None, origin=stanza)
+        self._unicast(connection, route, None, to, from_, origin=stanza)
 
     def _wrap(self, connection, stanza, to_domain, from_domain):
         """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
         raw = stanza.raw
         cut = stanza.name_end
-        if (connection.input_key is self._accept_key() and stanza.name.startswith(NS_ACCEPT + " ")
-                and b":" not in raw[1:cut] and not stanza.declares_namespaces()):
+        if (connection.input_key is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
+                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, stanza.inner_start) < 0):
+            # Unprefixed, no declaration of its own: it inherited the stream's
+            # jabber:component:accept, and so did any child that declares nothing.
             body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
         else:
             body = _serialize(self._client_view(stanza))
-        head = (f"<route xmlns='{NS_COMPONENT}' to={quoteattr(to_domain)} "
+        heads = self._route_heads
+        head = heads.get((to_domain, from_domain))
+        if head is None:
+            if len(heads) > 10000:
+                heads.clear()
+            head = heads[(to_domain, from_domain)] = (
+                f"<route xmlns='{NS_COMPONENT}' to={quoteattr(to_domain)} "
                 f"from={quoteattr(from_domain)}>").encode()
-        start = len(head)
-        return Element(
-            _ROUTE, {"to": to_domain, "from": from_domain}, head + body + b"</route>",
-            6, start, start + len(body), stanza.name, stanza.attrs,
-            start, start + len(body) - 1, SELF_CONTAINED, None)
-
-    def _accept_key(self):
-        return self.context_key(NS_ACCEPT, dict(_STREAM_PREFIXES))
+        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain},
+                            stanza.name, stanza.attrs)
 
     def _client_view(self, stanza):
         """The stanza parsed as if its stream's jabber:component:accept were
@@ -484,6 +488,34 @@ class Router:
 
 
 _AUTHENTICATED = (State.ONLINE, State.LEGACY)
+_ACCEPT_PREFIX = NS_ACCEPT + " "
+
+
+class WrappedRoute(Element):
+    """The ``<route>`` built around an XEP-0114 stanza: its bytes declare
+    every namespace they use, and its payload is known without a search."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, head, payload, attrs, child_name, child_attrs):
+        start = len(head)
+        end = start + len(payload)
+        self.name = _ROUTE
+        self.attrs = attrs
+        self.raw = b"".join((head, payload, b"</route>"))
+        self.name_end = 6
+        self.inner_start = self.child_start = start
+        self.inner_end = end
+        self.child_mark = end - 1
+        self.child_name = child_name
+        self.child_attrs = child_attrs
+        self.context = SELF_CONTAINED
+        self.end = None
+        self._tree = None
+        self.payload = payload
+
+    def first_child(self):
+        return self.payload
 
 
 def _jid_or_none(text):
