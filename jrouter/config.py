@@ -42,7 +42,7 @@ from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, Rate
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
 DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
 # sx/ssl.c: "!aNULL:!eNULL:!EXP:" SSL_DEFAULT_CIPHER_LIST; DEFAULT names that list.
-DEFAULT_CIPHERS = "!aNULL:!eNULL:!EXP:DEFAULT"
+DEFAULT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!EXP"  # OpenSSL takes DEFAULT only first
 DEFAULT_STANZA_SIZE = 1048576
 
 LOG_TYPES = ("stdout", "file", "syslog")

@@ -7,8 +7,7 @@ certificate and accepts any TLS version but SSLv3.
 
 from gevent import ssl
 
-# jabberd2 prefixes OpenSSL's default list with these exclusions.
-DEFAULT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!EXP"
+from .config import DEFAULT_CIPHERS
 
 
 def make_server_context(pemfile, password=None, ciphers=None):

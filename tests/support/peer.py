@@ -8,6 +8,7 @@ can look at elements (lxml) rather than bytes.
 import base64
 import hashlib
 import socket
+import ssl
 import time
 
 from jrouter.sasl import DigestMD5Client
@@ -108,10 +109,28 @@ class Peer:
         except PeerClosed:
             return events
 
-    def authenticate(self, user="jabberd", password="secret"):
+    def starttls(self):
+        """Open a stream, ask for STARTTLS and finish the TLS handshake;
+        returns the features that offered it."""
         self.send(header())
-        self.next()                      # header
-        self.stanza()                    # features
+        self.next()
+        features = self.stanza()
+        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        proceed = self.stanza()
+        if not proceed.tag.endswith("}proceed"):
+            raise AssertionError(f"no <proceed/>: {proceed.tag}")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
+        self.reader = StreamReader()
+        return features
+
+    def authenticate(self, user="jabberd", password="secret", opened=False):
+        if not opened:
+            self.send(header())
+            self.next()                  # header
+            self.stanza()                # features
         self.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
         challenge = self.stanza()
         client = DigestMD5Client(user, password)
