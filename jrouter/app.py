@@ -127,9 +127,13 @@ class RouterProcess:
         gevent.signal_handler(signal.SIGTERM, self.stopping.set)
         gevent.signal_handler(signal.SIGINT, self.stopping.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
-        gevent.signal_handler(signal.SIGUSR1, lambda: self.log.set_debug(False))
-        gevent.signal_handler(signal.SIGUSR2, lambda: self.log.set_debug(True))
+        gevent.signal_handler(signal.SIGUSR1, lambda: self._set_debug(False))
+        gevent.signal_handler(signal.SIGUSR2, lambda: self._set_debug(True))
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _set_debug(self, enabled):
+        self.log.set_debug(enabled)
+        self.log.notice(f"debug output {'on' if enabled else 'off'}")
 
     def reload(self):
         """SIGHUP, as jabberd2 (spec 1.6): reopen the log, reload the filter

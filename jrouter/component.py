@@ -124,13 +124,19 @@ class Connection:
         try:
             events = self.reader.feed(data)
         except StreamError as exc:
-            # What the peer completed before the error is handled first.
-            self._handle(exc.events)
+            # What the peer completed before the error is handled first. If
+            # that restarted the stream, the error came from reading the new
+            # stream's bytes with the old parser: they are read again.
+            leftover = self._handle(exc.events)
+            if leftover is not None:
+                return leftover
             self._log_error(exc.condition, exc.text)
             self.fail(exc.condition, exc.text)
-        return self._handle(events)
+        return self._handle(events) or b""
 
     def _handle(self, events):
+        """Act on events; after a stream restart stop and return the bytes
+        that follow it (maybe b''), else return None."""
         for event in events:
             # The fast path: an authenticated jabberd2 component's packet.
             if self.state is State.ONLINE and event.__class__ is Element:
@@ -145,7 +151,7 @@ class Connection:
             if self._restart_leftover is not None:
                 leftover, self._restart_leftover = self._restart_leftover, None
                 return leftover
-        return b""
+        return None
 
     def _move(self, state):
         if state not in _MOVES[self.state]:

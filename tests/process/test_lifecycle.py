@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.support.peer import Peer
+from tests.support.peer import Peer, header
 from tests.support.ports import free_port
 from tests.support.routers import REPO_ROOT, router_argv, write_router_config
 
@@ -184,3 +185,40 @@ def test_peer_vanishing_mid_stanza_disturbs_nobody(router):
     c2s.send("<route to='sm' from='c2s'><message id='ok'/></route>")
     assert sm.route()[0].get("id") == "ok"
     assert "[dying] offline" in router.wait_for_log("[dying] offline")
+
+
+def test_usr2_and_usr1_toggle_debug_output(router_factory):
+    """SIGUSR2 turns debug lines on, SIGUSR1 off; neither ends the process."""
+    router = router_factory("jrouter")
+    peer = Peer(router.ip, router.port).authenticate().bind("sm")
+    router.send_signal(signal.SIGUSR2)
+    router.wait_for_log("debug output on")
+    peer.send("<route type='bogus' from='sm' to='sm'><message/></route>")
+    router.wait_for_log("unknown route type 'bogus'")
+    router.send_signal(signal.SIGUSR1)
+    router.wait_for_log("debug output off")
+    peer.send("<route type='second' from='sm' to='sm'><message/></route>")
+    peer.send("<route to='sm' from='sm'><message id='echo'/></route>")
+    assert peer.route()[0].get("id") == "echo"      # processed after the bogus one
+    assert "unknown route type 'second'" not in router.log_text
+    assert router.running()
+
+
+def test_debug_flag_enables_debug_output(router_factory):
+    """-D starts the router with debug lines on."""
+    router = router_factory("jrouter", args=["-D"])
+    peer = Peer(router.ip, router.port).authenticate().bind("sm")
+    peer.send("<route type='bogus' from='sm' to='sm'><message/></route>")
+    router.wait_for_log("unknown route type 'bogus'")
+
+
+def test_keepalive_sends_a_single_space_to_idle_peers(router_factory):
+    """<check><keepalive> sends one space to a peer idle for longer than it."""
+    router = router_factory("jrouter", extra="<check><interval>1</interval><keepalive>1</keepalive></check>")
+    peer = Peer(router.ip, router.port)
+    peer.send(header())
+    peer.next(), peer.stanza()              # header and features
+    peer.sock.settimeout(5)
+    started = time.monotonic()
+    assert peer.sock.recv(10) == b" "
+    assert time.monotonic() - started >= 0.9

@@ -481,3 +481,53 @@ def test_25_xep0114_cluster_hashes_from(net):
     assert sm.raw() == b""
     y.hang_up()
     assert same(sm.stanzas()[0], "<presence type='unavailable' from='muc.example.com'/>")
+
+
+def test_6_unknown_user_is_not_authorized(net):
+    """A user missing from router-users.xml fails with not-authorized."""
+    peer = net.peer()
+    with pytest.raises(AssertionError, match="failure"):
+        peer.authenticate("nobody", "secret")
+    assert not peer.closed
+
+
+def test_keepalive_goes_to_idle_streams_only(net):
+    """tick() sends one space to streams idle longer than <keepalive>."""
+    net2 = Network(keepalive=30)
+    idle, busy = net2.component("sm"), net2.component("c2s")
+    idle.take()
+    idle.connection.last_activity = 100.0
+    busy.connection.last_activity = 125.0
+    net2.router.tick(131.0)
+    assert idle.raw() == b" " and busy.raw() == b""
+
+
+def test_aliases_of_a_jabberd2_component_are_routable(net):
+    """An alias of a name bound over the jabberd2 protocol routes to that peer
+    (jabberd2 registers the wrong name here, spec 4.11)."""
+    target = net.component("legacy.example.com")
+    c2s = net.component("c2s")
+    target.take()
+    c2s.send("<route to='lalias.example.com' from='c2s'><message id='via-alias'/></route>")
+    (got,) = target.stanzas()
+    assert got.get("to") == "lalias.example.com" and got[0].get("id") == "via-alias"
+    target.hang_up()
+    unavailable = sorted(p.get("from") for p in c2s.stanzas())
+    assert unavailable == ["lalias.example.com", "legacy.example.com"]
+
+
+def test_pipelined_stream_after_sasl_success_is_read(net):
+    """Bytes sent right behind the SASL response belong to the new stream."""
+    import base64 as b64
+
+    from jrouter.sasl import DigestMD5Client
+
+    peer = net.peer()
+    peer.send(header())
+    peer.take()
+    peer.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
+    (challenge,) = peer.stanzas()
+    answer = DigestMD5Client("jabberd", "secret").respond(b64.b64decode(challenge.text))
+    peer.send(f"<response xmlns='{NS_SASL}'>{b64.b64encode(answer).decode()}</response>".encode()
+              + header() + b"<bind name='sm'/>")
+    assert net.logged("[sm] online")
