@@ -103,6 +103,9 @@ class Connection:
         self.out = []
         self.closing = False
         self.on_output = _nothing
+        # Where an authenticated peer's elements go, by state.
+        self._packet_handlers = {State.ONLINE: router.component_packet,
+                                 State.LEGACY: router.legacy_packet}
         self.last_activity = 0.0
         self.packets_in = 0
 
@@ -137,10 +140,11 @@ class Connection:
     def _handle(self, events):
         """Act on events; after a stream restart stop and return the bytes
         that follow it (maybe b''), else return None."""
+        handle_packet = self._packet_handlers.get(self.state)
         for event in events:
-            # The fast path: an authenticated jabberd2 component's packet.
-            if self.state is State.ONLINE and event.__class__ is Element:
-                self.router.component_packet(self, event)
+            # The fast path: an authenticated peer's packet.
+            if handle_packet is not None and event.__class__ is Element and not self.closing:
+                handle_packet(self, event)
                 continue
             handler = _HANDLERS[self.state].get(event.__class__)
             if handler is None:
@@ -151,6 +155,7 @@ class Connection:
             if self._restart_leftover is not None:
                 leftover, self._restart_leftover = self._restart_leftover, None
                 return leftover
+            handle_packet = self._packet_handlers.get(self.state)
         return None
 
     def _move(self, state):
@@ -353,9 +358,6 @@ class Connection:
         self.router.component_packet(self, element)
 
     def _on_legacy_packet(self, element):
-        if element.name == STREAM_ERROR:
-            self._on_peer_stream_error(element)
-            return
         self.router.legacy_packet(self, element)
 
 

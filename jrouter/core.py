@@ -38,6 +38,7 @@ _ROUTE = NS_COMPONENT + " route"
 _BIND = NS_COMPONENT + " bind"
 _UNBIND = NS_COMPONENT + " unbind"
 _THROTTLE = NS_COMPONENT + " throttle"
+_STREAM_ERROR = STREAMS_NS + " error"
 _DEFAULT = "{%s}default" % NS_COMPONENT
 _LOG = "{%s}log" % NS_COMPONENT
 
@@ -131,7 +132,7 @@ class Router:
         handler = self._dispatch.get(element.name)
         if handler is not None:
             handler(connection, element)
-        elif element.name == STREAMS_NS + " error":
+        elif element.name == _STREAM_ERROR:
             connection._on_peer_stream_error(element)
         # Anything else is dropped silently, as jabberd2 does (spec 4.1).
 
@@ -141,8 +142,11 @@ class Router:
             return          # loop protection (spec 4.5 step 0)
         kind = attrs.get("type")
         if kind is None:
+            to = attrs.get("to")
+            from_ = attrs.get("from")
             self._unicast(connection, element, connection.input_key,
-                          _jid_or_none(attrs.get("to")), _jid_or_none(attrs.get("from")))
+                          None if to is None else parse_jid(to),
+                          None if from_ is None else parse_jid(from_))
         elif kind == "broadcast":
             self._broadcast(connection, element)
         else:
@@ -181,7 +185,10 @@ class Router:
             self._copy_to_log_sinks(element, sender_key)
         members = route.members
         target = members[0] if len(members) == 1 else members[self._pick(route, element, to)]
-        target.deliver(self._bytes_for(target, element, sender_key))
+        if (sender_key is target.context or sender_key is None) and not target.legacy:
+            target.deliver(element.raw)         # the common case, spelled out
+        else:
+            target.deliver(self._bytes_for(target, element, sender_key))
 
     def _pick(self, route, element, route_to):
         """Which member of a clustered route gets this packet (spec 6.4)."""
@@ -443,6 +450,8 @@ class Router:
 
     def legacy_packet(self, connection, stanza):
         """A stanza from an XEP-0114 component: wrap it and route it."""
+        if stanza.name == _STREAM_ERROR:
+            return connection._on_peer_stream_error(stanza)
         attrs = stanza.attrs
         to = _jid_or_none(attrs.get("to"))
         from_ = _jid_or_none(attrs.get("from"))
@@ -455,9 +464,9 @@ class Router:
     def _wrap(self, connection, stanza, to_domain, from_domain):
         """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
         raw = stanza.raw
-        cut = stanza.name_end
+        cut, tag_end = stanza._start_tag()
         if (connection.input_key is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
-                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, stanza.inner_start) < 0):
+                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
             # Unprefixed, no declaration of its own: it inherited the stream's
             # jabber:component:accept, and so did any child that declares nothing.
             body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
@@ -498,20 +507,19 @@ class WrappedRoute(Element):
     __slots__ = ("payload",)
 
     def __init__(self, head, payload, attrs, child_name, child_attrs):
+        # Every field set here, without Element.__init__: one per XEP-0114 packet.
         start = len(head)
-        end = start + len(payload)
         self.name = _ROUTE
         self.attrs = attrs
         self.raw = b"".join((head, payload, b"</route>"))
-        self.name_end = 6
-        self.inner_start = self.child_start = start
-        self.inner_end = end
-        self.child_mark = end - 1
         self.child_name = child_name
         self.child_attrs = child_attrs
+        self.child_start = start
+        self.child_mark = start + len(payload) - 1
         self.context = SELF_CONTAINED
         self.end = None
         self._tree = None
+        self._tag = (6, start)
         self.payload = payload
 
     def first_child(self):

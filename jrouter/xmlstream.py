@@ -130,28 +130,23 @@ class Element:
 
     ``name``: expanded name (``"uri local"``, or ``"local"`` without a
     namespace); ``attrs``: its attributes (namespaced ones keyed ``"uri
-    local"``); ``raw``: its exact bytes; ``name_end``: offset in ``raw`` just
-    after the tag name (where an attribute can be spliced in); ``inner_start``
-    and ``inner_end``: the content between its start and end tags;
-    ``child_name`` / ``child_attrs``: its first child element, or None.
-    ``context``: the stream's NamespaceContext (what unprefixed names and
-    stream-level prefixes in ``raw`` mean).
-    ``end``: absolute stream offset just after the element.
+    local"``); ``raw``: its exact bytes; ``child_name`` / ``child_attrs``:
+    its first child element, or None. ``context``: the stream's
+    NamespaceContext (what unprefixed names and stream-level prefixes in
+    ``raw`` mean). ``end``: absolute stream offset just after the element.
+
+    Offsets inside ``raw`` (``name_end``, ``inner_start``, ``inner_end``)
+    are worked out on demand: forwarding a packet needs none of them.
     """
 
-    __slots__ = (
-        "name", "attrs", "raw", "name_end", "inner_start", "inner_end",
-        "child_name", "child_attrs", "child_start", "child_mark", "context", "end", "_tree",
-    )
+    __slots__ = ("name", "attrs", "raw", "child_name", "child_attrs", "child_start",
+                 "child_mark", "context", "end", "_tree", "_tag")
 
-    def __init__(self, name, attrs, raw, name_end, inner_start, inner_end,
-                 child_name, child_attrs, child_start, child_mark, context, end):
+    def __init__(self, name, attrs, raw, child_name, child_attrs, child_start, child_mark,
+                 context, end):
         self.name = name
         self.attrs = attrs
         self.raw = raw
-        self.name_end = name_end
-        self.inner_start = inner_start
-        self.inner_end = inner_end
         self.child_name = child_name
         self.child_attrs = child_attrs
         # Where the first child starts, and where expat reported its end:
@@ -161,6 +156,30 @@ class Element:
         self.context = context
         self.end = end
         self._tree = None
+        self._tag = None
+
+    def _start_tag(self):
+        tag = self._tag
+        if tag is None:
+            match = _START_TAG.match(self.raw)
+            tag = self._tag = (match.end(1), match.end())
+        return tag
+
+    @property
+    def name_end(self):
+        """Offset just after the tag name: where an attribute can be spliced in."""
+        return self._start_tag()[0]
+
+    @property
+    def inner_start(self):
+        """Offset just after the start tag."""
+        return self._start_tag()[1]
+
+    @property
+    def inner_end(self):
+        """Offset of the end tag (= inner_start for an empty element)."""
+        start = self._start_tag()[1]
+        return start if start == len(self.raw) else self.raw.rfind(b"</")
 
     @property
     def local_name(self):
@@ -206,7 +225,7 @@ class Element:
 
     def declares_namespaces(self):
         """Whether the start tag carries any xmlns declaration."""
-        return b"xmlns" in self.raw[:self.inner_start]
+        return self.raw.find(b"xmlns", 0, self.inner_start) >= 0
 
     def __repr__(self):
         return f"Element({self.raw[:80]!r})"
@@ -235,7 +254,7 @@ class StreamReader:
         parser.EndElementHandler = self._end
         self._parser = parser
         self._depth = 0
-        self._buffer = bytearray()
+        self._buffer = b""
         self._base = 0          # absolute offset of _buffer[0]
         self._keep_from = 0     # absolute offset where unconsumed bytes begin
         self._events = []
@@ -246,8 +265,6 @@ class StreamReader:
         self._top_start = 0
         self._top_name = None
         self._top_attrs = None
-        self._top_name_end = 0
-        self._top_tag_end = 0
         self._child_name = None
         self._child_attrs = None
         self._child_start = 0
@@ -267,20 +284,15 @@ class StreamReader:
         else:
             self._header_prefixes[prefix] = uri
 
+    # These two run for every element of every stanza: keep them lean.
+
     def _start(self, name, attrs):
         depth = self._depth
         self._depth = depth + 1
         if depth == 1:
-            start = self._parser.CurrentByteIndex
-            offset = start - self._base
-            match = _START_TAG.match(self._buffer, offset)
-            self._top_start = start
+            self._top_start = self._parser.CurrentByteIndex
             self._top_name = name
             self._top_attrs = attrs
-            # Both relative to the element's first byte: the buffer may be
-            # trimmed before the element ends.
-            self._top_name_end = match.end(1) - offset
-            self._top_tag_end = match.end() - offset
         elif depth == 2:
             if self._child_name is None:
                 self._child_name = name
@@ -293,12 +305,37 @@ class StreamReader:
         depth = self._depth - 1
         self._depth = depth
         if depth == 1:
-            self._close_top()
+            base = self._base
+            start = self._top_start
+            child_name = self._child_name
+            if child_name is not None:      # expat points at its end tag
+                end = self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
+            else:
+                end = self._childless_end(start)
+            limit = self.max_element_size
+            if limit and end - start > limit:
+                raise _too_large(limit)
+            mark = self._child_mark
+            self._events.append(Element(
+                self._top_name, self._top_attrs, self._buffer[start - base:end - base],
+                child_name, self._child_attrs, self._child_start - start,
+                0 if mark is None else mark - start, self.context, end))
+            self._keep_from = end
+            self._child_name = self._child_mark = None
         elif depth == 2:
             if self._child_mark is None:
                 self._child_mark = self._parser.CurrentByteIndex
         elif depth == 0:
             self._events.append(StreamClose())
+
+    def _childless_end(self, start):
+        """Where an element without child elements ends: its start tag, if
+        that is empty (``/>``), else its end tag, where expat points."""
+        base = self._base
+        tag = _START_TAG.match(self._buffer, start - base)
+        if self._buffer[tag.end() - 2] == 0x2F:
+            return tag.end() + base
+        return self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
 
     def _open(self, name, attrs):
         # Later declarations belong to stanzas, not to the stream context.
@@ -308,41 +345,17 @@ class StreamReader:
         self._keep_from = self._base + _START_TAG.match(self._buffer, offset).end()
         self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
 
-    def _close_top(self):
-        buffer = self._buffer
-        base = self._base
-        start = self._top_start - base
-        tag_end = start + self._top_tag_end
-        if buffer[tag_end - 2] == 0x2F:      # b'/': an empty element
-            end = inner_end = tag_end
-        else:
-            inner_end = self._parser.CurrentByteIndex - base
-            end = buffer.index(b">", inner_end) + 1
-        if self.max_element_size and end - start > self.max_element_size:
-            raise _too_large(self.max_element_size)
-        raw = bytes(buffer[start:end])
-        top_start = self._top_start
-        child_mark = self._child_mark
-        self._events.append(Element(
-            self._top_name, self._top_attrs, raw, self._top_name_end,
-            tag_end - start, inner_end - start,
-            self._child_name, self._child_attrs, self._child_start - top_start,
-            0 if child_mark is None else child_mark - top_start,
-            self.context, end + base,
-        ))
-        self._keep_from = end + base
-        self._child_name = self._child_attrs = self._child_mark = None
-
     # -- public API --------------------------------------------------------
 
     def feed(self, data):
         """Parse ``data``; return the events it completed."""
-        buffer = self._buffer
-        drop = self._keep_from - self._base
-        if drop > 0:
-            del buffer[:drop]
-            self._base = self._keep_from
-        buffer += data
+        # Keep only what an unfinished element still needs, usually nothing:
+        # then the buffer is the chunk itself, and elements are cut from it
+        # with one copy.
+        old = self._buffer
+        keep = self._keep_from - self._base
+        self._base = self._keep_from
+        self._buffer = buffer = data if keep >= len(old) else old[keep:] + data
         try:
             self._parser.Parse(data)
             limit = self.max_element_size
@@ -371,7 +384,7 @@ class StreamReader:
         a peer waits for ``<success/>`` or ``<proceed/>``); they belong to the
         new stream, or, after STARTTLS, to the TLS handshake.
         """
-        leftover = bytes(self._buffer[max(0, offset - self._base):])
+        leftover = self._buffer[max(0, offset - self._base):]
         self._new_parser()
         return leftover
 
