@@ -13,6 +13,7 @@ import sys
 import gevent
 from gevent.event import Event
 
+from .access import ConnectLimiter
 from .config import ConfigError, load_config, load_users
 from .core import Router
 from .filter import FilterError, load_filter
@@ -39,7 +40,7 @@ def run(config_path, id_override=None, debug=False):
     log = RouterLog(type=config.log.type, ident=config.log.ident,
                     facility=config.log.facility, file=config.log.file, debug=debug)
     try:
-        return RouterProcess(config, log).run()
+        return RouterProcess(config, log, id_override).run()
     finally:
         log.close()
 
@@ -47,9 +48,10 @@ def run(config_path, id_override=None, debug=False):
 class RouterProcess:
     """One running router: owns the log, the server and the signal handlers."""
 
-    def __init__(self, config, log):
+    def __init__(self, config, log, id_override=None):
         self.config = config
         self.log = log
+        self.id_override = id_override
         self.stopping = Event()
         self.router = None
         self.server = None
@@ -66,8 +68,10 @@ class RouterProcess:
         tls_context = self._tls_context()
         self.router = Router(self.config, users, log, make_id,
                              filter_rules=filter_rules, dump=_append_dump)
-        self.server = RouterServer(self.config, self.router, log,
-                                   access=self.config.access, tls_context=tls_context)
+        limits = self.config.connects_limit
+        self.server = RouterServer(
+            self.config, self.router, log, access=self.config.access, tls_context=tls_context,
+            connect_limiter=ConnectLimiter(limits) if limits.total > 0 else None)
         try:
             self.server.start()
         except ListenError as exc:
@@ -94,9 +98,16 @@ class RouterProcess:
         self.log.info(f"process id is {pid}, written to {path}")
 
     def _load_users(self):
+        """The user table, or None when the file could not be read (at
+        startup jabberd2 then serves with no users; on reload we keep the
+        old table)."""
         result = load_users(self.config.users_file)
         for level, message in result.messages:
             getattr(self.log, level)(message)
+        loaded = any(message.startswith("loaded user table") for _, message in result.messages)
+        if not loaded:
+            self.log.error("users not loaded, keeping the previous table")
+            return None
         return result.users
 
     def _load_filter(self):
@@ -136,8 +147,10 @@ class RouterProcess:
         self.log.notice(f"debug output {'on' if enabled else 'off'}")
 
     def reload(self):
-        """SIGHUP, as jabberd2 (spec 1.6): reopen the log, reload the filter
-        and the users; a file that fails to load keeps the old settings."""
+        """SIGHUP: what jabberd2 does (spec 1.6: reopen the log, reload the
+        filter and the users), then what it cannot: router.xml's ACLs,
+        aliases, XEP-0114 secret, keepalive and clustering policies. A file
+        that fails to load keeps the old settings, and the log says why."""
         log = self.log
         log.reopen()        # writes "reopening log ..." and "log started"
         log.notice("reloading filter ...")
@@ -149,6 +162,20 @@ class RouterProcess:
         users = self._load_users()
         if users is not None:
             self.router.users = users
+        self._reload_config()
+
+    def _reload_config(self):
+        self.log.notice(f"reloading {self.config.source} ...")
+        try:
+            config = load_config(self.config.source, self.id_override)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                self.log.error(problem)
+            self.log.error(f"{self.config.source} not reloaded, keeping the old settings")
+            return
+        self.router.reconfigure(config)
+        self.log.notice("reloaded ACLs, aliases, secret, keepalive and clustering policies "
+                        "(listening address, TLS and limits need a restart)")
 
 
 def _append_dump(path, data):

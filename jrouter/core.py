@@ -79,6 +79,13 @@ class Router:
             _THROTTLE: self._throttle,
         }
 
+    def reconfigure(self, config):
+        """Take the settings that can change without a restart (SIGHUP):
+        ACLs, aliases, the secret and keepalive apply from now on; names
+        already bound keep their aliases until they unbind."""
+        self.config = config
+        self.aliases = {alias.name: alias.target for alias in config.aliases}
+
     # -- connections -------------------------------------------------------
 
     def connect(self, ip, port):

@@ -20,6 +20,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from .access import RateCounter
 from .component import ConnectionClosed, State
 
 
@@ -38,17 +39,18 @@ class RouterServer:
     tls_timeout = 30.0
 
     def __init__(self, config, router, log, access=None, connect_limiter=None,
-                 byte_limit=None, tls_context=None, clock=time.monotonic):
+                 tls_context=None, clock=time.monotonic):
         self.config = config
         self.router = router
         self.log = log
         self.access = access
         self.connect_limiter = connect_limiter
-        self.byte_limit = byte_limit
         self.tls_context = tls_context
         self.clock = clock
         router.tls_available = tls_context is not None
-        self._pool = Pool(config.max_fds if config.max_fds > 0 else None)
+        # Unbounded: a pool that is full stops accepting, and peers would
+        # wait unanswered; over max_fds a peer is refused at once instead.
+        self._pool = Pool()
         self._server = None
         self._timer = None
         self._sockets = {}
@@ -99,12 +101,7 @@ class RouterServer:
 
     def _handle(self, sock, address):
         ip, port = address[0], address[1]
-        if self.access is not None and not self.access.allows(ip):
-            self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
-            sock.close()
-            return
-        if self.connect_limiter is not None and not self.connect_limiter.admit(ip, self.clock()):
-            self.log.notice(f"[{sock.fileno()}] [{ip}] is being rate limited")
+        if not self._admit(sock, ip):
             sock.close()
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -118,6 +115,27 @@ class RouterServer:
             self._sockets.pop(key, None)
             self.router.disconnect(connection)
             peer.finish()
+
+
+    def _admit(self, sock, ip):
+        """The accept checks (spec 3.1): access rules, connect rate, max_fds."""
+        if self.access is not None and not self.access.allows(ip):
+            self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
+            return False
+        limiter = self.connect_limiter
+        if limiter is not None:
+            now = self.clock()
+            if len(limiter.counters) > 1024:
+                limiter.prune(now)
+            if not limiter.admit(ip, now):
+                self.log.notice(f"[{sock.fileno()}] [{ip}] is being rate limited")
+                return False
+        max_fds = self.config.max_fds
+        if max_fds > 0 and len(self._pool) > max_fds:      # this handler counts too
+            self.log.notice(f"[{sock.fileno()}] [{ip}] refused: {max_fds} connections "
+                            "already (io.max_fds)")
+            return False
+        return True
 
 
 class _Peer:
@@ -136,12 +154,17 @@ class _Peer:
         connection = self.connection
         clock = self.server.clock
         read_size = self.server.read_size
+        limit = self.server.config.bytes_limit
+        budget = RateCounter(limit) if limit.total > 0 else None
         try:
             while True:
-                data = self.sock.recv(read_size)
+                size = read_size if budget is None else self._allowance(budget)
+                data = self.sock.recv(size)
                 if not data:
                     return
-                connection.last_activity = clock()
+                connection.last_activity = now = clock()
+                if budget is not None:
+                    budget.add(now, len(data))
                 connection.receive(data)
                 if connection.state is State.STARTING_TLS:
                     self._start_tls()
@@ -150,6 +173,17 @@ class _Peer:
         except (OSError, ssl.SSLError) as exc:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, None):
                 self.server.log.notice(f"{connection.label} read error: {exc}")
+
+    def _allowance(self, budget):
+        """How much the next read may take under <limits><bytes> (spec 3.9):
+        while the peer is over its budget, nothing is read (it waits)."""
+        logged = False
+        while not budget.check(self.server.clock()):
+            if not logged:
+                self.server.log.notice(f"{self.connection.label} is being byte rate limited")
+                logged = True
+            gevent.sleep(min(1.0, max(0.05, budget.throttle / 10)))
+        return max(1, min(self.server.read_size, budget.left()))
 
     def _write_loop(self):
         connection = self.connection
