@@ -1,0 +1,199 @@
+"""Traffic counters and the operator's view of a running router.
+
+Owns: ``Counters`` (the per-connection figures the core bumps while it
+routes), ``snapshot()`` (the whole router as plain JSON-ready data: totals,
+connections, bound names) and ``which_instance()`` ("which member of this
+clustered name serves that JID").
+
+Must not know: HTTP, Prometheus, sockets, gevent or the clock. ``now`` is
+handed in, and must come from the clock that stamped ``connected_at`` and
+``last_activity`` (the shell's ``time.monotonic``). Everything here reads the
+router and never changes it, so it may run at any time between two packets.
+
+Theory of operation
+-------------------
+The core owns the figures; this module only adds them up when somebody asks.
+Routing a packet is the program's whole job (house rule 9), so on the hot
+path a counter is one attribute increment: ``Counters`` is a bare
+``__slots__`` record with no methods the core has to call. Connections are
+read with ``getattr(conn, 'counters', None)``, so a connection the core has
+not equipped yet shows zeros instead of breaking the status page.
+
+Per-connection figures vanish when a connection closes. So that router-wide
+totals never go backwards (Prometheus counters must not), the core folds a
+closing connection's figures into ``router.closed_counters`` (see ``fold``);
+the totals are that plus every live connection.
+
+A name's figures are the sums of its current members' figures. A connection
+bound to two names counts in both, and a name that loses a member loses that
+member's share: a name has no traffic of its own, only its members do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .jid import parse_jid
+
+#: The counter fields, in the order reports show them.
+FIELDS = ("packets_in", "packets_out", "bytes_in", "bytes_out", "bounces", "drops", "throttled")
+
+
+class Counters:
+    """Traffic figures of one connection (or a sum of several).
+
+    packets_in   top-level elements received from the authenticated peer
+    packets_out  packets queued for the peer (routed, broadcast, log copies, bounces)
+    bytes_in     bytes read from the peer's socket
+    bytes_out    bytes written to the peer's socket
+    bounces      packets from this peer sent back to it with an error
+    drops        packets from this peer thrown away without an answer
+    throttled    packets for this peer held back because it asked for <throttle/>
+    """
+
+    __slots__ = FIELDS
+
+    def __init__(self) -> None:
+        self.packets_in = 0
+        self.packets_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bounces = 0
+        self.drops = 0
+        self.throttled = 0
+
+    def __repr__(self) -> str:
+        return "Counters(%s)" % ", ".join(f"{f}={getattr(self, f)}" for f in FIELDS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in FIELDS}
+
+
+def fold(into: Counters, counters: Optional[Counters]) -> Counters:
+    """Add ``counters`` (may be None) into ``into``; return ``into``.
+
+    The core calls this when a connection goes away, with
+    ``router.closed_counters`` as ``into``.
+    """
+    if counters is not None:
+        for f in FIELDS:
+            setattr(into, f, getattr(into, f) + getattr(counters, f))
+    return into
+
+
+# ---------------------------------------------------------------------------
+# The snapshot.
+
+
+def snapshot(router: Any, now: float) -> dict[str, Any]:
+    """Everything an operator may want to see, as JSON-ready data.
+
+    ``router`` needs ``connections`` (iterable of connections) and ``table``
+    (``routing.RouteTable``); ``started_at`` and ``closed_counters`` are used
+    when present.
+    """
+    connections = [_connection(conn, now) for conn in router.connections]
+    table = router.table
+    names = [_name(route, table) for route in table.routes.values()]
+    totals = fold(Counters(), getattr(router, "closed_counters", None)).as_dict()
+    for conn in connections:
+        for f in FIELDS:
+            totals[f] += conn["counters"][f]
+    started = getattr(router, "started_at", None)
+    return {
+        "uptime": _seconds(now, started),
+        "totals": totals,
+        "connection_count": len(connections),
+        "name_count": len(names),
+        "default_route": table.default_name,
+        "connections": connections,
+        "names": names,
+    }
+
+
+def _connection(conn: Any, now: float) -> dict[str, Any]:
+    state = conn.state
+    throttle_queue = conn.throttle_queue
+    counters = getattr(conn, "counters", None)
+    return {
+        "label": conn.label,
+        "ip": conn.ip,
+        "port": conn.port,
+        "state": getattr(state, "name", str(state)),
+        "user": conn.user,
+        "legacy": bool(conn.legacy),
+        "names": list(conn.names),
+        "counters": counters.as_dict() if counters is not None else Counters().as_dict(),
+        "queued_bytes": sum(map(len, conn.out)),
+        "throttling": throttle_queue is not None,
+        "throttle_queue": len(throttle_queue) if throttle_queue is not None else 0,
+        "connected_for": _seconds(now, getattr(conn, "connected_at", None)),
+        "idle_for": _seconds(now, getattr(conn, "last_activity", None) or None),
+    }
+
+
+def _name(route: Any, table: Any) -> dict[str, Any]:
+    summed = Counters()
+    for member in route.members:
+        fold(summed, getattr(member, "counters", None))
+    return {
+        "name": route.name,
+        "kind": route.kind,
+        "members": [member.label for member in route.members],
+        "default": table.default_name == route.name,
+        "log_sink": route.name in table.log_sinks,
+        "alias_of": getattr(route, "alias_of", None),
+        "counters": summed.as_dict(),
+    }
+
+
+def _seconds(now: float, since: Optional[float]) -> Optional[float]:
+    if not isinstance(since, (int, float)) or isinstance(since, bool):
+        return None
+    return round(max(0.0, now - since), 3)
+
+
+# ---------------------------------------------------------------------------
+# Placement.
+
+
+def which_instance(router: Any, name: str, jid: str) -> dict[str, Any]:
+    """Which member of ``name`` a packet for ``jid`` goes to.
+
+    Asks ``router.placement(name, jid)`` (the core's own choice, so the
+    answer cannot drift from what routing does) and describes the answer.
+    ``member`` is None when nobody serves the name, or when the choice is
+    not fixed (jabberd2 picks a random member for a JID without a node).
+    """
+    answer: dict[str, Any] = {"name": name, "jid": jid, "member": None, "index": None,
+                              "kind": None, "members": []}
+    parsed_name = parse_jid(name) if name else None
+    if parsed_name is None:
+        answer["error"] = f"{name!r} is not a valid name"
+        return answer
+    parsed_jid = parse_jid(jid) if jid else None
+    if parsed_jid is None:
+        answer["error"] = f"{jid!r} is not a valid JID"
+        return answer
+    answer["name"] = parsed_name.domain
+    answer["jid"] = parsed_jid.full
+    route = router.table.routes.get(parsed_name.domain)
+    if route is not None:
+        answer["kind"] = route.kind
+        answer["members"] = [member.label for member in route.members]
+    placement = getattr(router, "placement", None)
+    if placement is None:
+        answer["error"] = "this router cannot tell placement"
+        return answer
+    target = placement(parsed_name.domain, parsed_jid.full)
+    if target is not None:
+        answer["member"] = target.label
+        if route is not None and target in route.members:
+            answer["index"] = route.members.index(target)
+        elif route is None:
+            answer["default_route"] = router.table.default_name
+    elif route is None:
+        answer["error"] = f"nobody serves {parsed_name.domain}"
+    else:
+        answer["note"] = "no fixed member: each packet goes to a random one"
+    return answer
