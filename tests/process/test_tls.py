@@ -1,10 +1,9 @@
 """STARTTLS on the router port (spec 3.5), against both routers."""
 
-import subprocess
-
 import pytest
 
 from tests.support.peer import Peer, header
+from tests.support.tls import make_pemfile
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 
@@ -12,14 +11,7 @@ NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 @pytest.fixture(scope="module")
 def pemfile(tmp_path_factory):
     """A self-signed certificate and its key in one PEM file, as jabberd2 wants."""
-    directory = tmp_path_factory.mktemp("tls")
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
-    pem = directory / "router.pem"
-    pem.write_bytes(cert.read_bytes() + key.read_bytes())
-    return pem
+    return make_pemfile(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -72,11 +72,13 @@ class RouterAddress:
     port: int
     user: str = "jabberd"
     password: str = "secret"
+    pemfile: str = None     # set: sm/c2s use STARTTLS to the router with this certificate
 
     @classmethod
-    def of(cls, router, user="jabberd", password="secret"):
+    def of(cls, router, user="jabberd", password="secret", pemfile=None):
         """From anything with .ip and .port (RouterProcess, RouterFiles)."""
-        return cls(connect_address(router.ip), int(router.port), user, password)
+        return cls(connect_address(router.ip), int(router.port), user, password,
+                   None if pemfile is None else str(pemfile))
 
 
 def _router_xml(router, retry):
@@ -84,10 +86,12 @@ def _router_xml(router, retry):
     return (
         "  <router>\n"
         "    <ip>%s</ip>\n    <port>%d</port>\n"
-        "    <user>%s</user>\n    <pass>%s</pass>\n"
+        "    <user>%s</user>\n    <pass>%s</pass>\n%s"
         "    <retry><init>%d</init><lost>%d</lost><sleep>%d</sleep></retry>\n"
         "  </router>\n") % (escape(router.ip), router.port, escape(router.user),
-                            escape(router.password), init, lost, sleep)
+                            escape(router.password),
+                            "    <pemfile>%s</pemfile>\n" % escape(router.pemfile)
+                            if router.pemfile else "", init, lost, sleep)
 
 
 # Debian's /etc/jabberd2/sm.xml module chains, verbatim minus the comments.
