@@ -68,6 +68,7 @@ class RouterProcess:
         tls_context = self._tls_context()
         self.router = Router(self.config, users, log, make_id,
                              filter_rules=filter_rules, dump=_append_dump)
+        self.router.reconfigure(self.config)        # the message log, as on SIGHUP
         limits = self.config.connects_limit
         self.server = RouterServer(
             self.config, self.router, log, access=self.config.access, tls_context=tls_context,
@@ -174,7 +175,7 @@ class RouterProcess:
             self.log.error(f"{self.config.source} not reloaded, keeping the old settings")
             return
         self.router.reconfigure(config)
-        self.log.notice("reloaded ACLs, aliases, secret, keepalive and clustering policies "
+        self.log.notice("reloaded ACLs, aliases, secret, keepalive, message logging and clustering policies "
                         "(listening address, TLS and limits need a restart)")
 
 

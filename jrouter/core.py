@@ -56,7 +56,7 @@ class Router:
     """All connections and the route table of one router process."""
 
     def __init__(self, config, users, log, make_id, filter_rules=None, randint=None,
-                 dump=None):
+                 dump=None, message_log=None):
         self.config = config
         self.users = users
         self.log = log
@@ -64,6 +64,7 @@ class Router:
         self.filter_rules = filter_rules
         self.randint = randint or (lambda n: _random.randrange(n))
         self.dump = dump                  # dump(path, bytes): the filter's dump files
+        self.message_log = message_log    # msglog.MessageLog when <message_logging> is on
         self.table = RouteTable()
         self.connections = {}             # Connection -> None, in connect order
         self.aliases = {alias.name: alias.target for alias in config.aliases}
@@ -85,6 +86,7 @@ class Router:
         already bound keep their aliases until they unbind."""
         self.config = config
         self.aliases = {alias.name: alias.target for alias in config.aliases}
+        self.message_log = _message_log(config, self.log)
 
     # -- connections -------------------------------------------------------
 
@@ -192,6 +194,8 @@ class Router:
             self._copy_to_log_sinks(element, sender_key)
         members = route.members
         target = members[0] if len(members) == 1 else members[self._pick(route, element, to)]
+        if self.message_log is not None:
+            self.message_log.log_route(element)
         if (sender_key is target.context or sender_key is None) and not target.legacy:
             target.deliver(element.raw)         # the common case, spelled out
         else:
@@ -531,6 +535,15 @@ class WrappedRoute(Element):
 
     def first_child(self):
         return self.payload
+
+
+def _message_log(config, log):
+    """The message log router.xml asks for, or None (spec 7.2)."""
+    if not config.message_logging:
+        return None
+    from .msglog import MessageLog
+
+    return MessageLog(config.message_logging_file, log)
 
 
 def _jid_or_none(text):

@@ -188,3 +188,29 @@ def test_sighup_with_a_broken_router_xml_keeps_everything(router_factory):
     log = router.wait_for_log("keeping the old settings")
     assert f"{router.files.config}:1" in log
     Peer(router.ip, router.port).authenticate().bind("sm").close()
+
+
+def test_message_log_lines(router_factory, router_kind, tmp_path):
+    """<message_logging>: one line per routed message with a body, jabberd2's format, header first."""
+    path = tmp_path / "messages.log"
+    router = router_factory(router_kind, extra=(
+        f"<message_logging><enabled/><file>{path}</file></message_logging>"))
+    sm = Peer(router.ip, router.port).authenticate().bind("example.com")
+    other = Peer(router.ip, router.port).authenticate().bind("other.example.com")
+    sm.drain()
+    other.send("<route to='example.com' from='other.example.com'><message xmlns='jabber:client' "
+               "to='Bob@Example.com/r' from='alice@other.example.com/a'><body>one\ntwo</body>"
+               "</message></route>")
+    other.send("<route to='example.com' from='other.example.com'><message xmlns='jabber:client' "
+               "to='bob@example.com' from='alice@other.example.com/a'/></route>")
+    sm.route(), sm.route()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not path.exists():
+        time.sleep(0.05)
+    lines = path.read_bytes().split(b"\n")
+    assert lines[0] == b"# This message log is created by the jabberd router."
+    assert len([line for line in lines if line and not line.startswith(b"#")]) == 1
+    stamp, sender, receiver, body = lines[3].split(b" ", 3)
+    assert (sender, receiver, body) == (b"alice@other.example.com/a", b"bob@example.com/r",
+                                       b"one\x01two")
+    assert path.stat().st_mode & 0o777 == 0o600
