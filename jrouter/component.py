@@ -25,6 +25,7 @@ import enum
 import hashlib
 import hmac
 
+from .stats import Counters
 from .xmlstream import (STREAM_CLOSE, STREAMS_NS, Element, StreamClose, StreamError,
                         StreamOpen, StreamReader, stream_error, stream_header)
 
@@ -107,7 +108,8 @@ class Connection:
         self._packet_handlers = {State.ONLINE: router.component_packet,
                                  State.LEGACY: router.legacy_packet}
         self.last_activity = 0.0
-        self.packets_in = 0
+        self.connected_at = 0.0      # set by the shell, from its clock
+        self.counters = Counters()
 
     def __repr__(self):
         return f"<Connection {self.ip}:{self.port} {self.state.name}>"
@@ -116,6 +118,7 @@ class Connection:
 
     def receive(self, data):
         """Feed bytes from the peer. Raises ConnectionClosed when done."""
+        self.counters.bytes_in += len(data)
         while data and self.state is not State.CLOSED:
             data = self._receive_once(data)
         if self.closing:
@@ -141,9 +144,11 @@ class Connection:
         """Act on events; after a stream restart stop and return the bytes
         that follow it (maybe b''), else return None."""
         handle_packet = self._packet_handlers.get(self.state)
+        counters = self.counters
         for event in events:
             # The fast path: an authenticated peer's packet.
             if handle_packet is not None and event.__class__ is Element and not self.closing:
+                counters.packets_in += 1
                 handle_packet(self, event)
                 continue
             handler = _HANDLERS[self.state].get(event.__class__)
@@ -174,10 +179,16 @@ class Connection:
 
     def deliver(self, data):
         """Queue a routed packet: held back while the peer throttles us."""
+        counters = self.counters
+        counters.packets_out += 1
         if self.throttle_queue is not None:
+            counters.throttled += 1
             self.throttle_queue.append(data)
-        else:
-            self.send(data)
+            return
+        out = self.out
+        out.append(data)
+        if len(out) == 1:
+            self.on_output()
 
     def data_to_send(self):
         """Everything queued for the peer, as one bytes object."""
@@ -186,6 +197,7 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.counters.bytes_out += len(data)
         return data
 
     def fail(self, condition, text=None):

@@ -29,6 +29,7 @@ from . import balance
 from .component import NS_ACCEPT, NS_COMPONENT, Connection, State
 from .jid import parse_jid
 from .routing import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
+from .stats import Counters, fold
 from .xmlstream import STREAMS_NS, Element, NamespaceContext, quoteattr
 
 NS_CLIENT = "jabber:client"
@@ -67,6 +68,8 @@ class Router:
         self.message_log = message_log    # msglog.MessageLog when <message_logging> is on
         self.table = RouteTable()
         self.connections = {}             # Connection -> None, in connect order
+        self.closed_counters = Counters() # what connections that closed had counted
+        self.started_at = 0.0             # set by the shell, from its clock
         self.aliases = {alias.name: alias.target for alias in config.aliases}
         self.tls_available = False
         self._context_keys = {}
@@ -102,6 +105,7 @@ class Router:
         if connection not in self.connections:
             return
         del self.connections[connection]
+        fold(self.closed_counters, connection.counters)
         self.log.notice(f"{connection.label} disconnect")
         for name in list(connection.names):
             self._drop_name(connection, name)
@@ -143,11 +147,13 @@ class Router:
             handler(connection, element)
         elif element.name == _STREAM_ERROR:
             connection._on_peer_stream_error(element)
-        # Anything else is dropped silently, as jabberd2 does (spec 4.1).
+        else:
+            connection.counters.drops += 1  # silently, as jabberd2 does (spec 4.1)
 
     def _route(self, connection, element):
         attrs = element.attrs
         if "error" in attrs:
+            connection.counters.drops += 1
             return          # loop protection (spec 4.5 step 0)
         kind = attrs.get("type")
         if kind is None:
@@ -159,6 +165,7 @@ class Router:
         elif kind == "broadcast":
             self._broadcast(connection, element)
         else:
+            connection.counters.drops += 1
             self.log.debug(f"unknown route type '{kind}', dropping")
 
     def _unicast(self, sender, element, sender_key, to, from_, origin=None):
@@ -222,6 +229,21 @@ class Router:
         # An invalid address counts as one without a node (jabberd2 crashes).
         return balance.jabberd2_pick(len(route.members), key, self.randint)
 
+    def placement(self, name, jid_text):
+        """Which member of ``name`` a stanza for (or, on a from-hashed
+        route, from) ``jid_text`` goes to now; None when nothing serves the
+        name or the choice would be random (an address without a node)."""
+        route = self.table.routes.get(name)
+        if route is None:
+            return None
+        members = route.members
+        if len(members) == 1:
+            return members[0]
+        key = parse_jid(jid_text)
+        if key is None or not key.node:
+            return None
+        return members[balance.jabberd2_pick(len(members), key, self.randint)]
+
     def _bytes_for(self, target, element, sender_key):
         """The bytes that carry ``element`` to ``target``."""
         if target.legacy:
@@ -237,6 +259,7 @@ class Router:
 
     def _bounce(self, sender, element, code, origin):
         """Send a packet back to its sender with an error (never an error twice)."""
+        sender.counters.bounces += 1
         if origin is not None:
             data = self._stanza_error(element, code)
             if data is not None:
@@ -467,6 +490,7 @@ class Router:
         to = _jid_or_none(attrs.get("to"))
         from_ = _jid_or_none(attrs.get("from"))
         if to is None or from_ is None:
+            connection.counters.drops += 1
             self.log.debug("invalid or missing address on legacy packet, dropping it")
             return
         route = self._wrap(connection, stanza, to.domain, from_.domain)

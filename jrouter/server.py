@@ -72,6 +72,7 @@ class RouterServer:
             listener.listen(1024)
         except OSError as exc:
             raise ListenError(f"[{ip}, port={port}] unable to listen ({exc.strerror})") from None
+        self.router.started_at = self.clock()
         self._server = StreamServer(listener, self._handle, spawn=self._pool)
         self._server.start()
         self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
@@ -106,6 +107,7 @@ class RouterServer:
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = self.router.connect(ip, port)
+        connection.connected_at = self.clock()
         key = id(connection)
         self._sockets[key] = sock
         peer = _Peer(self, sock, connection)
