@@ -357,3 +357,41 @@ def test_cli_endpoint_off_or_unreachable(capsys, tmp_path):
     assert code == 1 and "cannot reach the status endpoint" in err
     code, _, err = run_cli(capsys, "-c", str(tmp_path / "missing.xml"))
     assert code == 1 and "couldn't open" in err
+
+
+def test_endpoint_figures_agree_with_traffic_through_the_real_core():
+    """Over HTTP, /metrics of a real core.Router rises by exactly what the test sent."""
+    from .harness import Network
+
+    net = Network()
+    a = net.component("a.example.com")
+    b = net.component("b.example.com")
+    server = StatusServer(StatusSettings("127.0.0.1", 0), net.router, clock=lambda: 0.0).start()
+    url = f"http://127.0.0.1:{server.address[1]}/metrics"
+    try:
+        def figure(name, peer):
+            got = samples(blocking(http_get, url)[2].decode())
+            return got[(name, frozenset({("connection", peer.connection.label)}))]
+
+        before = {(n, p): figure(n, p) for n in ("jrouter_connection_packets_in_total",
+                                                  "jrouter_connection_bytes_in_total",
+                                                  "jrouter_connection_bounces_total",
+                                                  "jrouter_connection_packets_out_total")
+                  for p in (a, b)}
+        packet = b"<route to='b.example.com' from='a.example.com'><message/></route>"
+        unroutable = b"<route to='nobody.example.com' from='a.example.com'><message/></route>"
+        for _ in range(5):
+            a.send(packet)
+        a.send(unroutable)
+        b.take()
+        a.take()
+
+        def delta(name, peer):
+            return figure(name, peer) - before[(name, peer)]
+
+        assert delta("jrouter_connection_packets_in_total", a) == 6
+        assert delta("jrouter_connection_bytes_in_total", a) == 5 * len(packet) + len(unroutable)
+        assert delta("jrouter_connection_bounces_total", a) == 1
+        assert delta("jrouter_connection_packets_out_total", b) == 5
+    finally:
+        server.stop()
