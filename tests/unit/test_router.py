@@ -531,3 +531,39 @@ def test_pipelined_stream_after_sasl_success_is_read(net):
     peer.send(f"<response xmlns='{NS_SASL}'>{b64.b64encode(answer).decode()}</response>".encode()
               + header() + b"<bind name='sm'/>")
     assert net.logged("[sm] online")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 100000])
+def test_whole_session_is_the_same_at_every_chunk_size(chunk):
+    """A whole component session (SASL, bind, routes, close) fed in any chunk
+    size gives the same replies and deliveries as fed at once."""
+    import base64 as b64
+
+    from jrouter.sasl import DigestMD5Client
+
+    def session(chunk):
+        net = Network()
+        sm = net.component("sm")
+        sm.take()
+        peer = net.peer()
+        # The SASL exchange needs the challenge's nonce: do it with whole
+        # messages, then feed the rest of the session in chunks.
+        peer.send(header())
+        peer.take()
+        peer.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
+        (challenge,) = peer.stanzas()
+        answer = DigestMD5Client("jabberd", "secret", cnonce="fixed").respond(
+            b64.b64decode(challenge.text))
+        script = (f"<response xmlns='{NS_SASL}'>{b64.b64encode(answer).decode()}</response>".encode()
+                  + header() + b"<bind name='c2s'/><bind name='x.example.com' multi='to'/>"
+                  + b"<route to='sm' from='c2s'><iq type='get' id='1'><q xmlns='urn:x'>&amp;</q></iq></route>"
+                  + b"<route to='nowhere' from='c2s'><message/></route><throttle/>"
+                  + b"<route type='broadcast' from='c2s'><presence/></route></stream:stream>")
+        for at in range(0, len(script), chunk):
+            peer.send(script[at:at + chunk])
+        return peer.raw(), sm.raw()
+
+    whole = session(100000)
+    assert session(chunk) == whole
+    assert b"<route to='sm' from='c2s'><iq type='get' id='1'>" in whole[1]
+    assert whole[0].endswith(b"</stream:stream>")
