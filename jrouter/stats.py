@@ -128,7 +128,7 @@ def _connection(conn: Any, now: float) -> dict[str, Any]:
         "throttling": throttle_queue is not None,
         "throttle_queue": len(throttle_queue) if throttle_queue is not None else 0,
         "connected_for": _seconds(now, getattr(conn, "connected_at", None)),
-        "idle_for": _seconds(now, getattr(conn, "last_activity", None) or None),
+        "idle_for": _seconds(now, getattr(conn, "last_activity", None)),
     }
 
 
@@ -148,7 +148,9 @@ def _name(route: Any, table: Any) -> dict[str, Any]:
 
 
 def _seconds(now: float, since: Optional[float]) -> Optional[float]:
-    if not isinstance(since, (int, float)) or isinstance(since, bool):
+    # 0.0 is the core's "the shell has not stamped it" (unit tests, or a
+    # connection accepted a moment ago), never a real reading of the clock.
+    if not isinstance(since, (int, float)) or isinstance(since, bool) or not since:
         return None
     return round(max(0.0, now - since), 3)
 

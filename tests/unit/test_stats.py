@@ -102,7 +102,12 @@ def test_connection_entry():
 def test_connection_without_counters_or_clock_shows_zeros():
     """Before the core attaches counters (or connected_at), the entry still works."""
     a = conn(1, counters=False, user=None, state=State.HEADER)
-    (entry,) = snapshot(FakeRouter(a), 5.0)["connections"]
+    b = conn(2, connected_at=0.0)               # the core's "not stamped yet"
+    router = FakeRouter(a, b)
+    router.started_at = 0.0
+    snap = snapshot(router, 5.0)
+    entry = snap["connections"][0]
+    assert snap["uptime"] is None and snap["connections"][1]["connected_for"] is None
     assert entry["counters"] == dict.fromkeys(FIELDS, 0)
     assert entry["connected_for"] is None and entry["idle_for"] is None
     assert entry["state"] == "HEADER" and entry["names"] == []
