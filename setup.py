@@ -16,6 +16,7 @@ setup(
         "lxml>=4.9,<7",
         "configobj>=5.0.8,<6",
         "docopt-ng>=0.9,<1",
+        "prometheus_client>=0.16,<1",
     ],
     extras_require={
         "test": [
@@ -25,6 +26,9 @@ setup(
             "slixmpp>=1.8.4,<2",
         ],
     },
-    entry_points={"console_scripts": ["jrouter = jrouter.cli:main"]},
+    entry_points={"console_scripts": [
+        "jrouter = jrouter.cli:main",
+        "jrouter-status = jrouter.status_cli:main",
+    ]},
     data_files=[("share/man/man8", ["man/jrouter.8"])],
 )

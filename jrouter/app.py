@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 
 import gevent
 from gevent.event import Event
@@ -19,6 +20,7 @@ from .core import Router
 from .filter import FilterError, load_filter
 from .logs import RouterLog
 from .server import ListenError, RouterServer
+from .status import StatusListenError, StatusServer
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -75,13 +77,25 @@ class RouterProcess:
             connect_limiter=ConnectLimiter(limits) if limits.total > 0 else None)
         try:
             self.server.start()
-        except ListenError as exc:
+            status = self._start_status()
+        except (ListenError, StatusListenError) as exc:
             log.error(str(exc))
             return 1
         self._install_signals()
         self.stopping.wait()
+        if status is not None:
+            status.stop()
         self.server.stop()
         return 0
+
+    def _start_status(self):
+        """The operator's read-only HTTP endpoint, when <status> asks for it."""
+        settings = self.config.status
+        if settings is None or not settings.enabled:
+            return None
+        status = StatusServer(settings, self.router, time.monotonic, self.log)
+        status.start()
+        return status
 
     # -- files ---------------------------------------------------------------
 

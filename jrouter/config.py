@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional
 from lxml import etree
 
 from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
+from jrouter.status import StatusSettings, parse_status
 
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
 DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
@@ -162,6 +163,7 @@ class Config:
     filter_file: str = CONFIG_DIR + "/router-filter.xml"
     message_logging_enabled: bool = False
     message_logging_file: Optional[str] = None
+    status: Optional[StatusSettings] = None  # ours: <status>, the operator's HTTP endpoint
 
     def acl_allows(self, acl_type: Optional[str], username: str) -> bool:
         """``aci_check``: ``username`` is in ACL ``all`` or in ACL ``acl_type`` (exact match)."""
@@ -435,9 +437,19 @@ def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
     return MappingProxyType(acls)
 
 
+def _section(r: _Reader, name: str, parse):
+    """An optional section with a parser of its own (``parse(element, path)
+    -> (value, problems)``); its problems join everyone else's."""
+    found = _children(r.root, name)
+    value, problems = parse(found[0] if found else None, r.path)
+    r.problems.extend(problems)
+    return value
+
+
 def _build(r: _Reader, source: str) -> Config:
     values = {name: r.get(key, getattr(Config, name, None), validate) for name, key, validate in _SETTINGS}
     return Config(
+        status=_section(r, "status", parse_status),
         source=source,
         log=_log(r),
         bytes_limit=_rate(r, "io.limits.bytes"),
