@@ -112,10 +112,14 @@ def compile_wildcard(pattern: str) -> "re.Pattern[bytes]":
     character; ``[...]`` takes ``!`` or ``^`` for negation, ranges,
     ``[:class:]``, ``[.c.]`` and ``[=c=]``; an unterminated ``[`` is literal.
     Patterns glibc can never match (trailing ``\\``, unknown class, a range
-    running off the end) compile to a regex that matches nothing.  So do the
-    few malformed brackets that glibc's matcher and its skipper read in two
-    different ways (a ``[:`` or ``[=`` as a range end), where glibc's answer
-    depends on the text; the property test checks all the rest against libc.
+    running off the end) compile to a regex that matches nothing.
+
+    Known limit: glibc reads the items *after* the one that matched with a
+    second, different scanner; for garbage such as ``[x[=a.]`` or
+    ``[a[:bogus:]]`` the two disagree and glibc's answer depends on the text
+    (``x`` fails, ``a`` matches).  We give the first scanner's reading, or no
+    match at all.  Well-formed patterns are checked against libc by a
+    property test.
     """
     pat = pattern.encode("utf-8")
     out: list[bytes] = []
@@ -195,10 +199,11 @@ def _bracket_item(pat: bytes, i: int) -> tuple[str, bytes, int]:
     if c == b"[" and nxt in (b".", b"="):
         # Collating symbol [.x.] or equivalence class [=x=]: in the C locale
         # only single characters exist, and only [.x.] may bound a range.
-        closing = nxt + b"]"
-        if pat[i + 3:i + 5] != closing:
+        # A malformed [. never matches; a malformed [= is a plain '['.
+        if pat[i + 3:i + 5] == nxt + b"]":
+            return ("char" if nxt == b"." else "equiv"), pat[i + 2:i + 3], i + 5
+        if nxt == b".":
             raise _Never
-        return ("char" if nxt == b"." else "equiv"), pat[i + 2:i + 3], i + 5
     return "char", c, i + 1
 
 

@@ -343,7 +343,7 @@ def libc_fnmatch(pattern: str, text: str) -> bool:
         ("[[:alpha:]]1", "x1"), ("[[:digit:]]", "x"), ("[[:bogus:]]", "b"), ("*.*", ".x"),
         ("[\\]]", "]"), ("[a\\-z]", "-"), ("[a-]", "-"), ("**", ""), ("*", ""),
         ("[!c-a]", "b"), ("[^c-a]x", "bx"), ("[[.a.]-c]", "b"), ("[[=a=]-c]", "b"), ("[[:Alpha:]]", "A"),
-        ("[a-", "[a-"), ("[[", "[["), ("[!a", "[!a"), ("[[.ab.]]", "a"), ("a[aa-[:alpha:]", "aa"),
+        ("[a-", "[a-"), ("[[", "[["), ("[!a", "[!a"), ("[[.ab.]]", "a"), ("a[aa-[:alpha:]", "aa"), ("[[=a.]", "="), ("[[=ab=]]", "a]"),
     ],
 )
 def test_wildcard_examples_match_libc(pattern, text):
@@ -351,11 +351,15 @@ def test_wildcard_examples_match_libc(pattern, text):
     assert bool(compile_wildcard(pattern).match(text.encode())) == libc_fnmatch(pattern, text)
 
 
-_pattern_chars = st.sampled_from(list("abc*?[]!^-\\/.:=") + ["[:alpha:]", "[:digit:]", "[.", "[=", ":]", "@"])
-_text_chars = st.sampled_from(list("abc-]!^\\/.[1@:"))
+# Tokens from which glibc's two bracket scanners cannot disagree: no token
+# starts with ':', '=' or '.', so "[:", "[=" and "[." only come whole.
+_pattern_tokens = st.sampled_from(
+    list("abc*?[]!^-\\/@") + ["x.", "*.", "[[:alpha:]]", "[[:digit:]x]", "[[.a.]]", "[![=b=]]", "[a-[.c.]]"]
+)
+_text_chars = st.sampled_from(list("abc-]!^\\/.[1@:x"))
 
 
-@given(st.lists(_pattern_chars, max_size=8).map("".join), st.lists(_text_chars, max_size=8).map("".join))
+@given(st.lists(_pattern_tokens, max_size=8).map("".join), st.lists(_text_chars, max_size=8).map("".join))
 def test_wildcards_agree_with_libc(pattern, text):
     """For random ASCII patterns and texts, matching equals glibc's fnmatch with flags 0."""
     assert bool(compile_wildcard(pattern).match(text.encode())) == libc_fnmatch(pattern, text)
