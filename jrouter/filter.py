@@ -340,8 +340,13 @@ class Verdict:
     ``action``: ``allow`` (deliver), ``deny`` (bounce the route with
     ``error=error_code``) or ``redirect`` (rewrite the route's ``to`` to ``redirect``
     and deliver).  A ``deny`` may also carry ``redirect``: rewrite the route's
-    ``to`` first, then bounce (spec errata).  ``log_line`` is the notice to log,
-    ``dump`` the file to append the route's XML and a newline to.
+    ``to`` first, then bounce (spec errata).  ``log_line`` is the notice to log.
+    ``dump`` is the file to append to: jabberd2 writes ``nad_print(nad, 1)``,
+    the stanza (the route's first child, with its descendants, not the
+    route), then a newline, before any redirect.  If the file cannot be
+    opened it logs ``filter: cannot open dump file X: "reason", disabling
+    dump for this rule.`` and stops dumping for ``rule_index``; the rules are
+    immutable, so the caller keeps that state.
     """
 
     action: str
