@@ -170,7 +170,7 @@ class RouterProcess:
         log.reopen()        # writes "reopening log ..." and "log started"
         log.notice("reloading filter ...")
         try:
-            self.router.filter_rules = self._load_filter()
+            self.router.set_filter(self._load_filter())
         except FilterError:
             log.error("filter file not reloaded, keeping the old rules")
         log.notice("reloading users ...")

@@ -63,6 +63,7 @@ class Router:
         self.log = log
         self.make_id = make_id
         self.filter_rules = filter_rules
+        self._dumps_off = set()           # rules whose dump file could not be written
         self.randint = randint or (lambda n: _random.randrange(n))
         self.dump = dump                  # dump(path, bytes): the filter's dump files
         self.message_log = message_log    # msglog.MessageLog when <message_logging> is on
@@ -303,8 +304,25 @@ class Router:
             if verdict.log_line:
                 self.log.notice(verdict.log_line)
             if verdict.dump and self.dump is not None:
-                self.dump(verdict.dump, element.raw + b"\n")
+                self._dump(verdict, element)
         return verdict
+
+    def _dump(self, verdict, element):
+        """Append the stanza to the rule's dump file; a file that cannot be
+        written ends dumping for that rule, as jabberd2 does."""
+        if verdict.rule_index in self._dumps_off:
+            return
+        try:
+            self.dump(verdict.dump, element.first_child() + b"\n")
+        except OSError as exc:
+            self.log.notice(f'filter: cannot open dump file {verdict.dump}: "{exc.strerror}", '
+                            "disabling dump for this rule.")
+            self._dumps_off.add(verdict.rule_index)
+
+    def set_filter(self, rules):
+        """New router-filter.xml rules (startup, SIGHUP)."""
+        self.filter_rules = rules
+        self._dumps_off = set()
 
     def _broadcast(self, sender, element):
         """Send a copy to every other authenticated peer (spec 4.6; jabberd2
