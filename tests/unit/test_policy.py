@@ -336,3 +336,28 @@ def test_random_function_is_only_used_for_key_less_packets():
         for policy in (CONSISTENT, SLOTS4, DEFAULT_POLICY):
             place(policy, placement_key(policy, user), (0, 1, 2, 3), (0, 1, 2, 3), no_random)
         place(CONSISTENT, None, (0, 1, 2, 3), (0, 1, 2, 3), rnd.randrange)
+
+
+# ---------------------------------------------------------------------------
+# The remap simulator (scripts/jrouter-remap).
+
+
+def test_remap_simulator_figures():
+    """jrouter-remap runs, its cross-checks pass, and its figures show each algorithm's promise."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "jrouter-remap"
+    out = subprocess.run([sys.executable, str(script), "--jids", "2000", "--max-n", "5", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = {(r["algorithm"], r["n"]): r for r in json.loads(out)["rows"]}
+    assert len(rows) == 3 * 4
+    for n in range(2, 6):
+        for algorithm in ("consistent", "slots"):
+            row = rows[(algorithm, n)]
+            assert row["others_moved"] == 0 and row["not_back_home"] == 0
+            assert row["moved_on_leave"] <= 1 / n + 0.05
+    assert 0.70 <= rows[("jabberd2", 4)]["moved_on_leave"] <= 0.80  # spec: about (N-1)/N
+    assert rows[("jabberd2", 4)]["others_moved"] > 0.4
