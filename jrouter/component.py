@@ -92,6 +92,7 @@ class Connection:
         self.context = None          # key of the namespace context our stream gives the peer
         self.input_key = None        # key of the namespace context of the peer's stream
         self.requested_name = None   # XEP-0114: the header's 'to'
+        self.stream_from = None      # XEP-0114: the header's 'from'
         self.tls_restart_offset = 0
         self._restart_leftover = None  # bytes after the element that restarted the stream
         self.sasl = None
@@ -208,6 +209,15 @@ class Connection:
         self.closing = True
         raise ConnectionClosed(condition)
 
+    def kick(self, condition, text=None):
+        """End the stream from outside its own input (a newer connection of
+        the same instance replaces it): queue the error, wake the writer."""
+        if self.state is not State.CLOSED:
+            self.send(stream_error(condition, text, self.header_sent))
+            self.state = State.CLOSED
+        self.closing = True
+        self.on_output()
+
     def close(self):
         """Close our side of the stream politely (shutdown, peer's close)."""
         if self.state is not State.CLOSED:
@@ -273,6 +283,7 @@ class Connection:
         if to is None:
             self.fail("host-unknown", "no 'to' attribute on stream header")
         self.requested_name = to
+        self.stream_from = header.attrs.get("from")   # the instance's identity, if it gives one
 
     def _on_stream_close(self, _event):
         self.close()

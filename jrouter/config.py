@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional
 from lxml import etree
 
 from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
+from jrouter.policy import PolicyTable, parse_clustering
 from jrouter.status import StatusSettings, parse_status
 
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
@@ -164,6 +165,7 @@ class Config:
     message_logging_enabled: bool = False
     message_logging_file: Optional[str] = None
     status: Optional[StatusSettings] = None  # ours: <status>, the operator's HTTP endpoint
+    clustering: Optional[PolicyTable] = None  # ours: <clustering>, per-name balancing policies
 
     def acl_allows(self, acl_type: Optional[str], username: str) -> bool:
         """``aci_check``: ``username`` is in ACL ``all`` or in ACL ``acl_type`` (exact match)."""
@@ -439,9 +441,12 @@ def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
 
 def _section(r: _Reader, name: str, parse):
     """An optional section with a parser of its own (``parse(element, path)
-    -> (value, problems)``); its problems join everyone else's."""
+    -> (value, problems)``); its problems join everyone else's. None when
+    the section is absent."""
     found = _children(r.root, name)
-    value, problems = parse(found[0] if found else None, r.path)
+    if not found:
+        return None
+    value, problems = parse(found[0], r.path)
     r.problems.extend(problems)
     return value
 
@@ -450,6 +455,7 @@ def _build(r: _Reader, source: str) -> Config:
     values = {name: r.get(key, getattr(Config, name, None), validate) for name, key, validate in _SETTINGS}
     return Config(
         status=_section(r, "status", parse_status),
+        clustering=_section(r, "clustering", parse_clustering),
         source=source,
         log=_log(r),
         bytes_limit=_rate(r, "io.limits.bytes"),

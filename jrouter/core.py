@@ -26,11 +26,14 @@ This module must not know about sockets, gevent or the clock.
 import random as _random
 
 from . import balance
+from .balance import HoldQueue, IqTracker, SlotBusy, SlotsFull
 from .component import NS_ACCEPT, NS_COMPONENT, Connection, State
 from .jid import parse_jid
+from .policy import DEFAULT_POLICY, DELIVER, HOLD, key_attribute, place, placement_key
 from .routing import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
 from .stats import Counters, fold
-from .xmlstream import STREAMS_NS, Element, NamespaceContext, quoteattr
+from .xmlstream import (STREAMS_NS, Element, NamespaceContext, StreamError, StreamReader,
+                        quoteattr, stream_header)
 
 NS_CLIENT = "jabber:client"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -67,7 +70,10 @@ class Router:
         self.randint = randint or (lambda n: _random.randrange(n))
         self.dump = dump                  # dump(path, bytes): the filter's dump files
         self.message_log = message_log    # msglog.MessageLog when <message_logging> is on
-        self.table = RouteTable()
+        self.table = RouteTable(config.clustering)
+        self.holds = HoldQueue()
+        self.iqs = IqTracker()
+        self._tracking_iq = _any_tracking(config.clustering)
         self.connections = {}             # Connection -> None, in connect order
         self.closed_counters = Counters() # what connections that closed had counted
         self.started_at = 0.0             # set by the shell, from its clock
@@ -91,6 +97,10 @@ class Router:
         self.config = config
         self.aliases = {alias.name: alias.target for alias in config.aliases}
         self.message_log = _message_log(config, self.log)
+        # New policies apply to names bound from now on: moving the users of
+        # a name that is already served would break their sessions.
+        self.table.policies = config.clustering
+        self._tracking_iq = _any_tracking(config.clustering)
 
     # -- connections -------------------------------------------------------
 
@@ -101,17 +111,37 @@ class Router:
         self.connections[connection] = None
         return connection
 
-    def disconnect(self, connection):
-        """Forget a peer whose socket is gone (spec 4.10)."""
+    def disconnect(self, connection, now=None):
+        """Forget a peer whose socket is gone (spec 4.10); packets queued for
+        it and not sent go to another member of the name they were for."""
         if connection not in self.connections:
             return
         del self.connections[connection]
         fold(self.closed_counters, connection.counters)
         self.log.notice(f"{connection.label} disconnect")
+        unsent = _unsent_routes(connection)
         for name in list(connection.names):
-            self._drop_name(connection, name)
+            self._drop_name(connection, name, now=now)
         connection.throttle_queue = None
         connection.state = State.CLOSED
+        for element in unsent:
+            self._redeliver(element, connection, now)
+
+    def _redeliver(self, element, dead, now):
+        """Route again a packet a dead member never got (no sender checks:
+        they were made when it first came in)."""
+        to = parse_jid(element.attrs.get("to") or "")
+        route = self.table.routes.get(to.domain) if to is not None else None
+        if route is None or (not route.members and route.slots is None):
+            self.log.notice(f"[{dead.ip}, port={dead.port}] lost a queued packet for "
+                            f"'{element.attrs.get('to')}': nobody serves it now")
+            return
+        # The bytes were written for the dead peer's stream, or wrapped anew.
+        key = None if isinstance(element, WrappedRoute) else dead.context
+        target = self._choose(None, route, element, to, key, None,
+                              dead.last_activity if now is None else now)
+        if target is not None:
+            target.deliver(self._bytes_for(target, element, key))
 
     def shutdown(self):
         """Say goodbye to every peer (spec 1.8)."""
@@ -200,8 +230,16 @@ class Router:
                 return self._bounce(sender, element, "404", origin)
         if table.log_sinks:
             self._copy_to_log_sinks(element, sender_key)
-        members = route.members
-        target = members[0] if len(members) == 1 else members[self._pick(route, element, to)]
+        if self._tracking_iq:
+            self._track_request(sender, element, from_)
+        if route.policy is DEFAULT_POLICY:      # jabberd2, bit for bit
+            members = route.members
+            target = members[0] if len(members) == 1 else members[self._pick(route, element, to)]
+        else:
+            target = self._choose(sender, route, element, to, sender_key, origin,
+                                  sender.last_activity)
+            if target is None:
+                return
         if self.message_log is not None:
             self.message_log.log_route(element)
         if (sender_key is target.context or sender_key is None) and not target.legacy:
@@ -230,20 +268,105 @@ class Router:
         # An invalid address counts as one without a node (jabberd2 crashes).
         return balance.jabberd2_pick(len(route.members), key, self.randint)
 
+    def _choose(self, sender, route, element, route_to, sender_key, origin, now):
+        """The member a packet goes to under the name's clustering policy,
+        or None when the policy holds or bounces it (done here)."""
+        policy = route.policy
+        child = element.child_attrs or {}
+        if policy.track_iq:
+            waiting = self._tracked_reply(route, element, child, now)
+            if waiting is not None:
+                return waiting
+        choice = place(policy, placement_key(policy, self._key_address(route, child, route_to)),
+                       *self._slots_of(route), self.randint)
+        if choice.action == DELIVER:
+            if route.slots is None:
+                return route.members[choice.slot]
+            return route.by_slot[choice.slot]
+        if choice.action == HOLD:
+            held = (sender, element, sender_key, origin)
+            for packet in self.holds.hold(route.name, choice.slot, held, now):
+                self._bounce_held(packet)
+            return None
+        if sender is not None:
+            self._bounce(sender, element, "503", origin)
+        return None
+
+    @staticmethod
+    def _slots_of(route):
+        """(live, known) as place() wants them."""
+        if route.slots is None:
+            indices = range(len(route.members))
+            return indices, indices
+        return route.slots.live(), route.slots.known()
+
+    @staticmethod
+    def _key_address(route, child, route_to):
+        attribute = key_attribute(route.policy, route.kind == MULTI_FROM)
+        address = child.get(attribute)
+        if address is None and attribute == "to":
+            address = child.get("target")       # c2s -> sm session starts
+        if address is None and route_to is not None:
+            address = route_to.full
+        return address
+
+    def _release_held(self, route, slot, connection):
+        """An instance took its slot back: what was held for it is delivered."""
+        for sender, element, sender_key, origin in self.holds.release(route.name, slot):
+            connection.deliver(self._bytes_for(connection, element, sender_key))
+
+    def _bounce_held(self, packet):
+        sender, element, sender_key, origin = packet
+        if sender is not None and sender in self.connections:
+            self._bounce(sender, element, "503", origin)
+
+    def expire(self, now):
+        """Timers: bounce what a dead slot held too long; forget old IQs."""
+        for name, slot, packets in self.holds.expired(now):
+            self.log.notice(f"[{name}] slot {slot} did not come back in time: "
+                            f"bouncing {len(packets)} held packets")
+            for packet in packets:
+                self._bounce_held(packet)
+        self.iqs.expire(now)
+
+    # -- IQ tracking (policy track-iq) -----------------------------------------
+
+    def _track_request(self, sender, element, from_):
+        """Remember which member of a tracked cluster sent an IQ request."""
+        if element.child_name is None or not element.child_name.endswith(" iq"):
+            return
+        child = element.child_attrs
+        if child.get("type") not in ("get", "set") or child.get("id") is None:
+            return
+        route = self.table.routes.get(from_.domain)
+        if route is None or not route.policy.track_iq or len(route.members) < 2:
+            return
+        self.iqs.remember(child["id"], _full(child.get("from")), _full(child.get("to")),
+                          sender, sender.last_activity)
+
+    def _tracked_reply(self, route, element, child, now):
+        if element.child_name is None or not element.child_name.endswith(" iq") \
+                or child.get("type") not in ("result", "error") or child.get("id") is None:
+            return None
+        member = self.iqs.take(child["id"], _full(child.get("to")), _full(child.get("from")), now)
+        return member if member is not None and member in route.members else None
+
     def placement(self, name, jid_text):
         """Which member of ``name`` a stanza for (or, on a from-hashed
         route, from) ``jid_text`` goes to now; None when nothing serves the
         name or the choice would be random (an address without a node)."""
         route = self.table.routes.get(name)
-        if route is None:
+        if route is None or not route.members:
             return None
-        members = route.members
-        if len(members) == 1:
-            return members[0]
-        key = parse_jid(jid_text)
-        if key is None or not key.node:
+        if len(route.members) == 1 and route.slots is None:
+            return route.members[0]
+        key = placement_key(route.policy, jid_text)
+        if key is None:
             return None
-        return members[balance.jabberd2_pick(len(members), key, self.randint)]
+        choice = place(route.policy, key, *self._slots_of(route), self.randint)
+        if choice.action != DELIVER:
+            return None
+        return route.members[choice.slot] if route.slots is None else route.by_slot[choice.slot]
 
     def _bytes_for(self, target, element, sender_key):
         """The bytes that carry ``element`` to ``target``."""
@@ -370,7 +493,7 @@ class Router:
                             "is not permitted to bind other names")
             return self._reply(connection, request, "403")
         multi = request.get("multi") is not None
-        if name in self.table and not multi:
+        if name in self.table and not multi and not self._replace_instance(name, connection):
             self.log.notice(f"{label} tried to bind '{name}', but it's already bound")
             return self._reply(connection, request, "409")
         if name in self.aliases:
@@ -393,40 +516,106 @@ class Router:
             self.log.notice(f"{label} tried to bind '{name}' as a log sink, but their "
                             f"username ({user}) is not permitted to do this")
             return self._reply(connection, request, "403")
+        kind = MULTI_TO if multi else SINGLE
+        joined = self._join(connection, name, kind)
+        if joined is None:
+            return self._reply(connection, request, "409")
         if wants_default:
             self.table.default_name = name
             self.log.notice(f"[{name}] set as default route")
         if wants_log:
             self.table.log_sinks[name] = connection
             self.log.notice(f"[{name}] set as log sink")
-        kind = MULTI_TO if multi else SINGLE
-        self._add_member(connection, name, kind)
+        self._online(connection, *joined)
         self._reply(connection, request, None)
         self._advertise(name, connection, available=True)
         self._advertise_reverse(connection)
         self._bind_aliases(connection, name, kind)
 
-    def _add_member(self, connection, name, kind, alias_of=None):
-        route, mixed = self.table.add(name, connection, kind, alias_of)
+    def _join(self, connection, name, kind, alias_of=None):
+        """Make ``connection`` a member of ``name``; returns (route, slot),
+        or None when a slot policy has no slot left for it."""
+        identity = self._identity(connection)
+        try:
+            route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity)
+        except SlotBusy as busy:
+            route = self.table.routes[name]
+            old = route.by_slot.get(busy.slot)
+            if route.policy.replace == "half-open" and old is not None:
+                # The same instance is back: its old connection is half-open.
+                self.log.notice(f"[{name}] {connection.label} replaces {old.label} "
+                                f"(instance '{busy.identity}')")
+                old.kick("conflict", "replaced by a new connection of the same instance")
+                self.disconnect(old, connection.last_activity)
+                identity_now = identity
+            else:
+                identity_now = None        # an extra member, as jabberd2 allows
+            try:
+                route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity_now)
+            except SlotsFull:
+                return self._refuse_full(connection, name)
+        except SlotsFull:
+            return self._refuse_full(connection, name)
         if mixed:
             self.log.error(f"Mixed route types for '{name}' bind request")
-        connection.names[name] = None
-        count = len(route.members)
+        connection.names[name] = kind
+        if slot is not None:
+            self._release_held(route, slot, connection)
+        return route, slot
+
+    def _replace_instance(self, name, connection):
+        """A cluster instance reconnects while its old connection still holds
+        its own name (an sm's <id>): under replace='half-open' the old
+        connection is ended and the name is free again."""
+        holder = self.table.routes[name].members[0]
+        if holder is connection or holder.user != connection.user or self._identity(holder) != name:
+            return False
+        if not any(holder in route.members and route.policy.replace == "half-open"
+                   for route in self.table.served()):
+            return False
+        self.log.notice(f"[{name}] {connection.label} replaces {holder.label} (instance '{name}')")
+        holder.kick("conflict", "replaced by a new connection of the same instance")
+        self.disconnect(holder, connection.last_activity)
+        return True
+
+    def _refuse_full(self, connection, name):
+        self.log.notice(f"{connection.label} tried to bind '{name}', but all its slots are taken")
+        return None
+
+    def _online(self, connection, route, slot, alias_of=None):
         where = f"bound to {connection.ip}, port {connection.port}"
+        name = route.name
+        count = len(route.members)
         if alias_of is not None:
             self.log.notice(f"[{name}] online (alias of '{alias_of}', {where})")
+        elif slot is not None:
+            self.log.notice(f"[{name}]:{count} online ({where}, slot {slot})")
         elif count > 1:
             self.log.notice(f"[{name}]:{count} online ({where})")
         else:
             self.log.notice(f"[{name}] online ({where})")
+
+    @staticmethod
+    def _identity(connection):
+        """Who a member is across reconnections: an XEP-0114 component's
+        header 'from', else the first name it bound without multi (an sm's
+        <id>); None when it does not say."""
+        if connection.legacy:
+            return connection.stream_from
+        for name, kind in connection.names.items():
+            if kind == SINGLE:
+                return name
+        return None
 
     def _bind_aliases(self, connection, name, kind):
         """Aliases of a bound name become routes to the same peer (spec 4.11;
         jabberd2 gets this wrong for jabberd2-protocol components)."""
         for alias, target in self.aliases.items():
             if target == name and alias not in connection.names:
-                self._add_member(connection, alias, kind, alias_of=name)
-                self._advertise(alias, connection, available=True)
+                joined = self._join(connection, alias, kind, alias_of=name)
+                if joined is not None:
+                    self._online(connection, *joined, alias_of=name)
+                    self._advertise(alias, connection, available=True)
 
     def _unbind(self, connection, element):
         request = element.tree()
@@ -443,11 +632,15 @@ class Router:
             if target == name and alias in connection.names:
                 self._drop_name(connection, alias)
 
-    def _drop_name(self, connection, name, reply=None):
+    def _drop_name(self, connection, name, reply=None, now=None):
         table = self.table
         if table.log_sinks.get(name) is connection:
             del table.log_sinks[name]
-        remaining = table.remove(name, connection)
+        route = table.routes.get(name)
+        remaining, slot = table.remove(name, connection)
+        if slot is not None and route.policy.dead == "hold":
+            self.holds.down(name, slot, connection.last_activity if now is None else now,
+                            route.policy.hold_seconds)
         connection.names.pop(name, None)
         if table.default_name == name:
             table.default_name = None
@@ -482,7 +675,7 @@ class Router:
     def _advertise_reverse(self, connection):
         """Tell a binder about every name it does not serve itself."""
         parts = [f"<presence xmlns='{NS_COMPONENT}' from={quoteattr(route.name)}/>"
-                 for route in self.table.routes.values() if connection not in route.members]
+                 for route in self.table.served() if connection not in route.members]
         if parts:
             connection.send("".join(parts).encode())
 
@@ -496,7 +689,10 @@ class Router:
             else requested.lower()
         if name in self.aliases:
             connection.fail("host-unknown", "requested name is aliased")
-        self._add_member(connection, name, MULTI_FROM)
+        joined = self._join(connection, name, MULTI_FROM)
+        if joined is None:
+            connection.fail("conflict", f"all slots of '{name}' are taken")
+        self._online(connection, *joined)
         self._advertise(name, connection, available=True)
         self._bind_aliases(connection, name, MULTI_FROM)
 
@@ -577,6 +773,67 @@ class WrappedRoute(Element):
 
     def first_child(self):
         return self.payload
+
+
+def _any_tracking(policies):
+    return policies is not None and any(p.track_iq for p in policies.policies())
+
+
+def _full(address):
+    """An address as IQ tracking compares it: the prepped full JID."""
+    jid = None if address is None else parse_jid(address)
+    return jid.full if jid is not None else (address or "")
+
+
+def _unsent_routes(connection):
+    """The routed packets still queued for a connection that is going away,
+    taken out of its queues as route elements (an XEP-0114 peer's stanzas
+    wrapped again); what is not a routed packet (a goodbye) stays queued."""
+    if not connection.names:
+        return []
+    kept, routes = [], []
+    for data in connection.out:
+        route = _reroutable(connection, data)
+        if route is None:
+            kept.append(data)
+        else:
+            routes.append(route)
+    for data in connection.throttle_queue or ():
+        route = _reroutable(connection, data)
+        if route is not None:
+            routes.append(route)
+    connection.out[:] = kept
+    return routes
+
+
+def _reroutable(connection, data):
+    """``data`` (one queued packet) as a route to one of the connection's
+    names, or None."""
+    reader = StreamReader()
+    reader.feed(stream_header(connection.default_ns, declaration=False))
+    try:
+        events = reader.feed(data)
+    except StreamError:
+        return None
+    if len(events) != 1 or not isinstance(events[0], Element):
+        return None
+    event = events[0]
+    if not connection.legacy:
+        if event.name == _ROUTE and "type" not in event.attrs \
+                and _domain(event.attrs.get("to")) in connection.names:
+            return event
+        return None
+    to, from_ = _domain(event.attrs.get("to")), _domain(event.attrs.get("from"))
+    if to not in connection.names or from_ is None:
+        return None
+    head = (f"<route xmlns='{NS_COMPONENT}' to={quoteattr(to)} "
+            f"from={quoteattr(from_)}>").encode()
+    return WrappedRoute(head, event.raw, {"to": to, "from": from_}, event.name, event.attrs)
+
+
+def _domain(address):
+    jid = None if address is None else parse_jid(address)
+    return None if jid is None else jid.domain
 
 
 def _message_log(config, log):

@@ -76,14 +76,20 @@ class RouterServer:
         self._server = StreamServer(listener, self._handle, spawn=self._pool)
         self._server.start()
         self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
-        if self.config.check_interval > 0:
-            self._timer = gevent.spawn(self._time_checks)
+        self._timer = gevent.spawn(self._time_checks)
 
     def _time_checks(self):
+        """jabberd2's checks every <check><interval> (keepalive), and every
+        second the clustering timers (held packets, IQ tracking)."""
         interval = self.config.check_interval
+        next_check = self.clock()
         while True:
-            self.router.tick(self.clock())
-            gevent.sleep(interval)
+            now = self.clock()
+            if interval > 0 and now >= next_check:
+                self.router.tick(now)
+                next_check = now + interval
+            self.router.expire(now)
+            gevent.sleep(1.0)
 
     def stop(self):
         """Graceful shutdown, bounded in time (jabberd2 can wait forever)."""
@@ -115,7 +121,7 @@ class RouterServer:
             peer.run()
         finally:
             self._sockets.pop(key, None)
-            self.router.disconnect(connection)
+            self.router.disconnect(connection, self.clock())
             peer.finish()
 
 

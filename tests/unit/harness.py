@@ -78,9 +78,9 @@ class Network:
         peer.take()
         return peer
 
-    def legacy(self, name, secret="secret"):
+    def legacy(self, name, secret="secret", instance=None):
         peer = self.peer()
-        peer.handshake(name, secret)
+        peer.handshake(name, secret, instance)
         peer.take()
         return peer
 
@@ -156,10 +156,10 @@ class Peer:
         multi_attr = f" multi='{multi}'" if multi is not None else ""
         self.send(f"<bind name='{name}'{multi_attr}>{children}</bind>")
 
-    def handshake(self, name, secret="secret"):
+    def handshake(self, name, secret="secret", instance=None):
         import hashlib
 
-        self.send(header(NS_ACCEPT, version=False, to=name))
+        self.send(header(NS_ACCEPT, version=False, to=name, from_=instance))
         self.take()
         digest = hashlib.sha1((self.stream_id + secret).encode()).hexdigest()
         self.send(f"<handshake>{digest}</handshake>")
