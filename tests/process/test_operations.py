@@ -215,3 +215,33 @@ def test_message_log_lines(router_factory, router_kind, tmp_path):
     assert (sender, receiver, body) == (b"alice@other.example.com/a", b"bob@example.com/r",
                                        b"one\x01two")
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_unreadable_users_file_at_start_serves_with_no_users(router_factory, router_kind):
+    """A missing users file is logged; the router serves, and no component can log in."""
+    router = router_factory(router_kind, start=False)
+    router.files.users_file.unlink()
+    router.start()
+    assert "couldn't open user table file" in router.wait_for_log("couldn't open user table file")
+    with pytest.raises(AssertionError, match="SASL failed"):
+        Peer(router.ip, router.port).authenticate()
+
+
+def test_a_flooding_peer_does_not_slow_the_others(router_factory):
+    """While one peer is held back by <bytes>, another peer's packets still flow at once."""
+    router = router_factory("jrouter", extra=(
+        "<io><limits><bytes seconds='1' throttle='3'>2000</bytes></limits></io>"))
+    sm = Peer(router.ip, router.port).authenticate().bind("sm")
+    flood = Peer(router.ip, router.port).authenticate().bind("flood")
+    calm = Peer(router.ip, router.port).authenticate().bind("calm")
+    sm.drain()
+    flood.send("".join(f"<route to='sm' from='flood'><message id='f{n}'><body>{'x' * 500}</body>"
+                       f"</message></route>" for n in range(40)))
+    router.wait_for_log("is being byte rate limited")
+    started = time.monotonic()
+    calm.send("<route to='sm' from='calm'><message id='calm'/></route>")
+    while True:
+        got = sm.route(timeout=5)
+        if got[0].get("id") == "calm":
+            break
+    assert time.monotonic() - started < 1.0
