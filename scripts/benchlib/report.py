@@ -198,6 +198,8 @@ def ratios(runs: List[Dict[str, Any]], protocols: Sequence[str], a: str,
         if not pairs:
             continue
         for label, path, _ in METRICS:
+            if label == "router CPU s":  # same message count: same ratio as us/stanza
+                continue
             values = [get(x, path) / get(y, path) for x, y in pairs if get(y, path)]
             if values:
                 out.append({"protocol": proto, "metric": label, "rounds": len(values),
