@@ -102,6 +102,9 @@ async def _serve(domain, copy_id, host, port, secret, log_path):
 def main(argv):
     """Run one transport copy until its stream ends; exit 0."""
     domain, copy_id, host, port, secret, log_path = argv
+    if os.environ.get("COMPONENT_DEBUG"):  # slixmpp's wire log on stderr (COPY.N.stderr)
+        import logging
+        logging.basicConfig(level=logging.DEBUG)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # a crash, as far as the router sees
     asyncio.run(_serve(domain, copy_id, host, port, secret, log_path))
     return 0
@@ -227,6 +230,12 @@ class MucCopy(ManagedProcess):
                          log_path=directory / "logs" / "mu-conference.log")
         self.copy_id = copy_id
         self.name_served = name
+
+    def stop(self, timeout=5.0):
+        """SIGKILL: a copy keeps no state worth a goodbye, and mu-conference's
+        own shutdown waits ~2 s for its delivery thread."""
+        self.send_signal(signal.SIGKILL)
+        return super().stop(timeout)
 
     def start(self, timeout=10.0, connected=None):
         """Spawn; wait until `connected()` (the router's view) or the log says so."""
