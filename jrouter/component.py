@@ -91,6 +91,8 @@ class Connection:
         self.default_ns = None
         self.context = None          # key of the namespace context our stream gives the peer
         self.input_key = None        # key of the namespace context of the peer's stream
+        self.plain_key = None        # the same without prefixes beyond xmlns:stream
+        self.extra_prefixes = ()     # b"p:" for each of those prefixes
         self.requested_name = None   # XEP-0114: the header's 'to'
         self.stream_from = None      # XEP-0114: the header's 'from'
         self.tls_restart_offset = 0
@@ -246,6 +248,12 @@ class Connection:
         self.header_sent = True
         self.context = self.router.output_context(header.default_ns)
         self.input_key = self.router.context_key(header.default_ns, header.prefixes)
+        # Real jabberd2 components declare more on their header (xmlns:ack);
+        # a packet that uses none of those means what it would on a plain stream.
+        self.plain_key = self.router.output_context(header.default_ns)
+        self.extra_prefixes = tuple(
+            f"{prefix}:".encode() for prefix, uri in header.prefixes.items()
+            if (prefix, uri) != ("stream", STREAMS_NS))
         if self.user is not None:
             self._open_authenticated(header, version)
             return

@@ -190,7 +190,7 @@ class Router:
         if kind is None:
             to = attrs.get("to")
             from_ = attrs.get("from")
-            self._unicast(connection, element, connection.input_key,
+            self._unicast(connection, element, _sender_key(connection, element.raw),
                           None if to is None else parse_jid(to),
                           None if from_ is None else parse_jid(from_))
         elif kind == "broadcast":
@@ -457,7 +457,7 @@ class Router:
             self.log.notice(f"{sender.label} tried to send a packet from '{from_.domain}', "
                             "but that name is not bound to this component")
             return self._bounce(sender, element, "401", None)
-        sender_key = sender.input_key
+        sender_key = _sender_key(sender, element.raw)
         for target in self.connections:
             if target is not sender and target.state in _AUTHENTICATED:
                 target.deliver(self._bytes_for(target, element, sender_key))
@@ -714,7 +714,7 @@ class Router:
         """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
         raw = stanza.raw
         cut, tag_end = stanza._start_tag()
-        if (connection.input_key is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
+        if (_sender_key(connection, raw) is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
                 and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
             # Unprefixed, no declaration of its own: it inherited the stream's
             # jabber:component:accept, and so did any child that declares nothing.
@@ -773,6 +773,18 @@ class WrappedRoute(Element):
 
     def first_child(self):
         return self.payload
+
+
+def _sender_key(connection, raw):
+    """The namespace context a sender's raw packet needs: the plain one
+    unless it uses a prefix its stream header declared beyond xmlns:stream
+    (a cheap byte search; a false alarm only costs a re-serialisation)."""
+    extra = connection.extra_prefixes
+    if extra:
+        for prefix in extra:
+            if prefix in raw:
+                return connection.input_key
+    return connection.plain_key
 
 
 def _any_tracking(policies):

@@ -301,12 +301,6 @@ def test_gateway_slots_hold_until_restart(router_factory, router_kind, jabberd2_
     run(scenario(), timeout=90)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jrouter bounces a route to a jabberd2 component with the sender stream's namespace "
-    "declarations on it (xmlns:ack='http://www.xmpp.org/extensions/xep-0198.html#ns', "
-    "xmlns:stream); jabberd2's sm then builds the user's <error/> in the XEP-0198 "
-    "namespace instead of jabber:client, so clients find no error condition. The C router "
-    "writes <route xmlns='NS_C' error='…' …> only."))
 @pytest.mark.parametrize("router_kind", ["jrouter"])
 def test_gateway_slots_bounce_while_down(router_factory, router_kind, jabberd2_stack_factory,
                                          transport):

@@ -567,3 +567,37 @@ def test_whole_session_is_the_same_at_every_chunk_size(chunk):
     assert session(chunk) == whole
     assert b"<route to='sm' from='c2s'><iq type='get' id='1'>" in whole[1]
     assert whole[0].endswith(b"</stream:stream>")
+
+
+def test_extra_header_prefixes_keep_raw_forwarding_unless_used():
+    """A sender whose header declares xmlns:ack (as jabberd2's sm and c2s do) still
+    has its packets forwarded byte for byte; a packet using that prefix is rebuilt
+    with the declaration it needs."""
+    import base64 as b64
+
+    from jrouter.sasl import DigestMD5Client
+
+    ack = "http://www.xmpp.org/extensions/xep-0198.html#ns"
+    opening = (f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAMS}' xmlns:ack='{ack}' "
+               f"xmlns='{NS_C}' version='1.0'>")
+    net = Network()
+    target = net.component("sm")
+    target.take()
+    peer = net.peer()
+    peer.send(opening)
+    peer.take()
+    peer.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
+    (challenge,) = peer.stanzas()
+    answer = DigestMD5Client("jabberd", "secret").respond(b64.b64decode(challenge.text))
+    peer.send(f"<response xmlns='{NS_SASL}'>{b64.b64encode(answer).decode()}</response>")
+    peer.take()
+    peer.restart_reader()
+    peer.send(opening + "<bind name='c2s'/>")
+    peer.take()
+    target.take()
+    plain = "<route to='sm' from='c2s'><message xmlns='jabber:client' to='a@sm'/></route>"
+    peer.send(plain)
+    assert target.raw() == plain.encode()
+    peer.send("<route to='sm' from='c2s'><ack:r/></route>")
+    (rebuilt,) = target.stanzas()
+    assert rebuilt[0].tag == "{%s}r" % ack
