@@ -13,12 +13,13 @@ for its slot policies (policy.py).  The transport writes one line per event
 to its log, flushed at once, so a test can read what each copy served:
 
     copy2 connected as gw.example.test
-    copy2 served alice@example.test/home body=where r1
+    copy2 served alice@example.test/home body=where home
     copy2 disconnected
 
-Run as a program (what TransportCopy does)::
+Run as a program (what TransportCopy does), the XEP-0114 secret in the
+environment so that it shows in no command line::
 
-    python -m tests.support.components DOMAIN COPY_ID HOST PORT SECRET LOGFILE
+    COMPONENT_SECRET=secret python -m tests.support.components DOMAIN COPY_ID HOST PORT LOGFILE
 """
 
 import asyncio
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from .ports import connect_address
 from .process import ManagedProcess
 from .routers import REPO_ROOT
 
@@ -101,7 +103,8 @@ async def _serve(domain, copy_id, host, port, secret, log_path):
 
 def main(argv):
     """Run one transport copy until its stream ends; exit 0."""
-    domain, copy_id, host, port, secret, log_path = argv
+    domain, copy_id, host, port, log_path = argv
+    secret = os.environ["COMPONENT_SECRET"]
     if os.environ.get("COMPONENT_DEBUG"):  # slixmpp's wire log on stderr (COPY.N.stderr)
         import logging
         logging.basicConfig(level=logging.DEBUG)
@@ -125,7 +128,7 @@ class TransportCopy:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.domain, self.copy_id, self.secret = domain, copy_id, secret
-        self.host, self.port = router.ip, router.port
+        self.host, self.port = connect_address(router.ip), router.port
         self.runs = []  # ManagedProcess per start, oldest first
 
     @property
@@ -141,9 +144,10 @@ class TransportCopy:
         n = len(self.runs) + 1
         log = self.directory / ("%s.%d.log" % (self.copy_id, n))
         argv = [sys.executable, "-m", "tests.support.components", self.domain, self.copy_id,
-                self.host, str(self.port), self.secret, str(log)]
+                self.host, str(self.port), str(log)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COMPONENT_SECRET=self.secret)
         run = ManagedProcess("%s.%d" % (self.copy_id, n), argv, self.directory, cwd=REPO_ROOT,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1"), log_path=log)
+                             env=env, log_path=log)
         self.runs.append(run.spawn())
         try:
             run.wait_for_log("%s connected" % self.copy_id, timeout)
@@ -219,11 +223,14 @@ class MucCopy(ManagedProcess):
     """
 
     def __init__(self, directory, name, copy_id, router, secret="secret"):
+        if not os.access(MU_CONFERENCE, os.X_OK):
+            raise FileNotFoundError("%s is missing: install Debian's jabber-muc (scripts/bootstrap)"
+                                    % MU_CONFERENCE)
         directory = Path(directory) / copy_id
         for sub in ("spool", "logs"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         config = write_muc_config(
-            directory / "muc.xml", name=name, host=router.ip, port=router.port,
+            directory / "muc.xml", name=name, host=connect_address(router.ip), port=router.port,
             secret=secret, spool=directory / "spool", logdir=directory / "logs",
             pidfile=directory / "muc.pid")
         super().__init__("muc-" + copy_id, [MU_CONFERENCE, "-c", str(config)], directory,
@@ -238,11 +245,14 @@ class MucCopy(ManagedProcess):
         return super().stop(timeout)
 
     def start(self, timeout=10.0, connected=None):
-        """Spawn; wait until `connected()` (the router's view) or the log says so."""
+        """Spawn; wait (bounded) until `connected()` (e.g. the router log's view),
+        else until mu-conference logs that the router accepted its handshake."""
         self.spawn()
         try:
             if connected is not None:
                 self.wait_for(connected, timeout, "connected to the router")
+            else:
+                self.wait_for_log("<handshake> received", timeout)
         except BaseException:
             self.stop()
             raise
