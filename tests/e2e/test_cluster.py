@@ -18,8 +18,11 @@ are also attached to each test's report (`record_property`).
 """
 
 import asyncio
+import json
 import re
+import signal
 import ssl
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -27,6 +30,7 @@ import slixmpp.xmlstream.xmlstream
 
 from jrouter.balance import jabberd2_index
 from tests.support.components import MucCopy, TransportCopy
+from tests.support.ports import free_port
 from tests.support.xmpp import Clients, run
 
 try:  # failure reports then show the copies' logs, like the routers' and jabberd2's
@@ -182,16 +186,22 @@ class Measurement:
                     self.stayers_moved_on_rejoin, self.not_home_after_rejoin))
 
 
-def measure(router, stack, copies):
-    """300 users map to copies; the leaver is killed, they map again; it restarts, again."""
+def measure(router, stack, copies, check=lambda placed: None):
+    """300 users map to copies; the leaver is killed, they map again; it restarts, again.
+
+    `check(placed)` is called with each map while it holds.
+    """
     async def scenario():
         async with Clients(stack.c2s_ip, stack.c2s_port) as clients:
             users = await log_in_all(clients, USERS)
             home = await where(users, "home")
+            check(home)
             kill_member(router, copies[LEAVER])
             leave = await where(users, "leave")
+            check(leave)
             copies[LEAVER].start()
             rejoin = await where(users, "rejoin")
+            check(rejoin)
             return Measurement(home, leave, rejoin)
     m = run(scenario(), timeout=90)
     # What the users were told is what each copy logged it served.
@@ -226,13 +236,32 @@ def test_gateway_jabberd2_placement(router_factory, router_kind, jabberd2_stack_
     assert m.stayers_moved_on_leave > 0.3  # the weakness measured (spec/clustering.md §1)
 
 
+def status_agrees(router, status_port):
+    """check(placed) for measure(): jrouter's /placement names, for every 5th user,
+    the connection of the copy that served it (copies start copy1, copy2, copy3,
+    then copy2 again, so the router log's bind order tells each copy's port)."""
+    def check(placed):
+        ports = bind_order(router, GW)
+        copy_of = dict(zip(ports, list(COPIES) + [LEAVER]))
+        for user in USERS[::5]:
+            with urllib.request.urlopen("http://127.0.0.1:%d/placement?name=%s&jid=%s" % (
+                    status_port, GW, user), timeout=5) as reply:
+                member = json.loads(reply.read())["member"]
+            port = int(re.fullmatch(r"\[[^,]+, port=(\d+)\]", member).group(1))
+            assert copy_of[port] == placed[user], (user, member)
+    return check
+
+
 @pytest.mark.parametrize("router_kind", ["jrouter"])
 def test_gateway_consistent(router_factory, router_kind, jabberd2_stack_factory, transport,
                             record_property):
-    """algorithm='consistent': on leave only the leaver's users move, spread over both survivors; on rejoin everyone is back home."""
-    router = router_factory(router_kind, extra=clustering(GW, algorithm="consistent"))
+    """algorithm='consistent': on leave only the leaver's users move, spread over both survivors; on rejoin everyone is back home; /placement says so too."""
+    status_port = free_port()
+    router = router_factory(router_kind, extra=[
+        clustering(GW, algorithm="consistent"),
+        "<status><ip>127.0.0.1</ip><port>%d</port></status>" % status_port])
     stack = jabberd2_stack_factory(router)
-    m = measure(router, stack, transport(router))
+    m = measure(router, stack, transport(router), check=status_agrees(router, status_port))
     report(record_property, "consistent, jrouter", m)
 
     assert set(m.home.values()) == set(COPIES)
@@ -539,3 +568,31 @@ def test_muc_rooms_split_by_jabberd2_placement(router_factory, router_kind, jabb
     hosts = muc_hosts(copies)
     for room in ROOMS:
         assert hosts[room_jid(room)] == copy_of
+
+
+@pytest.mark.parametrize("router_kind", ["jrouter"])
+def test_gateway_hung_copy_replaced(router_factory, router_kind, jabberd2_stack_factory,
+                                    transport):
+    """replace='half-open': a watchdog starts a new copy2 while the hung old one still holds its connection; the new one takes its slot and its users."""
+    router = router_factory(router_kind, extra=clustering(
+        GW, algorithm="consistent", replace="half-open"))
+    stack = jabberd2_stack_factory(router)
+    copies = transport(router)
+
+    async def scenario():
+        async with Clients(stack.c2s_ip, stack.c2s_port) as clients:
+            users = await log_in_all(clients, USERS[:60])
+            home = await where(users, "home")
+            hung = copies[LEAVER].process
+            hung.send_signal(signal.SIGSTOP)  # hung: its socket stays open
+            try:
+                copies[LEAVER].start()
+                assert await where(users, "after") == home
+            finally:
+                hung.send_signal(signal.SIGCONT)
+            # Woken up, the old copy finds its stream closed by the router.
+            hung.wait_for_log("%s disconnected" % LEAVER, 10.0)
+            assert sorted(copies[LEAVER].served(run=1)) == sorted(
+                (users[u].boundjid.full, "where home") for u in users if home[u] == LEAVER)
+    run(scenario(), timeout=60)
+    assert "replaces" in router.log_text
