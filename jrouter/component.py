@@ -394,3 +394,15 @@ class Connection:
 
 def _nothing():
     pass
+
+
+def sender_key(connection, raw):
+    """The namespace context a sender's raw packet needs: the plain one
+    unless it uses a prefix its stream header declared beyond xmlns:stream
+    (a cheap byte search; a false alarm only costs a re-serialisation)."""
+    extra = connection.extra_prefixes
+    if extra:
+        for prefix in extra:
+            if prefix in raw:
+                return connection.input_key
+    return connection.plain_key

@@ -439,3 +439,10 @@ def stream_error(condition, text=None, header_sent=True):
 
 
 STREAM_CLOSE = b"</stream:stream>"
+
+# The declarations our own stream headers make, besides the default namespace.
+STREAM_PREFIXES = (("stream", STREAMS_NS),)
+
+# The context of elements the router built itself: they declare every
+# namespace they use, so their bytes mean the same in any stream.
+SELF_CONTAINED = NamespaceContext(None, dict(STREAM_PREFIXES))

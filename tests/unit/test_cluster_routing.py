@@ -5,7 +5,7 @@ import pytest
 
 from jrouter.policy import ClusterPolicy, PolicyTable
 
-from .harness import NS_ACCEPT, Network
+from .harness import Network
 
 USERS = [f"user{i}@example.com" for i in range(60)]
 

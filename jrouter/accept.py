@@ -1,0 +1,143 @@
+"""XEP-0114 components inside the router (spec 5).
+
+A component that opened its stream in ``jabber:component:accept`` and
+passed its handshake is bound to the name it asked for. Its stanzas are
+wrapped into a ``<route/>`` in ``jabber:client`` on the way in, so they take
+the router's one routing path, and routes to it are unwrapped on the way
+out (``Router._bytes_for``). A packet it sent that cannot be routed comes
+back to it as a stanza error.
+
+``XepRouting`` is a part of ``core.Router`` (a mixin): it uses the router's
+route table, ``_join`` and ``_unicast``. It must not know about sockets.
+"""
+
+from lxml import etree
+
+from .component import NS_ACCEPT, NS_COMPONENT, sender_key
+from .jid import parse_jid
+from .routing import MULTI_FROM
+from .xmlstream import SELF_CONTAINED, STREAMS_NS, Element, NamespaceContext, quoteattr
+
+NS_CLIENT = "jabber:client"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+ROUTE = NS_COMPONENT + " route"
+_STREAM_ERROR = STREAMS_NS + " error"
+_ACCEPT_PREFIX = NS_ACCEPT + " "
+
+
+class XepRouting:
+    """The XEP-0114 half of the router."""
+
+    def legacy_online(self, connection):
+        """An XEP-0114 component finished its handshake: bind its name."""
+        requested = connection.requested_name
+        jid = parse_jid(requested)
+        name = jid.domain if jid is not None and not jid.node and not jid.resource \
+            else requested.lower()
+        if name in self.aliases:
+            connection.fail("host-unknown", "requested name is aliased")
+        joined = self._join(connection, name, MULTI_FROM)
+        if joined is None:
+            connection.fail("conflict", f"all slots of '{name}' are taken")
+        self._online(connection, *joined)
+        self._advertise(name, connection, available=True)
+        self._bind_aliases(connection, name, MULTI_FROM)
+
+    def legacy_packet(self, connection, stanza):
+        """A stanza from an XEP-0114 component: wrap it and route it."""
+        if stanza.name == _STREAM_ERROR:
+            return connection._on_peer_stream_error(stanza)
+        attrs = stanza.attrs
+        to = attrs.get("to")
+        to = None if to is None else parse_jid(to)
+        from_ = attrs.get("from")
+        from_ = None if from_ is None else parse_jid(from_)
+        if to is None or from_ is None:
+            connection.counters.drops += 1
+            self.log.debug("invalid or missing address on legacy packet, dropping it")
+            return
+        route = self._wrap(connection, stanza, to.domain, from_.domain)
+        self._unicast(connection, route, None, to, from_, origin=stanza)
+
+    def _wrap(self, connection, stanza, to_domain, from_domain):
+        """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
+        raw = stanza.raw
+        cut, tag_end = stanza._start_tag()
+        if (sender_key(connection, raw) is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
+                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
+            # Unprefixed, no declaration of its own: it inherited the stream's
+            # jabber:component:accept, and so did any child that declares nothing.
+            body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
+        else:
+            body = etree.tostring(self._client_view(stanza))
+        heads = self._route_heads
+        head = heads.get((to_domain, from_domain))
+        if head is None:
+            if len(heads) > 10000:
+                heads.clear()
+            head = heads[(to_domain, from_domain)] = route_head(to_domain, from_domain)
+        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain},
+                            stanza.name, stanza.attrs)
+
+    def _client_view(self, stanza):
+        """The stanza parsed as if its stream's jabber:component:accept were
+        jabber:client (what jabberd2 does to inherited names)."""
+        context = stanza.context
+        swap = {NS_ACCEPT: NS_CLIENT}
+        view = NamespaceContext(swap.get(context.default_ns, context.default_ns),
+                                {p: swap.get(u, u) for p, u in context.prefixes.items()})
+        tree = view.parse(stanza.raw)
+        if tree.tag.startswith("{%s}" % NS_ACCEPT):
+            tree.tag = "{%s}%s" % (NS_CLIENT, tree.tag.rpartition("}")[2])
+        return tree
+
+    def _stanza_error(self, element, code):
+        """A bounce for an XEP-0114 sender: the stanza as a stanza error (spec 5)."""
+        from lxml import etree
+
+        stanza = etree.fromstring(element.first_child())
+        if stanza.get("type") == "error":
+            return None
+        stanza.set("type", "error")
+        if code == "400":
+            condition, kind = "bad-request", "modify"
+        else:
+            condition, kind = "service-unavailable", "cancel"
+        namespace = etree.QName(stanza).namespace
+        error = etree.Element("{%s}error" % namespace if namespace else "error",
+                              type=kind, code="400" if code == "400" else "503")
+        etree.SubElement(error, "{%s}%s" % (NS_STANZAS, condition), nsmap={None: NS_STANZAS})
+        stanza.insert(0, error)
+        return etree.tostring(stanza)
+
+
+class WrappedRoute(Element):
+    """The ``<route>`` built around an XEP-0114 stanza: its bytes declare
+    every namespace they use, and its payload is known without a search."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, head, payload, attrs, child_name, child_attrs):
+        # Every field set here, without Element.__init__: one per XEP-0114 packet.
+        start = len(head)
+        self.name = ROUTE
+        self.attrs = attrs
+        self.raw = b"".join((head, payload, b"</route>"))
+        self.child_name = child_name
+        self.child_attrs = child_attrs
+        self.child_start = start
+        self.child_mark = start + len(payload) - 1
+        self.context = SELF_CONTAINED
+        self.end = None
+        self._tree = None
+        self._tag = (6, start)
+        self.payload = payload
+
+    def first_child(self):
+        return self.payload
+
+
+def route_head(to_domain, from_domain):
+    """The start tag of a route built around an XEP-0114 stanza."""
+    return (f"<route xmlns='{NS_COMPONENT}' to={quoteattr(to_domain)} "
+            f"from={quoteattr(from_domain)}>").encode()
