@@ -245,3 +245,31 @@ def test_a_flooding_peer_does_not_slow_the_others(router_factory):
         if got[0].get("id") == "calm":
             break
     assert time.monotonic() - started < 1.0
+
+
+def test_ipv6_access_rules(router_factory, router_kind):
+    """On an IPv6 address, a deny rule for ::1 closes the connection without a byte."""
+    router = router_factory(router_kind, ip="::1", extra=(
+        "<io><access><order>allow,deny</order><deny ip='::1' mask='128'/></access></io>"))
+    sock = socket.create_connection(("::1", router.port), timeout=5)
+    try:
+        sock.sendall(header())
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    assert "access denied by configuration" in router.wait_for_log("access denied")
+
+
+def test_sighup_applies_new_clustering_policies_to_new_names(router_factory):
+    """SIGHUP re-reads <clustering>: a name bound afterwards gets the new policy."""
+    router = router_factory("jrouter")
+    text = router.files.config.read_text()
+    router.files.config.write_text(text.replace(
+        "</router>", "<clustering><policy name='gw.example.com' algorithm='slots' slots='2'/>"
+        "</clustering></router>"))
+    router.send_signal(signal.SIGHUP)
+    router.wait_for_log("reloaded ACLs")
+    Peer(router.ip, router.port).handshake("gw.example.com")
+    assert "[gw.example.com]:1 online" in router.wait_for_log("slot 0")

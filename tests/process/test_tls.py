@@ -65,3 +65,24 @@ def test_failed_tls_handshake_leaves_others_alone(tls_router):
     sm.drain()
     c2s.send("<route to='sm' from='c2s'><message id='still-here'/></route>")
     assert sm.route()[0].get("id") == "still-here"
+
+
+def test_encrypted_key_with_private_key_password(router_factory, router_kind, tmp_path):
+    """<private_key_password> unlocks an encrypted key in the pemfile."""
+    import subprocess
+
+    key, cert = tmp_path / "enc.key", tmp_path / "enc.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-passout", "pass:s3cret"], check=True, capture_output=True)
+    pem = tmp_path / "enc.pem"
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    router = router_factory(router_kind, local_extra=(
+        f"<pemfile>{pem}</pemfile><private_key_password>s3cret</private_key_password>"))
+    assert "failed to load SSL pemfile" not in router.wait_for_log("listening")
+    peer = Peer(router.ip, router.port)
+    peer.starttls()
+    peer.send(header())
+    peer.next()
+    peer.stanza()
+    peer.authenticate(opened=True).bind("sm")
