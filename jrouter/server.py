@@ -51,6 +51,8 @@ class RouterServer:
         # Unbounded: a pool that is full stops accepting, and peers would
         # wait unanswered; over max_fds a peer is refused at once instead.
         self._pool = Pool()
+        self._marked = []           # peers with output since the last flush
+        self._flush_scheduled = False
         self._server = None
         self._timer = None
         self._sockets = {}
@@ -125,6 +127,22 @@ class RouterServer:
             peer.finish()
 
 
+    def mark(self, peer):
+        """A peer has output: it goes out at the next flush, which the
+        reader that routed it runs at once, or else the hub soon after."""
+        self._marked.append(peer)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            gevent.get_hub().loop.run_callback(self.flush)
+
+    def flush(self):
+        self._flush_scheduled = False
+        marked = self._marked
+        while marked:
+            peer = marked.pop()
+            peer.marked = False
+            peer.push()
+
     def _admit(self, sock, ip):
         """The accept checks (spec 3.1): access rules, connect rate, max_fds."""
         if self.access is not None and not self.access.allows(ip):
@@ -152,11 +170,44 @@ class _Peer:
     def __init__(self, server, sock, connection):
         self.server = server
         self.sock = sock
+        self.raw = sock._sock if hasattr(sock, "_sock") else None   # None: send through gevent
         self.connection = connection
         self.wake = Event()
-        connection.on_output = self.wake.set
+        self.busy = False           # the writer greenlet is sending; others only queue
+        self.pending = b""          # what a direct send left over, for the writer
+        self.marked = False
+        connection.on_output = self._mark
         connection.last_activity = server.clock()
         self.writer = gevent.spawn(self._write_loop)
+
+    def _mark(self):
+        if not self.marked:
+            self.marked = True
+            self.server.mark(self)
+
+    def push(self):
+        """Send what is queued at once if the socket takes it without waiting
+        (no greenlet switch, no hub callback); the writer greenlet, the one
+        that may wait on this socket, sends whatever is left."""
+        connection = self.connection
+        if self.busy or self.pending or self.raw is None or connection.closing:
+            self.wake.set()
+            return
+        data = connection.data_to_send()
+        if not data:
+            return
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            connection.closing = True
+            self.wake.set()
+            return
+        connection.last_activity = self.server.clock()
+        if sent < len(data):
+            self.pending = data[sent:]
+            self.wake.set()
 
     def run(self):
         connection = self.connection
@@ -174,6 +225,7 @@ class _Peer:
                 if budget is not None:
                     budget.add(now, len(data))
                 connection.receive(data)
+                self.server.flush()
                 if connection.state is State.STARTING_TLS:
                     self._start_tls()
         except ConnectionClosed:
@@ -201,14 +253,18 @@ class _Peer:
             while True:
                 wake.wait()
                 wake.clear()
-                data = connection.data_to_send()
+                self.busy = True
+                data = self.pending + connection.data_to_send()
+                self.pending = b""
                 if data:
                     self.sock.sendall(data)
                     connection.last_activity = clock()
+                self.busy = False
                 if not connection.out and (connection.closing
                                            or connection.state is State.STARTING_TLS):
                     break
         except (OSError, ssl.SSLError):
+            self.busy = False
             connection.closing = True
         if connection.closing:
             _shutdown(self.sock)
@@ -218,6 +274,7 @@ class _Peer:
         connection = self.connection
         self.wake.set()
         self.writer.join(timeout=self.server.tls_timeout)
+        self.raw = None             # TLS: every byte goes through the SSL layer
         try:
             with gevent.Timeout(self.server.tls_timeout):
                 self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
