@@ -228,6 +228,9 @@ class _Peer:
                 self.server.flush()
                 if connection.state is State.STARTING_TLS:
                     self._start_tls()
+                # recv() does not yield while data is waiting: without a turn
+                # for the others here, one busy peer could starve the rest.
+                gevent.sleep(0)
         except ConnectionClosed:
             pass
         except (OSError, ssl.SSLError) as exc:
