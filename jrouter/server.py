@@ -1,10 +1,13 @@
 """The gevent shell: sockets, greenlets, timers and TLS around the sans-IO router.
 
 Each accepted socket gets a reader (the handler greenlet) and a writer
-greenlet; only the writer sends on the socket (house rule 5), woken through
-``Connection.on_output`` when the router queues something for that peer. A
-read can route packets to many peers: each of them gets one wake-up and one
-``sendall`` of everything queued, so writes are batched per socket.
+greenlet. When the router queues something for a peer
+(``Connection.on_output``) the peer is marked; right after each read, the
+reader that routed it flushes the marked peers: everything queued for one
+peer goes out in one non-blocking ``send`` if the kernel takes it. Only the
+writer greenlet ever waits on a socket (house rule 5): it sends what a
+direct send left over, and everything while it is busy, so order is kept.
+A reader yields after every read, so one busy peer cannot starve the rest.
 
 This module must not know the protocols: it moves bytes and calls
 ``Connection.receive``, ``Router.connect``/``disconnect``/``tick``.
