@@ -81,7 +81,7 @@ def stop(proc):
 @pytest.fixture
 def real_router(tmp_path):
     if not os.access(ROUTER, os.X_OK):
-        pytest.skip("jabberd2-router not installed")
+        pytest.fail("jabberd2-router is not installed: run scripts/bootstrap")
     port = free_port()
     (tmp_path / "router-users.xml").write_text(
         "<users><user><name>jabberd</name><secret>secret</secret></user>"
@@ -171,7 +171,7 @@ def serve_once(listener, sasl, result):
 def test_real_gsasl_client_authenticates_to_sasl_server(tmp_path, daemon):
     """The real sm/c2s (GNU SASL client) log in to SaslServer and go on to <bind/>."""
     if not os.access(daemon, os.X_OK):
-        pytest.skip(f"{daemon} not installed")
+        pytest.fail(f"{daemon} is not installed: run scripts/bootstrap")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
