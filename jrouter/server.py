@@ -1,13 +1,15 @@
 """The gevent shell: sockets, greenlets, timers and TLS around the sans-IO router.
 
-Each accepted socket gets a reader (the handler greenlet) and a writer
-greenlet. When the router queues something for a peer
-(``Connection.on_output``) the peer is marked; right after each read, the
-reader that routed it flushes the marked peers: everything queued for one
-peer goes out in one non-blocking ``send`` if the kernel takes it. Only the
-writer greenlet ever waits on a socket (house rule 5): it sends what a
-direct send left over, and everything while it is busy, so order is kept.
-A reader yields after every read, so one busy peer cannot starve the rest.
+Each accepted socket gets a reader (the handler greenlet). When the router
+queues something for a peer (``Connection.on_output``) the peer is marked;
+right after each read, the reader that routed it flushes the marked peers:
+everything queued for one peer goes out in one non-blocking ``send`` if the
+kernel takes it. Only when a send would have to wait does the peer get a
+writer greenlet, the only greenlet that ever waits on that socket (house
+rule 5, as gevent requires); it sends what is left, and everything queued
+while it is busy, so order is kept, and it ends when nothing is left. An
+idle connection so costs no writer greenlet at all. A reader yields after
+every read, so one busy peer cannot starve the rest.
 
 This module must not know the protocols: it moves bytes and calls
 ``Connection.receive``, ``Router.connect``/``disconnect``/``tick``.
@@ -19,7 +21,6 @@ import time
 
 import gevent
 from gevent import socket
-from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -175,13 +176,18 @@ class _Peer:
         self.sock = sock
         self.raw = sock._sock if hasattr(sock, "_sock") else None   # None: send through gevent
         self.connection = connection
-        self.wake = Event()
         self.busy = False           # the writer greenlet is sending; others only queue
         self.pending = b""          # what a direct send left over, for the writer
         self.marked = False
+        # The writer greenlet lives only while a send has to wait: an idle
+        # connection costs no greenlet of its own for writing.
+        self.writer = None
         connection.on_output = self._mark
         connection.last_activity = server.clock()
-        self.writer = gevent.spawn(self._write_loop)
+
+    def _start_writer(self):
+        if self.writer is None or self.writer.dead:
+            self.writer = gevent.spawn(self._write_loop)
 
     def _mark(self):
         if not self.marked:
@@ -194,7 +200,7 @@ class _Peer:
         that may wait on this socket, sends whatever is left."""
         connection = self.connection
         if self.busy or self.pending or self.raw is None or connection.closing:
-            self.wake.set()
+            self._start_writer()
             return
         data = connection.data_to_send()
         if not data:
@@ -205,12 +211,12 @@ class _Peer:
             sent = 0
         except OSError:
             connection.closing = True
-            self.wake.set()
+            self._start_writer()
             return
         connection.last_activity = self.server.clock()
         if sent < len(data):
             self.pending = data[sent:]
-            self.wake.set()
+            self._start_writer()
 
     def run(self):
         connection = self.connection
@@ -252,33 +258,32 @@ class _Peer:
         return max(1, min(self.server.read_size, budget.left()))
 
     def _write_loop(self):
+        """Send everything queued, waiting on the socket as needed; end when
+        nothing is left (or close the socket when the stream is over)."""
         connection = self.connection
-        wake = self.wake
-        clock = self.server.clock
         try:
             while True:
-                wake.wait()
-                wake.clear()
                 self.busy = True
                 data = self.pending + connection.data_to_send()
                 self.pending = b""
                 if data:
                     self.sock.sendall(data)
-                    connection.last_activity = clock()
+                    connection.last_activity = self.server.clock()
                 self.busy = False
-                if not connection.out and (connection.closing
-                                           or connection.state is State.STARTING_TLS):
-                    break
+                if connection.out:
+                    continue
+                if not connection.closing:
+                    return
+                break
         except (OSError, ssl.SSLError):
             self.busy = False
             connection.closing = True
-        if connection.closing:
-            _shutdown(self.sock)
+        _shutdown(self.sock)
 
     def _start_tls(self):
         """Send <proceed/>, then turn the socket into a TLS server socket."""
         connection = self.connection
-        self.wake.set()
+        self._start_writer()            # <proceed/> must be out before the handshake
         self.writer.join(timeout=self.server.tls_timeout)
         self.raw = None             # TLS: every byte goes through the SSL layer
         try:
@@ -291,12 +296,11 @@ class _Peer:
         if leftover:
             self.server.log.notice(f"{connection.label} sent data in the clear after <starttls/>")
             raise ConnectionClosed()
-        self.writer = gevent.spawn(self._write_loop)
 
     def finish(self):
         """Let the writer flush what is queued (bounded), then close."""
         self.connection.closing = True
-        self.wake.set()
+        self._start_writer()
         self.writer.join(timeout=self.server.shutdown_grace)
         self.writer.kill(block=False)
         try:

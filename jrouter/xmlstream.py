@@ -245,7 +245,6 @@ class StreamReader:
 
     def _new_parser(self):
         parser = pyexpat.ParserCreate(namespace_separator=" ")
-        parser.buffer_text = True
         parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.StartDoctypeDeclHandler = self._refuse_doctype
         parser.EntityDeclHandler = self._refuse_entity
