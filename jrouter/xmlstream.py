@@ -191,11 +191,6 @@ class Element:
         return ns if sep else None
 
     @property
-    def qname(self):
-        """The tag name as written, prefix included."""
-        return self.raw[1:self.name_end].decode()
-
-    @property
     def inner(self):
         """The bytes between the start and end tags (the children)."""
         return self.raw[self.inner_start:self.inner_end]
@@ -222,10 +217,6 @@ class Element:
         raw = self.raw
         cut = self.name_end
         return b"".join((raw[:cut], b" ", name.encode(), b"=", quoteattr(value).encode(), raw[cut:]))
-
-    def declares_namespaces(self):
-        """Whether the start tag carries any xmlns declaration."""
-        return self.raw.find(b"xmlns", 0, self.inner_start) >= 0
 
     def __repr__(self):
         return f"Element({self.raw[:80]!r})"
