@@ -479,7 +479,6 @@ class Router(XepRouting, ClusterRouting):
     # -- XEP-0114 components (spec 5) ---------------------------------------
 
 _AUTHENTICATED = (State.ONLINE, State.LEGACY)
-_ACCEPT_PREFIX = NS_ACCEPT + " "
 
 
 def _message_log(config, log):
