@@ -4,25 +4,42 @@ A component that opened its stream in ``jabber:component:accept`` and
 passed its handshake is bound to the name it asked for. Its stanzas are
 wrapped into a ``<route/>`` in ``jabber:client`` on the way in, so they take
 the router's one routing path, and routes to it are unwrapped on the way
-out (``Router._bytes_for``). A packet it sent that cannot be routed comes
-back to it as a stanza error.
+out into ``jabber:component:accept``, the namespace of the component's own
+stream (XEP-0114 section 3; ``component_payload``). A packet it sent that
+cannot be routed comes back to it as a stanza error.
+
+jabberd2 hands the payload over as it is, ``<message xmlns='jabber:client'>``,
+and component libraries that look for stanzas in their stream's namespace
+(biboumi, slixmpp, xmpp.js) silently ignore it; Prosody and ejabberd deliver
+in ``jabber:component:accept`` as we do. ``<components><component
+name='...' namespace='jabber:client'/>`` in router.xml keeps jabberd2's
+behaviour for one name.
 
 ``XepRouting`` is a part of ``core.Router`` (a mixin): it uses the router's
 route table, ``_join`` and ``_unicast``. It must not know about sockets.
 """
+
+import re
+from copy import deepcopy
 
 from lxml import etree
 
 from .component import NS_ACCEPT, NS_COMPONENT, sender_key
 from .jid import parse_jid
 from .routing import MULTI_FROM
-from .xmlstream import SELF_CONTAINED, STREAMS_NS, Element, NamespaceContext, quoteattr
+from .xmlstream import (_START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element,
+                        NamespaceContext, quoteattr)
 
 NS_CLIENT = "jabber:client"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 ROUTE = NS_COMPONENT + " route"
 _STREAM_ERROR = STREAMS_NS + " error"
 _ACCEPT_PREFIX = NS_ACCEPT + " "
+# Names of a payload that a component reads in its own stream namespace.
+_CLIENT_NAMESPACES = (NS_CLIENT, "jabber:server")
+_CLIENT_PREFIXES = tuple(ns + " " for ns in _CLIENT_NAMESPACES)
+# One attribute of a start tag: its name and where its quoted value starts and ends.
+_ATTRIBUTE = re.compile(rb"\s([^\s=/>]+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\")")
 
 
 class XepRouting:
@@ -36,6 +53,7 @@ class XepRouting:
             else requested.lower()
         if name in self.aliases:
             connection.fail("host-unknown", "requested name is aliased")
+        connection.payload_ns = self.config.component_namespaces.get(name, NS_ACCEPT)
         joined = self._join(connection, name, MULTI_FROM)
         if joined is None:
             connection.fail("conflict", f"all slots of '{name}' are taken")
@@ -91,11 +109,13 @@ class XepRouting:
             tree.tag = "{%s}%s" % (NS_CLIENT, tree.tag.rpartition("}")[2])
         return tree
 
-    def _stanza_error(self, element, code):
-        """A bounce for an XEP-0114 sender: the stanza as a stanza error (spec 5)."""
-        from lxml import etree
-
-        stanza = etree.fromstring(element.first_child())
+    def _stanza_error(self, element, code, namespace):
+        """A bounce for an XEP-0114 sender: the stanza as a stanza error
+        (spec 5), in the namespace its stanzas are delivered in."""
+        payload = element.first_child()
+        if namespace != NS_CLIENT:
+            payload = in_namespace(payload, namespace)
+        stanza = etree.fromstring(payload)
         if stanza.get("type") == "error":
             return None
         stanza.set("type", "error")
@@ -109,6 +129,74 @@ class XepRouting:
         etree.SubElement(error, "{%s}%s" % (NS_STANZAS, condition), nsmap={None: NS_STANZAS})
         stanza.insert(0, error)
         return etree.tostring(stanza)
+
+
+def component_payload(element, sender_key, namespace=NS_ACCEPT):
+    """The bytes an XEP-0114 component receives for a route: its payload,
+    moved from ``jabber:client`` (or ``jabber:server``) into ``namespace``.
+
+    The common case is a byte splice: the payload declares its namespace
+    on its own start tag, and its children inherit it. A payload that
+    needs prefixes from its sender's stream header is serialised first."""
+    if sender_key is None or sender_key[1] == STREAM_PREFIXES:
+        payload = element.first_child()
+    else:
+        tree = element.tree()
+        payload = etree.tostring(tree[0]) if len(tree) else b""
+    child = element.child_name
+    if namespace == NS_CLIENT or child is None or not child.startswith(_CLIENT_PREFIXES):
+        return payload
+    return in_namespace(payload, namespace)
+
+
+def in_namespace(payload, namespace):
+    """A stanza's bytes with its client namespace replaced by ``namespace``."""
+    spliced = _redeclared(payload, namespace)
+    if spliced is not None:
+        return spliced
+    # A prefixed stanza (<c:message xmlns:c='jabber:client'>): rebuild it.
+    tree = etree.fromstring(payload)
+    if etree.QName(tree).namespace not in _CLIENT_NAMESPACES:
+        return payload
+    return etree.tostring(_rebuilt(tree, namespace))
+
+
+def _redeclared(payload, namespace):
+    """``payload`` with its start tag's default namespace declaration set to
+    ``namespace``; None unless the element itself is unprefixed and
+    declares one of the client namespaces there."""
+    tag = _START_TAG.match(payload)
+    if tag is None or b":" in tag.group(1):
+        return None
+    for match in _ATTRIBUTE.finditer(payload, tag.end(1), tag.end()):
+        if match.group(1) == b"xmlns":
+            value = match.group(2) if match.group(2) is not None else match.group(3)
+            if value.decode() not in _CLIENT_NAMESPACES:
+                return None
+            return b"".join((payload[:match.start(1)], b"xmlns='", namespace.encode(), b"'",
+                             payload[match.end():]))
+    return None
+
+
+def _rebuilt(element, namespace, parent=None):
+    """A copy of ``element`` with it and the descendants that inherited its
+    client namespace moved into ``namespace``, written unprefixed (xmpp.js
+    takes a prefixed stanza for something else). A child declaring a
+    namespace of its own, such as a forwarded message, is copied as it is."""
+    old = etree.QName(element).namespace
+    tag = "{%s}%s" % (namespace, etree.QName(element).localname)
+    if parent is None:
+        copy = etree.Element(tag, dict(element.attrib), nsmap={None: namespace})
+    else:
+        copy = etree.SubElement(parent, tag, dict(element.attrib))
+        copy.tail = element.tail
+    copy.text = element.text
+    for child in element:
+        if isinstance(child.tag, str) and etree.QName(child).namespace == old:
+            _rebuilt(child, namespace, copy)
+        else:
+            copy.append(deepcopy(child))
+    return copy
 
 
 class WrappedRoute(Element):

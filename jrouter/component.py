@@ -95,6 +95,7 @@ class Connection:
         self.extra_prefixes = ()     # b"p:" for each of those prefixes
         self.requested_name = None   # XEP-0114: the header's 'to'
         self.stream_from = None      # XEP-0114: the header's 'from'
+        self.payload_ns = NS_ACCEPT  # XEP-0114: the namespace its stanzas are delivered in
         self.tls_restart_offset = 0
         self._restart_leftover = None  # bytes after the element that restarted the stream
         self.sasl = None
@@ -243,6 +244,12 @@ class Connection:
             self.fail("unsupported-version")
         self.default_ns = header.default_ns
         self.stream_id = self.router.make_id()
+        legacy = self.user is None and header.default_ns == NS_ACCEPT
+        if legacy:
+            # XEP-0114 has no stream features: answer a version='1.0' header
+            # as a pre-1.0 stream (RFC 6120 4.7.5), as Prosody and ejabberd
+            # do, so that the component goes on to its <handshake/>.
+            version = None
         self.send(stream_header(header.default_ns, self.stream_id, to=header.attrs.get("from"),
                                 from_=header.attrs.get("to"), version=version))
         self.header_sent = True
@@ -257,8 +264,8 @@ class Connection:
         if self.user is not None:
             self._open_authenticated(header, version)
             return
-        self.legacy = header.default_ns == NS_ACCEPT
-        if self.legacy:
+        self.legacy = legacy
+        if legacy:
             self._open_legacy(header)
         else:
             self._move(State.NEGOTIATING)

@@ -166,6 +166,8 @@ class Config:
     message_logging_file: Optional[str] = None
     status: Optional[StatusSettings] = None  # ours: <status>, the operator's HTTP endpoint
     clustering: Optional[PolicyTable] = None  # ours: <clustering>, per-name balancing policies
+    # ours: <components>, XEP-0114 names whose stanzas keep jabberd2's jabber:client
+    component_namespaces: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def acl_allows(self, acl_type: Optional[str], username: str) -> bool:
         """``aci_check``: ``username`` is in ACL ``all`` or in ACL ``acl_type`` (exact match)."""
@@ -425,6 +427,38 @@ def _aliases(r: _Reader) -> tuple[Alias, ...]:
     return tuple(alias for alias, _line in aliases.values())
 
 
+# What an XEP-0114 component may receive its stanzas in (docs: man page, COMPONENTS).
+COMPONENT_NAMESPACES = ("jabber:component:accept", "jabber:client")
+
+
+def _component_namespaces(r: _Reader) -> Mapping[str, str]:
+    namespaces: dict[str, tuple[str, int]] = {}
+    for entry in r.table.get("components.component", []):
+        name = entry.attrs.get("name")
+        namespace = entry.attrs.get("namespace")
+        for attr, value in (("name", name), ("namespace", namespace)):
+            if value is None:
+                r.problem(entry.line, "components.component", f"missing the {attr} attribute")
+        unknown = sorted(set(entry.attrs) - {"name", "namespace"})
+        if unknown:
+            r.problem(entry.line, "components.component", f"unknown attribute {unknown[0]!r}")
+        if name is None or namespace is None:
+            continue
+        name = r.check(name, entry.line, "components.component@name", None, _domain)
+        if namespace not in COMPONENT_NAMESPACES:
+            r.problem(entry.line, "components.component@namespace",
+                      f"{namespace!r} is not one of {', '.join(COMPONENT_NAMESPACES)}")
+            continue
+        if name is None:
+            continue
+        if name in namespaces:
+            r.problem(entry.line, "components.component@name",
+                      f"component {name!r} is already listed on line {namespaces[name][1]}")
+            continue
+        namespaces[name] = (namespace, entry.line)
+    return MappingProxyType({name: ns for name, (ns, _line) in namespaces.items()})
+
+
 def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
     """``aci_load``: read straight from the tree, so user names are raw text, never ${}-expanded."""
     acls: dict[str, frozenset[str]] = {}
@@ -462,6 +496,7 @@ def _build(r: _Reader, source: str) -> Config:
         connects_limit=_rate(r, "io.limits.connects"),
         access=_access(r),
         aliases=_aliases(r),
+        component_namespaces=_component_namespaces(r),
         acls=_acls(r.root),
         **values,
     )

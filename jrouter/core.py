@@ -31,7 +31,7 @@ import random as _random
 
 from . import balance
 from .accept import ROUTE as _ROUTE
-from .accept import XepRouting
+from .accept import XepRouting, component_payload
 from .balance import HoldQueue, IqTracker
 from .cluster import ClusterRouting, any_tracking, unsent_routes
 from .component import NS_ACCEPT, NS_COMPONENT, Connection, State, sender_key
@@ -249,12 +249,8 @@ class Router(XepRouting, ClusterRouting):
     def _bytes_for(self, target, element, sender_key):
         """The bytes that carry ``element`` to ``target``."""
         if target.legacy:
-            # XEP-0114 peers get the payload only, with no namespace rewriting
-            # (spec 5, outbound): a child that inherited the sender's default
-            # namespace is read in jabber:component:accept, as from jabberd2.
-            if sender_key is None or sender_key[1] == STREAM_PREFIXES:
-                return element.first_child()
-            return _serialize_first_child(element)
+            # XEP-0114 peers get the payload only, in their stream's namespace.
+            return component_payload(element, sender_key, target.payload_ns)
         if sender_key is target.context or sender_key is None:
             return element.raw
         return _serialize(element.tree())
@@ -263,7 +259,7 @@ class Router(XepRouting, ClusterRouting):
         """Send a packet back to its sender with an error (never an error twice)."""
         sender.counters.bounces += 1
         if origin is not None:
-            data = self._stanza_error(element, code)
+            data = self._stanza_error(element, code, sender.payload_ns)
             if data is not None:
                 sender.deliver(data)
             return
@@ -498,11 +494,6 @@ def _serialize(tree):
     from lxml import etree
 
     return etree.tostring(tree)
-
-
-def _serialize_first_child(element):
-    tree = element.tree()
-    return _serialize(tree[0]) if len(tree) else b""
 
 
 def _copy_tree(tree):

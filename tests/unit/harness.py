@@ -136,9 +136,10 @@ class Peer:
 
     # -- scripted conversations ------------------------------------------------
 
-    def authenticate(self, user="jabberd", password="secret", opened=False):
+    def authenticate(self, user="jabberd", password="secret", opened=False, stream_header=None):
+        stream_header = stream_header or header()
         if not opened:
-            self.send(header())
+            self.send(stream_header)
             self.take()
         self.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
         (challenge,) = self.stanzas()
@@ -148,7 +149,7 @@ class Peer:
         (result,) = self.stanzas()
         assert result.tag == "{%s}success" % NS_SASL, etree.tostring(result)
         self.restart_reader()
-        self.send(header())
+        self.send(stream_header)
         return self.take()
 
     def bind(self, name, multi=None, default=False, log=False):

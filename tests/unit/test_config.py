@@ -530,3 +530,29 @@ def test_users_first_name_and_secret(tmp_path):
     """Only the first <name> and <secret> of a user count."""
     body = "<users><user><name>a</name><name>b</name><secret>1</secret><secret>2</secret></user></users>"
     assert load_users(write(tmp_path, body, "users.xml")).users == {"a": "1"}
+
+
+def test_components_section_sets_per_name_stanza_namespaces(tmp_path):
+    """<components><component name namespace/> (ours) maps XEP-0114 names, in nameprep form."""
+    config = load(tmp_path, "<r><components><component name='Old.Example.COM' namespace='jabber:client'/>"
+                            "<component name='new.example.com' namespace='jabber:component:accept'/>"
+                            "</components></r>")
+    assert dict(config.component_namespaces) == {"old.example.com": "jabber:client",
+                                                 "new.example.com": "jabber:component:accept"}
+    assert dict(load(tmp_path, "<r/>").component_namespaces) == {}
+
+
+def test_components_section_problems_name_line_and_element(tmp_path):
+    """Missing or unknown attributes, an unknown namespace and a repeated name are all reported."""
+    found = problems(tmp_path, "<r><components>\n"
+                               "<component namespace='jabber:client'/>\n"
+                               "<component name='a.example' namespace='jabber:server'/>\n"
+                               "<component name='b.example' namespace='jabber:client' mode='x'/>\n"
+                               "<component name='c.example' namespace='jabber:client'/>\n"
+                               "<component name='c.example' namespace='jabber:client'/>\n"
+                               "</components></r>")
+    assert any(":2: components.component: missing the name attribute" in p for p in found)
+    assert any(":3: components.component@namespace: 'jabber:server' is not one of" in p for p in found)
+    assert any(":4: components.component: unknown attribute 'mode'" in p for p in found)
+    assert any(":6: components.component@name: component 'c.example' is already listed on line 5" in p
+               for p in found)

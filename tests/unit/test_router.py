@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from lxml import etree
+
 from jrouter.xmlstream import StreamClose, StreamOpen
 
 from .harness import NS_ACCEPT, NS_C, NS_SASL, STREAMS, Network, header, same
@@ -399,7 +401,8 @@ def test_21_legacy_stream_errors(settings, to, condition):
 
 
 def test_22_xep0114_wrap_and_unwrap(net):
-    """Stanzas are wrapped into jabber:client routes and unwrapped on the way back."""
+    """Stanzas are wrapped into jabber:client routes and unwrapped into the
+    component's own jabber:component:accept on the way back (XEP-0114 section 3)."""
     sm = net.component("example.com")
     legacy = net.legacy("legacy.example.com")
     sm.take()
@@ -409,8 +412,109 @@ def test_22_xep0114_wrap_and_unwrap(net):
                 "to='u@example.com/r' from='bot@legacy.example.com/x'><body>hello</body></message></route>")
     sm.send("<route to='legacy.example.com' from='example.com'><message xmlns='jabber:client' "
             "to='bot@legacy.example.com' from='u@example.com/r'><body>yo</body></message></route>")
-    assert same(legacy.stanzas()[0], "<message xmlns='jabber:client' to='bot@legacy.example.com' "
+    assert same(legacy.stanzas()[0], "<message to='bot@legacy.example.com' "
                                      "from='u@example.com/r'><body>yo</body></message>", NS_ACCEPT)
+    # The namespace is spliced, not re-serialised: the rest of the bytes are the sm's.
+    sm.send("<route to='legacy.example.com' from='example.com'><message xmlns=\"jabber:client\" "
+            "to='bot@legacy.example.com' from='u@example.com/r'  ><body>yo</body></message></route>")
+    assert legacy.raw() == (b"<message xmlns='jabber:component:accept' to='bot@legacy.example.com' "
+                            b"from='u@example.com/r'  ><body>yo</body></message>")
+
+
+@pytest.mark.parametrize("payload, expected", [
+    # A forwarded message keeps the namespace it declares itself.
+    ("<message xmlns='jabber:client' to='bot@legacy.example.com' from='u@example.com/r'>"
+     "<forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='x@y'><body>in</body>"
+     "</message></forwarded></message>",
+     "<message to='bot@legacy.example.com' from='u@example.com/r'>"
+     "<forwarded xmlns='urn:xmpp:forward:0'><message xmlns='jabber:client' to='x@y'><body>in</body>"
+     "</message></forwarded></message>"),
+    # A prefixed stanza is rebuilt (the raw form is checked below).
+    ("<c:message xmlns:c='jabber:client' to='bot@legacy.example.com' from='u@example.com/r'>"
+     "<c:body>hi</c:body><x xmlns='urn:x'><c:body>kept</c:body></x></c:message>",
+     "<message to='bot@legacy.example.com' from='u@example.com/r'><body>hi</body>"
+     "<x xmlns='urn:x'><body xmlns='jabber:client'>kept</body></x></message>"),
+    # A from attribute that looks like a declaration is left alone.
+    ("<message from=\"u@example.com/ xmlns='jabber:client'\" xmlns='jabber:client' "
+     "to='bot@legacy.example.com'/>",
+     "<message from=\"u@example.com/ xmlns='jabber:client'\" to='bot@legacy.example.com'/>"),
+    # jabber:server payloads too.
+    ("<presence xmlns='jabber:server' to='bot@legacy.example.com' from='u@example.com/r'/>",
+     "<presence to='bot@legacy.example.com' from='u@example.com/r'/>"),
+    # Anything else is handed over as it is.
+    ("<x xmlns='urn:other' to='bot@legacy.example.com'/>", "<x xmlns='urn:other' to='bot@legacy.example.com'/>"),
+])
+def test_22_xep0114_payload_moves_into_the_component_namespace(net, payload, expected):
+    """Only the stanza and what inherited its client namespace move into jabber:component:accept."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    sm.send(f"<route to='legacy.example.com' from='example.com'>{payload}</route>")
+    assert same(legacy.stanzas()[0], expected, NS_ACCEPT)
+
+
+def test_22_prefixed_payload_reaches_the_component_unprefixed(net):
+    """A stanza the sender wrote with a prefix arrives with none (xmpp.js ignores prefixed stanzas)."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    sm.send("<route to='legacy.example.com' from='example.com'><c:message xmlns:c='jabber:client' "
+            "to='bot@legacy.example.com'><c:body>hi</c:body></c:message></route>")
+    assert legacy.raw() == (b'<message xmlns="jabber:component:accept" to="bot@legacy.example.com">'
+                            b'<body>hi</body></message>')
+
+
+def test_22_xep0114_payload_in_namespace_from_a_sender_with_extra_prefixes():
+    """A packet using a prefix of the sender's stream header (real sm: xmlns:ack)
+    is serialised and still arrives in jabber:component:accept, unprefixed."""
+    net = Network()
+    sm = net.peer()
+    sm.authenticate(stream_header=header().replace(b"><stream:stream ", b"><stream:stream xmlns:ack='http://x/ack' "))
+    sm.bind("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    sm.send("<route to='legacy.example.com' from='example.com'><message xmlns='jabber:client' "
+            "to='bot@legacy.example.com' from='u@example.com/r' ack:r='1'><body>yo</body></message></route>")
+    raw = legacy.raw()
+    assert raw.startswith(b"<message xmlns=") and b"ns0" not in raw
+    assert same(etree.fromstring(raw), "<message xmlns:ack='http://x/ack' to='bot@legacy.example.com' "
+                "from='u@example.com/r' ack:r='1'><body>yo</body></message>", NS_ACCEPT)
+
+
+def test_22_per_name_setting_keeps_jabberd2_client_namespace():
+    """<components><component namespace='jabber:client'/> hands that name the payload
+    as jabberd2 does; other names still get jabber:component:accept."""
+    net = Network(component_namespaces={"legacy.example.com": "jabber:client"})
+    sm = net.component("example.com")
+    old = net.legacy("legacy.example.com")
+    new = net.legacy("new.example.com")
+    sm.take()
+    for name in ("legacy.example.com", "new.example.com"):
+        sm.send(f"<route to='{name}' from='example.com'><message xmlns='jabber:client' "
+                f"to='bot@{name}' from='u@example.com/r'><body>yo</body></message></route>")
+    assert same(old.stanzas()[0], "<message xmlns='jabber:client' to='bot@legacy.example.com' "
+                                  "from='u@example.com/r'><body>yo</body></message>", NS_ACCEPT)
+    assert same(new.stanzas()[0], "<message to='bot@new.example.com' "
+                                  "from='u@example.com/r'><body>yo</body></message>", NS_ACCEPT)
+
+
+def test_20_xep0114_version_header_gets_no_features():
+    """A component opening with version='1.0' gets a pre-1.0 answer and no
+    stream features (as from Prosody and ejabberd), then its handshake works."""
+    import hashlib
+
+    net = Network()
+    legacy = net.peer()
+    legacy.send(header(NS_ACCEPT, version=True, to="legacy.example.com"))
+    data = legacy.raw()
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
+    assert b"version=" not in data[21:] and b"features" not in data
+    (opened,) = legacy.reader.feed(data)
+    assert opened.attrs["from"] == "legacy.example.com" and "version" not in opened.attrs
+    digest = hashlib.sha1((opened.attrs["id"] + "secret").encode()).hexdigest()
+    legacy.send(f"<handshake>{digest}</handshake>")
+    (handshake,) = legacy.reader.feed(legacy.raw())
+    assert handshake.name == NS_ACCEPT + " handshake" and not legacy.closed
 
 
 @pytest.mark.parametrize("sender", ["bot@legacy.example.com", "bot@notmine.com"])
@@ -420,7 +524,7 @@ def test_23_xep0114_errors_come_back_as_stanza_errors(net, sender):
     legacy.send(f"<iq to='u@unknown.com' from='{sender}' type='get' id='7'>"
                 "<query xmlns='jabber:iq:version'/></iq>")
     assert same(legacy.stanzas()[0],
-                f"<iq xmlns='jabber:client' type='error' id='7' to='u@unknown.com' from='{sender}'>"
+                f"<iq type='error' id='7' to='u@unknown.com' from='{sender}'>"
                 "<error type='cancel' code='503'><service-unavailable "
                 "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error>"
                 "<query xmlns='jabber:iq:version'/></iq>", NS_ACCEPT)
