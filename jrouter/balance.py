@@ -194,10 +194,14 @@ class SlotTable:
     remembered with its slot after it leaves, so when it comes back it gets
     the same slot, whatever order the instances reconnect in, and placement
     after a watchdog restart equals placement before it.  A new identity takes
-    the lowest slot never reserved; an identity-less member the lowest slot
-    neither live nor reserved (it is not remembered).  When all `limit` slots
-    are reserved, a newcomer takes the lowest one whose owner is absent (that
-    owner is forgotten); when all are live, `claim` raises SlotsFull.
+    the lowest slot never reserved.  An identity-less member (biboumi sends
+    no stream 'from') cannot be told from another one: its slot stays
+    reserved for "some identity-less member" after it leaves, so that
+    dead='hold' and 'bounce' apply to it, and the next identity-less member
+    takes the lowest such slot first, else the lowest slot neither live nor
+    reserved.  When all `limit` slots are reserved, a newcomer takes the
+    lowest one whose owner is absent (that owner is forgotten); when all are
+    live, `claim` raises SlotsFull.
 
     The memory lives as long as this object: to keep it over a router
     restart, save `snapshot()` and pass it back as `remembered`.
@@ -212,6 +216,7 @@ class SlotTable:
         self._owner: dict[int, str] = {}     # reserved slot -> identity
         self._live: tuple[int, ...] = ()     # ascending, read on every packet
         self._known: tuple[int, ...] = ()    # live or reserved, ascending, read on every packet
+        self._anonymous: set[int] = set()    # reserved for an absent identity-less member
         for identity, slot in remembered.items():
             if 0 <= slot < self.limit and slot not in self._owner:
                 self._reserve(identity, slot)
@@ -223,6 +228,9 @@ class SlotTable:
         if slot is not None:
             if slot in self._live:
                 raise SlotBusy(identity, slot)
+        elif identity is None and self._anonymous:
+            slot = min(self._anonymous)
+            self._anonymous.discard(slot)
         else:
             slot = self._free_slot()
             if identity is not None:
@@ -231,7 +239,10 @@ class SlotTable:
         return slot
 
     def release(self, slot: int) -> None:
-        """The member in `slot` left; its identity keeps the slot reserved."""
+        """The member in `slot` left; the slot stays reserved for its identity
+        (or for the next identity-less member)."""
+        if slot in self._live and slot not in self._owner:
+            self._anonymous.add(slot)
         self._update(tuple(s for s in self._live if s != slot))
 
     def forget(self, identity: str) -> None:
@@ -269,13 +280,17 @@ class SlotTable:
         """Recompute the ascending tuples the per-packet path reads."""
         if live is not None:
             self._live = tuple(sorted(live))
-        self._known = tuple(sorted(set(self._live).union(self._owner)))
+        self._known = tuple(sorted(set(self._live).union(self._owner, self._anonymous)))
 
     def _free_slot(self) -> int:
         live = set(self._live)
         for slot in range(self.limit):
-            if slot not in live and slot not in self._owner:
+            if slot not in live and slot not in self._owner and slot not in self._anonymous:
                 return slot
+        if self._anonymous:  # reserved for an absent identity-less member: take it over
+            slot = min(self._anonymous)
+            self._anonymous.discard(slot)
+            return slot
         for slot in range(self.limit):
             if slot not in live:  # reserved by an absent identity: take it over
                 self.forget(self._owner[slot])

@@ -257,14 +257,34 @@ def test_slot_table_lowest_free_and_return():
 
 
 def test_slot_table_identity_less_members():
-    """A member without identity takes the lowest slot neither live nor reserved, and is not remembered."""
+    """A member without identity takes the lowest slot neither live nor reserved;
+    after it leaves the slot stays known (so dead='hold' applies) and the next
+    identity-less member gets it back, before any fresh slot."""
     table = SlotTable()
     table.claim("sm-a")
     table.release(0)
     assert table.claim(None) == 1
+    assert table.claim(None) == 2
     table.release(1)
-    assert table.known() == (0,)
+    assert table.known() == (0, 1, 2) and table.live() == (2,)
+    assert table.claim("sm-b") == 3          # a new identity never takes the absent one's slot
     assert table.claim(None) == 1
+    table.release(2)
+    table.release(1)
+    assert table.claim(None) == 1            # two absent: the lowest first
+    assert table.claim(None) == 2
+    assert table.known() == (0, 1, 2, 3)
+
+
+def test_slot_table_identity_less_slot_taken_over_when_full():
+    """With every slot reserved, a newcomer takes an absent identity-less member's slot first."""
+    table = SlotTable(slots=2)
+    table.claim("a")
+    table.claim(None)
+    table.release(0)
+    table.release(1)
+    assert table.claim("b") == 1
+    assert table.owner(1) == "b" and table.known() == (0, 1)
 
 
 def test_slot_table_fixed_count_full():
