@@ -236,10 +236,11 @@ def measure(router, stack, copies, check=lambda placed: None, unanswered=False):
     return m
 
 
-def report(record_property, label, m):
+def report(record_property, label, m, key="moved_fractions"):
+    """Print a measurement's CLUSTER line (`-s`) and attach it to the test's report."""
     line = m.line(label)
     print("\nCLUSTER " + line)
-    record_property("moved_fractions", line)
+    record_property(key, line)
 
 
 # -- transports: three copies of gw.example.test --------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .ports import connect_address
-from .process import ManagedProcess
+from .process import ManagedProcess, RestartableDaemon
 from .routers import REPO_ROOT
 
 MU_CONFERENCE = "/usr/sbin/mu-conference"
@@ -120,7 +120,7 @@ def main(argv):
 # -- the test side --------------------------------------------------------------
 
 
-class TransportCopy:
+class TransportCopy(RestartableDaemon):
     """One copy of a transport as a child process: start, kill, start again.
 
     Each run gets its own log (`COPY.N.log`); `served()` reads them all.
@@ -133,15 +133,11 @@ class TransportCopy:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.domain, self.copy_id, self.secret = domain, copy_id, secret
         self.host, self.port = connect_address(router.ip), router.port
-        self.runs = []  # ManagedProcess per start, oldest first
+        super().__init__()
 
     @property
     def name(self):
         return "%s-%s" % (self.domain, self.copy_id)
-
-    @property
-    def process(self):
-        return self.runs[-1] if self.runs else None
 
     def start(self, timeout=10.0):
         """Start a new run and wait (bounded) until the router accepted its handshake."""
@@ -152,24 +148,7 @@ class TransportCopy:
         env = dict(os.environ, PYTHONUNBUFFERED="1", COMPONENT_SECRET=self.secret)
         run = ManagedProcess("%s.%d" % (self.copy_id, n), argv, self.directory, cwd=REPO_ROOT,
                              env=env, log_path=log)
-        self.runs.append(run.spawn())
-        try:
-            run.wait_for_log("%s connected" % self.copy_id, timeout)
-        except BaseException:
-            run.stop()
-            raise
-        return self
-
-    def kill(self, timeout=5.0):
-        """SIGKILL the running copy and reap it."""
-        run = self.process
-        if run is not None and run.running():
-            run.send_signal(signal.SIGKILL)
-        return run.stop(timeout) if run is not None else None
-
-    def stop(self, timeout=5.0):
-        for run in self.runs:
-            run.stop(timeout)
+        return self._launch(run, "%s connected" % self.copy_id, timeout)
 
     def served(self, run=None):
         """[(user full JID, stanza id, body)] this copy answered, in all runs or in run number `run`."""

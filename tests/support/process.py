@@ -153,3 +153,38 @@ class ManagedProcess:
     def __exit__(self, *exc):
         self.stop()
 
+
+
+class RestartableDaemon:
+    """A daemon a test starts, kills and starts again: one ManagedProcess per
+    run in `runs`, oldest first; the newest is `process`. `kill()` sends
+    SIGKILL, so the router sees the connection drop without a goodbye, as
+    after a crash."""
+
+    def __init__(self):
+        self.runs = []
+
+    @property
+    def process(self):
+        return self.runs[-1] if self.runs else None
+
+    def _launch(self, run, ready_text, timeout):
+        """Spawn `run` and wait (bounded) until its log shows `ready_text`."""
+        self.runs.append(run.spawn())
+        try:
+            run.wait_for_log(ready_text, timeout)
+        except BaseException:
+            run.stop()
+            raise
+        return self
+
+    def kill(self, timeout=5.0):
+        """SIGKILL the running run and reap it."""
+        run = self.process
+        if run is not None and run.running():
+            run.send_signal(signal.SIGKILL)
+        return run.stop(timeout) if run is not None else None
+
+    def stop(self, timeout=5.0):
+        for run in self.runs:
+            run.stop(timeout)
