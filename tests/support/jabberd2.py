@@ -81,7 +81,7 @@ class RouterAddress:
                    None if pemfile is None else str(pemfile))
 
 
-def _router_xml(router, retry):
+def router_section(router, retry):
     init, lost, sleep = retry
     return (
         "  <router>\n"
@@ -162,7 +162,7 @@ def write_sm_config(path, router, *, sm_id="sm", domains=(DEFAULT_DOMAIN,), db_p
         "%(extra)s"
         "</sm>\n") % {
             "id": escape(sm_id), "pidfile": escape(str(pidfile)),
-            "router": _router_xml(router, retry), "log": escape(str(log_path)),
+            "router": router_section(router, retry), "log": escape(str(log_path)),
             "local_ids": local_ids, "libdir": escape(libdir), "db": escape(str(db_path)),
             "admin": escape(admin), "modules": _modules_xml(libdir),
             "extra": extra + "\n" if extra else ""}
@@ -208,7 +208,7 @@ def write_c2s_config(path, router, *, c2s_id="c2s", domain=DEFAULT_DOMAIN, ip="1
         "%(extra)s"
         "</c2s>\n") % {
             "id": escape(c2s_id), "pidfile": escape(str(pidfile)),
-            "router": _router_xml(router, retry), "log": escape(str(log_path)),
+            "router": router_section(router, retry), "log": escape(str(log_path)),
             "reg": reg, "domain": escape(domain), "ip": escape(ip), "port": int(port),
             "libdir": escape(module_dir()), "db": escape(str(db_path)),
             "extra": extra + "\n" if extra else ""}
