@@ -15,6 +15,11 @@ Options:
 
 import sys
 
+# docopt-ng in the venv, docopt 0.6.2 from Debian's python3-docopt in the
+# package. Their docopt() differ only in the name of its third parameter
+# (default_help / help), so parse_args passes it by position. Both raise
+# DocoptExit (a SystemExit) on a usage error; parse_args catches it so that the
+# exit code is jabberd2's 1 whichever is installed.
 from docopt import DocoptExit, docopt
 
 from . import __version__
@@ -34,10 +39,12 @@ def parse_args(argv):
         print(USAGE, end="")
         return EXIT_USAGE
     try:
-        options = docopt(USAGE, argv=argv, default_help=False)
+        options = docopt(USAGE, argv, False)    # third: no built-in -h handling
     except DocoptExit:
         print(USAGE, end="")
         return EXIT_USAGE
+    if options["--help"]:       # an abbreviation such as --he, which docopt accepts
+        return parse_args(["--help"])
     if options["--version"]:
         print(f"jrouter {__version__}")
         return EXIT_OK
