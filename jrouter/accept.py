@@ -1,4 +1,4 @@
-"""XEP-0114 components inside the router (spec 5).
+"""XEP-0114 components inside the router (protocol §5).
 
 A component that opened its stream in ``jabber:component:accept`` and
 passed its handshake is bound to the name it asked for. Its stanzas are
@@ -111,7 +111,7 @@ class XepRouting:
 
     def _stanza_error(self, element, code, namespace):
         """A bounce for an XEP-0114 sender: the stanza as a stanza error
-        (spec 5), in the namespace its stanzas are delivered in."""
+        (protocol §5.5), in the namespace its stanzas are delivered in."""
         payload = element.first_child()
         if namespace != NS_CLIENT:
             payload = in_namespace(payload, namespace)

@@ -1,8 +1,8 @@
 """IP access rules and rate counters: the pure checks made on an accepted socket.
 
-Owns the semantics of ``<io><access>`` (jabberd2 ``util/access.c``, spec 3.1
-step 2) and of the ``<io><limits>`` counters (``util/rate.c``, spec 3.1 step 3
-and 3.9).  Nothing here reads files, sockets or the clock: ``config.py`` builds
+Owns the semantics of ``<io><access>`` (jabberd2 ``util/access.c``, protocol §3.1
+step 1) and of the ``<io><limits>`` counters (``util/rate.c``, protocol §3.1
+step 2 and §3.9).  Nothing here reads files, sockets or the clock: ``config.py`` builds
 the rules, and the caller passes the peer address and the current time.
 
 Theory of operation

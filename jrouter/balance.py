@@ -3,7 +3,7 @@
 Owns: the placement algorithms as small pure functions, and the small state
 kept per clustered name (pure classes, time passed in as `now`):
 
-  jabberd2_pick(n, jid, randint) -> index    jabberd2 2.7 bit for bit (spec §6.4)
+  jabberd2_pick(n, jid, randint) -> index    jabberd2 2.7 bit for bit (protocol §6.3)
   rendezvous_pick(key, slot_ids) -> slot id  consistent (HRW) over stable slot ids
   rendezvous_order(key, slot_ids) -> [ids]   the same, every choice in order (failover)
   fixed_slot(key, slots) -> slot             a configured slot count (SAPO)
@@ -14,7 +14,7 @@ kept per clustered name (pure classes, time passed in as `now`):
 
 Must not know: connections, route entries, XML, where the key came from
 (which attribute is the key, `to`/`target`/`from`, is the caller's business:
-spec §6.4 `pick`; policy.py decides it), the clock or randomness: `now` and a
+protocol §6.3; policy.py decides it), the clock or randomness: `now` and a
 random function are handed in.  Which policy applies to a name is policy.py's.
 """
 

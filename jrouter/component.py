@@ -234,7 +234,7 @@ class Connection:
         generic = "XML parse error" if condition == "xml-not-well-formed" else "Stream error"
         self.router.log.notice(f"{self.label} error: {generic} ({text or condition})")
 
-    # -- stream header (spec 3.2) ------------------------------------------
+    # -- stream header (protocol §3.2) -------------------------------------
 
     def _on_header(self, header):
         if header.name != STREAM_ROOT:
@@ -303,7 +303,7 @@ class Connection:
     def _on_stream_close(self, _event):
         self.close()
 
-    # -- STARTTLS and SASL (spec 3.5, 3.6) -----------------------------------
+    # -- STARTTLS and SASL (protocol §3.5, §3.6) -----------------------------
 
     def _on_negotiation(self, element):
         name = element.name
@@ -313,11 +313,11 @@ class Connection:
             self._on_sasl(element)
         elif name == STREAM_ERROR:
             self._on_peer_stream_error(element)
-        # Anything else before authentication is dropped (spec 3.7).
+        # Anything else before authentication is dropped (protocol §3.7).
 
     def _on_starttls(self, element):
         if self.state is not State.NEGOTIATING or not self.router.tls_available or self.tls_active:
-            return      # jabberd2 ignores it silently (spec 3.5)
+            return      # jabberd2 ignores it silently (protocol §3.5)
         self.send(f"<proceed xmlns='{NS_TLS}'/>".encode())
         self._move(State.STARTING_TLS)
         self.tls_restart_offset = element.end
@@ -362,11 +362,11 @@ class Connection:
         if not text:
             text = tree.text or element.raw.decode("utf-8", "replace")
         self.router.log.notice(f"{self.label} error: Stream error ({text})")
-        # jabberd2 closes without a word (spec 3.3).
+        # jabberd2 closes without a word (protocol §3.3).
         self.state = State.CLOSED
         self.closing = True
 
-    # -- XEP-0114 handshake (spec 5) -------------------------------------------
+    # -- XEP-0114 handshake (protocol §5.1) ------------------------------------
 
     def _on_handshake(self, element):
         if element.local_name != "handshake":

@@ -2,7 +2,7 @@
 
 Owns how jabberd2 reads its configuration (``util/config.c`` ``config_load``,
 ``router/main.c`` ``_router_config_expand``, ``router/aci.c``,
-``router/user.c``; spec 2.1-2.4) and every check we add on top.  It must not
+``router/user.c``; protocol §2.1-2.4) and every check we add on top.  It must not
 know what the settings are used for: it does not open sockets, log files or
 pidfiles, and ``load_users`` returns its log lines instead of logging them.
 
@@ -120,7 +120,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class LogSettings:
-    """``<log type=...>``: where log lines go (spec 1.9)."""
+    """``<log type=...>``: where log lines go (protocol §1.6)."""
 
     type: str = "stdout"  # 'stdout' | 'file' | 'syslog'
     ident: str = "jabberd/router"
@@ -131,7 +131,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class Alias:
-    """``<alias name=... target=.../>``: route ``name`` to whoever bound ``target`` (spec 4.11)."""
+    """``<alias name=... target=.../>``: route ``name`` to whoever bound ``target`` (protocol §4.11)."""
 
     name: str
     target: str
@@ -139,7 +139,7 @@ class Alias:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything the router takes from router.xml, validated.  Defaults are jabberd2's (spec 2.2)."""
+    """Everything the router takes from router.xml, validated.  Defaults are jabberd2's (protocol §2.2)."""
 
     source: str = DEFAULT_CONFIG_FILE
     id: str = "router"
@@ -177,7 +177,7 @@ class Config:
 
     @property
     def message_logging(self) -> bool:
-        """Message logging needs both ``<enabled/>`` and ``<file>`` (spec 7.2)."""
+        """Message logging needs both ``<enabled/>`` and ``<file>`` (protocol §7.1)."""
         return self.message_logging_enabled and self.message_logging_file is not None
 
 
@@ -561,7 +561,7 @@ def load_users(path: str) -> UsersResult:
         name = [element_text(e) for e in _local_children(user, "name")[:1]]
         secret = [element_text(e) for e in _local_children(user, "secret")[:1]]
         if not (name and name[0] and secret and secret[0]):
-            # jabberd2 logs this forever without advancing (spec 2.3 BUG); we log once and go on.
+            # jabberd2 logs this forever without advancing (protocol §2.3); we log once and go on.
             messages.append(("error", "malformed user entry in user table file, skipping"))
             continue
         users[name[0]] = secret[0]  # a later duplicate overwrites, as xhash_put does

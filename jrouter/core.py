@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 ``component.Connection`` negotiates a stream; once a peer is authenticated
 its top-level elements arrive here. A jabberd2 component sends ``<bind/>``,
-``<unbind/>``, ``<route/>`` and ``<throttle/>`` (spec 4); an XEP-0114
+``<unbind/>``, ``<route/>`` and ``<throttle/>`` (protocol §4); an XEP-0114
 component sends plain stanzas, which are wrapped into a ``<route/>`` on the
-way in and unwrapped on the way out (spec 5), so both protocols share one
+way in and unwrapped on the way out (protocol §5), so both protocols share one
 routing path.
 
 A routed packet is forwarded as the bytes it arrived in whenever the
@@ -17,7 +17,7 @@ Otherwise, and for the rare packets the router must change (bounces get an
 what is needed.
 
 Problems with a packet are answered, never raised: the packet goes back to
-its sender with ``error='CODE'`` (spec 4.5), or as a stanza error for an
+its sender with ``error='CODE'`` (protocol §4.5), or as a stanza error for an
 XEP-0114 sender. A packet that already carries an error is never bounced.
 
 Two parts of the router live in modules of their own and join ``Router``
@@ -104,7 +104,7 @@ class Router(XepRouting, ClusterRouting):
         return connection
 
     def disconnect(self, connection, now=None):
-        """Forget a peer whose socket is gone (spec 4.10); packets queued for
+        """Forget a peer whose socket is gone (protocol §4.10); packets queued for
         it and not sent go to another member of the name they were for."""
         if connection not in self.connections:
             return
@@ -120,13 +120,13 @@ class Router(XepRouting, ClusterRouting):
             self._redeliver(element, connection, now)
 
     def shutdown(self):
-        """Say goodbye to every peer (spec 1.8)."""
+        """Say goodbye to every peer (protocol §1.5)."""
         self.log.notice("shutting down")
         for connection in list(self.connections):
             connection.close()
 
     def tick(self, now):
-        """The periodic checks: whitespace keepalive (spec 3.9)."""
+        """The periodic checks: whitespace keepalive (protocol §3.9)."""
         keepalive = self.config.keepalive
         if keepalive <= 0:
             return
@@ -146,7 +146,7 @@ class Router(XepRouting, ClusterRouting):
     def output_context(self, default_ns):
         return self.context_key(default_ns, dict(STREAM_PREFIXES))
 
-    # -- jabberd2 component protocol (spec 4) ------------------------------
+    # -- jabberd2 component protocol (protocol §4) -------------------------
 
     def component_packet(self, connection, element):
         handler = self._dispatch.get(element.name)
@@ -155,13 +155,13 @@ class Router(XepRouting, ClusterRouting):
         elif element.name == _STREAM_ERROR:
             connection._on_peer_stream_error(element)
         else:
-            connection.counters.drops += 1  # silently, as jabberd2 does (spec 4.1)
+            connection.counters.drops += 1  # silently, as jabberd2 does (protocol §4.1)
 
     def _route(self, connection, element):
         attrs = element.attrs
         if "error" in attrs:
             connection.counters.drops += 1
-            return          # loop protection (spec 4.5 step 0)
+            return          # loop protection (protocol §4.5 step 0)
         kind = attrs.get("type")
         if kind is None:
             to = attrs.get("to")
@@ -176,7 +176,7 @@ class Router(XepRouting, ClusterRouting):
             self.log.debug(f"unknown route type '{kind}', dropping")
 
     def _unicast(self, sender, element, sender_key, to, from_, origin=None):
-        """Route one packet (spec 4.5) from ``from_`` to ``to`` (parsed JIDs;
+        """Route one packet (protocol §4.5) from ``from_`` to ``to`` (parsed JIDs;
         only their domains and, for clustering, nodes matter). ``origin`` is
         the XEP-0114 stanza the packet was wrapped from, for a stanza-error
         bounce."""
@@ -224,7 +224,7 @@ class Router(XepRouting, ClusterRouting):
             target.deliver(self._bytes_for(target, element, sender_key))
 
     def _pick(self, route, element, route_to):
-        """Which member of a clustered route gets this packet (spec 6.4)."""
+        """Which member of a clustered route gets this packet (protocol §6.3)."""
         child = element.child_attrs or {}
         key = route_to
         if route.kind == MULTI_TO:
@@ -275,7 +275,7 @@ class Router(XepRouting, ClusterRouting):
                 sink.deliver(_serialize(tree))
 
     def _filter(self, element):
-        """Match router-filter.xml (spec 2.5); log and dump as the rule says."""
+        """Match router-filter.xml (protocol §2.5); log and dump as the rule says."""
         child = element.child_attrs or {}
         verdict = self.filter_rules.match(child.get("from"), child.get("to"), element.tree)
         if verdict is not None:
@@ -303,7 +303,7 @@ class Router(XepRouting, ClusterRouting):
         self._dumps_off = set()
 
     def _broadcast(self, sender, element):
-        """Send a copy to every other authenticated peer (spec 4.6; jabberd2
+        """Send a copy to every other authenticated peer (protocol §4.6; jabberd2
         also sends to unauthenticated ones, which leaks traffic)."""
         from_ = _jid_or_none(element.attrs.get("from"))
         if from_ is None:
@@ -318,7 +318,7 @@ class Router(XepRouting, ClusterRouting):
                 target.deliver(self._bytes_for(target, element, key))
 
     def _throttle(self, connection, element):
-        """Toggle holding back packets for a peer (spec 4.9)."""
+        """Toggle holding back packets for a peer (protocol §4.9)."""
         if connection.throttle_queue is None:
             connection.send(element.raw)
             self.log.notice(f"{connection.label} throttling packets on request")
@@ -331,7 +331,7 @@ class Router(XepRouting, ClusterRouting):
             for data in held:
                 connection.send(data)
 
-    # -- bind and unbind (spec 4.2, 4.4) -------------------------------------
+    # -- bind and unbind (protocol §4.2, §4.4) -------------------------------
 
     def _bind(self, connection, element):
         request = element.tree()
@@ -401,7 +401,7 @@ class Router(XepRouting, ClusterRouting):
             self.log.notice(f"[{name}] online ({where})")
 
     def _bind_aliases(self, connection, name, kind):
-        """Aliases of a bound name become routes to the same peer (spec 4.11;
+        """Aliases of a bound name become routes to the same peer (protocol §4.11;
         jabberd2 gets this wrong for jabberd2-protocol components)."""
         for alias, target in self.aliases.items():
             if target == name and alias not in connection.names:
@@ -454,7 +454,7 @@ class Router(XepRouting, ClusterRouting):
             reply.set("error", error)
         connection.send(_serialize(reply))
 
-    # -- advertisements (spec 4.3) -------------------------------------------
+    # -- advertisements (protocol §4.3) --------------------------------------
 
     def _advertise(self, name, source, available):
         """Tell every bound jabberd2 component that ``name`` came or went.
@@ -472,13 +472,13 @@ class Router(XepRouting, ClusterRouting):
         if parts:
             connection.send("".join(parts).encode())
 
-    # -- XEP-0114 components (spec 5) ---------------------------------------
+    # -- XEP-0114 components (protocol §5) ----------------------------------
 
 _AUTHENTICATED = (State.ONLINE, State.LEGACY)
 
 
 def _message_log(config, log):
-    """The message log router.xml asks for, or None (spec 7.2)."""
+    """The message log router.xml asks for, or None (protocol §7.1)."""
     if not config.message_logging:
         return None
     from .msglog import MessageLog

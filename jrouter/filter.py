@@ -1,7 +1,7 @@
 """router-filter.xml: loading the rule list and matching a unicast route against it.
 
-Owns the semantics of jabberd2's ``router/filter.c`` (spec 2.5 and the errata
-clarifications): which rules load, how a rule matches, and what the first
+Owns the semantics of jabberd2's ``router/filter.c`` (protocol §2.5): which
+rules load, how a rule matches, and what the first
 matching rule decides.  It must not know about connections or the route table,
 and it performs no I/O beyond reading the filter file in ``load_filter``:
 appending a matched stanza to a ``dump`` file and writing the log line are left
@@ -21,7 +21,7 @@ A rule's outcome follows ``filter_load`` exactly, including its corners:
   (so ``''`` is ``bad-request`` and ``re`` is ``recipient-unavailable``), or
   ``not-allowed`` when none does;
 * ``redirect`` alone makes a redirect; ``error`` together with ``redirect``
-  bounces with the error *after* rewriting the route's ``to`` (errata);
+  bounces with the error *after* rewriting the route's ``to`` (protocol §2.5);
 * an ``error`` that selects the ``redirect`` condition is no error at all:
   jabberd2 treats the result as a redirect and, without a ``redirect``
   attribute, delivers the route unchanged (while logging "deny");
@@ -80,7 +80,7 @@ class FilterError(Exception):
 
 
 def condition_for(value: str) -> str:
-    """The stanza-error condition an ``error`` attribute selects (prefix lookup, spec 2.5)."""
+    """The stanza-error condition an ``error`` attribute selects (prefix lookup, protocol §2.5)."""
     for name, _code in STANZA_ERRORS:
         if name is not None and name.startswith(value):
             return name
@@ -340,7 +340,7 @@ class Verdict:
     ``action``: ``allow`` (deliver), ``deny`` (bounce the route with
     ``error=error_code``) or ``redirect`` (rewrite the route's ``to`` to ``redirect``
     and deliver).  A ``deny`` may also carry ``redirect``: rewrite the route's
-    ``to`` first, then bounce (spec errata).  ``log_line`` is the notice to log.
+    ``to`` first, then bounce (protocol §2.5).  ``log_line`` is the notice to log.
     ``dump`` is the file to append to: jabberd2 writes ``nad_print(nad, 1)``,
     the stanza (the route's first child, with its descendants, not the
     route), then a newline, before any redirect.  If the file cannot be
@@ -350,7 +350,7 @@ class Verdict:
     """
 
     action: str
-    error_code: Optional[int] = None  # legacy code of ``condition`` (spec 4.5 table)
+    error_code: Optional[int] = None  # legacy code of ``condition`` (protocol §4.5)
     condition: Optional[str] = None
     redirect: Optional[str] = None
     log_line: Optional[str] = None

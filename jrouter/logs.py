@@ -6,7 +6,7 @@ the protocol, the config file format, or signals -- the caller reads
 ``<log>`` from router.xml, builds a :class:`RouterLog`, and calls ``reopen()``
 or ``set_debug()`` when the signal layer asks it to.
 
-Compatibility (spec 1.9, jabberd2 ``util/log.c``):
+Compatibility (protocol §1.6, jabberd2 ``util/log.c``):
 
 * ``stdout`` and ``file`` lines are ``ctime() [level] message``::
 
@@ -23,7 +23,7 @@ Compatibility (spec 1.9, jabberd2 ``util/log.c``):
   same libc calls as jabberd2: the records look the same to rsyslog/journald,
   and when ``/dev/log`` is absent libc drops them silently instead of failing.
 * Any other ``type`` means stdout.
-* ``reopen()`` is the log half of SIGHUP (spec 1.6): ``reopening log ...`` to
+* ``reopen()`` is the log half of SIGHUP (protocol §1.4): ``reopening log ...`` to
   the old sink, close, open the same sink again, ``log started`` to the new one.
 
 Deliberate differences: debug lines exist (jabberd2's Debian build has none) and

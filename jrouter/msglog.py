@@ -1,4 +1,4 @@
-"""jabberd2's message log: one line per routed ``<message/>`` with a body (spec 7.2).
+"""jabberd2's message log: one line per routed ``<message/>`` with a body (protocol §7.1).
 
 Owns: which routed packets are logged and the exact line (``message_log_line``,
 pure), where the body comes from (``route_body``, pure), and the file itself
@@ -35,7 +35,7 @@ and, from ``_router_process_route`` and ``message_log`` in router/router.c:
 * the timestamp is local time, ``%Y-%m-%dT%H:%M:%S%z``;
 * a file that did not exist gets the three header lines first, and mode 0600
   (jabberd2 sets ``umask(0077)`` for the whole process to get it; we give the
-  mode to ``open`` instead and leave the umask alone, spec 8 #10).
+  mode to ``open`` instead and leave the umask alone, protocol §8 #10).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ both routers)::
     </clustering>
 
 A name without a policy, and every attribute left out, behaves exactly as
-jabberd2 2.7 (spec §6.4): key `to` (or `target`) for names bound with
+jabberd2 2.7 (protocol §6.3): key `to` (or `target`) for names bound with
 `multi`, `from` for XEP-0114 clusters, bare JID, modulo over the live
 members in bind order, a random member for an address without a node, no
 IQ tracking, a second connection simply joins.
@@ -242,7 +242,7 @@ def place(policy: ClusterPolicy, key: Optional[str], live: Sequence[int],
 
 
 def _anywhere(key: Optional[str], live: Sequence[int], randint: Callable[[int], int]) -> Choice:
-    """jabberd2's choice (spec §6.4): hash modulo the live count, or rand() without a key."""
+    """jabberd2's choice (protocol §6.3): hash modulo the live count, or rand() without a key."""
     count = len(live)
     if count == 0:
         return Choice(BOUNCE, None)

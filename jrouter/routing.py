@@ -4,7 +4,7 @@ Owns the names -> members mapping, the one default route, the log sinks,
 and for clustered names under a slot policy (``policy.py``) which member
 holds which slot.
 
-Membership follows jabberd2 exactly by default (spec 6.2): members are kept
+Membership follows jabberd2 exactly by default (protocol §6.2): members are kept
 in bind order, the route's kind is fixed by its first binder, and removing
 a member moves the last member into its slot (swap-remove), because
 jabberd2's cluster placement (``balance.jabberd2_pick``) depends on that

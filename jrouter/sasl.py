@@ -1,7 +1,7 @@
 """SASL for the jabberd2 component protocol: DIGEST-MD5 (RFC 2831), sans-IO.
 
 Owns: the DIGEST-MD5 directive syntax, the digest arithmetic, the server-side
-exchange as jabberd2 2.7.0 + GNU SASL 2.2 run it (spec §3.6, errata E1), the
+exchange as jabberd2 2.7.0 + GNU SASL 2.2 run it (protocol §3.6), the
 exact bytes of `<challenge/>`, `<success/>` and `<failure/>`, and a client
 (`DigestMD5Client`) for tests and the benchmark.
 
@@ -19,7 +19,7 @@ Theory of operation (server)
 One exchange at a time; `State` says where it is, `TRANSITIONS` lists every
 legal (state, event) -> possible next states.  A SASL element arriving when
 the table has no entry (i.e. after success) is a caller bug: the connection
-layer must drop SASL elements once authenticated (spec §3.6), and we raise
+layer must drop SASL elements once authenticated (protocol §3.6), and we raise
 `SaslStateError` to make that visible.
 
     IDLE --auth DIGEST-MD5--> CHALLENGED --good response--> SUCCEEDED
@@ -30,7 +30,7 @@ layer must drop SASL elements once authenticated (spec §3.6), and we raise
 Every failure resets to IDLE, so the client may start again with `<auth/>`.
 (The C router keeps the failed GNU SASL session around, so a stray
 `<response/>` after a failure gets `invalid-mechanism` there and
-`mechanism-too-weak` here; errata E1 says nothing relies on that.)
+`mechanism-too-weak` here; nothing relies on that, protocol §3.6.)
 
 Quirks copied from GNU SASL because the real sm/c2s and the real router
 agree on them (checked against /usr/sbin/jabberd2-router on the wire):
@@ -82,7 +82,7 @@ MECHANISM = "DIGEST-MD5"
 MAX_RESPONSE = 4096  # RFC 2831 §2.1.2: "less than 4096 bytes"
 
 # Failure texts are GNU SASL's gsasl_strerror() strings (2.2.0) and jabberd2's
-# own; spec §3.6 says test suites should assert conditions, not these.
+# own; tests assert the conditions, not these (protocol §3.6).
 TEXT_AUTH_ERROR = "Error authenticating user"
 TEXT_NO_PASSWORD = "Authentication failed because the password was not provided."
 TEXT_PARSE_ERROR = "SASL mechanism could not parse input"
@@ -306,7 +306,7 @@ class SaslReply:
         return f"{self.username}@{self.realm or stream_to or ''}"
 
     def to_bytes(self) -> bytes:
-        """The element exactly as jabberd2 2.7.0 writes it (spec §3.6)."""
+        """The element exactly as jabberd2 2.7.0 writes it (protocol §3.6)."""
         ns = f"xmlns='{NS_SASL}'"
         if self.kind != "failure":
             return f"<{self.kind} {ns}>{b64encode(self.data)}</{self.kind}>".encode("ascii")

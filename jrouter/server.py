@@ -148,7 +148,7 @@ class RouterServer:
             peer.push()
 
     def _admit(self, sock, ip):
-        """The accept checks (spec 3.1): access rules, connect rate, max_fds."""
+        """The accept checks (protocol §3.1): access rules, connect rate, max_fds."""
         if self.access is not None and not self.access.allows(ip):
             self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
             return False
@@ -247,7 +247,7 @@ class _Peer:
                 self.server.log.notice(f"{connection.label} read error: {exc}")
 
     def _allowance(self, budget):
-        """How much the next read may take under <limits><bytes> (spec 3.9):
+        """How much the next read may take under <limits><bytes> (protocol §3.9):
         while the peer is over its budget, nothing is read (it waits)."""
         logged = False
         while not budget.check(self.server.clock()):

@@ -8,7 +8,7 @@ server around it (``StatusServer``).
 Must not know: how the router counts (``stats`` does that) or routes
 (``/placement`` asks ``router.placement``). Nothing here changes the router.
 
-jabberd2 has no such interface (spec 7.3); it is ours, off unless router.xml
+jabberd2 has no such interface (protocol §7.2); it is ours, off unless router.xml
 asks for it::
 
     <status><ip>127.0.0.1</ip><port>5380</port></status>

@@ -1,4 +1,4 @@
-"""TLS for STARTTLS (spec 3.5): one server context built from router.xml.
+"""TLS for STARTTLS (protocol §3.5): one server context built from router.xml.
 
 jabberd2 reads the certificate chain and the key from one PEM file
 (``<pemfile>``), with an optional passphrase and cipher list, asks no client

@@ -398,7 +398,7 @@ def quoteattr(value):
 
 
 def stream_header(default_ns, stream_id=None, to=None, from_=None, version=None, declaration=True):
-    """Our stream header, attribute for attribute as jabberd2 writes it (spec 3.2)."""
+    """Our stream header, attribute for attribute as jabberd2 writes it (protocol §3.2)."""
     parts = ["<?xml version='1.0'?>" if declaration else "",
              "<stream:stream xmlns:stream='", STREAMS_NS, "'"]
     if default_ns:
@@ -416,7 +416,7 @@ def stream_header(default_ns, stream_id=None, to=None, from_=None, version=None,
 
 
 def stream_error(condition, text=None, header_sent=True):
-    """A stream error and the stream close (spec 3.3); before our header was
+    """A stream error and the stream close (protocol §3.3); before our header was
     sent, jabberd2 prefixes a minimal header, and so do we."""
     parts = [] if header_sent else [
         "<stream:stream xmlns:stream='", STREAMS_NS, "' version='1.0'>"]

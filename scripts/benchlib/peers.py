@@ -1,8 +1,8 @@
 """The benchmark's components, on raw sockets.
 
 Owns: the client side of both component protocols up to the point where a
-component may route (XEP-0114 handshake, spec §5; jabberd2 SASL DIGEST-MD5 +
-`<bind/>`, spec §3.2, §3.6, §4.2), and the non-blocking engine that moves
+component may route (XEP-0114 handshake, protocol §5.1; jabberd2 SASL DIGEST-MD5 +
+`<bind/>`, protocol §3.2, §3.6, §4.2), and the non-blocking engine that moves
 the measured traffic.  Knows nothing about processes or reporting.
 
 Theory of operation
@@ -24,8 +24,8 @@ counted below occur inside them, so a received chunk can be cut after its last
 `>` and everything before the cut scanned with C-speed `count`/`findall`:
 
   arrivals  = markers - bounces
-  bounces   = ` error=` (jabberd2: `<route error='404'>`, spec §4.5)
-            + `<error`  (XEP-0114: the stanza turned into an error, spec §5)
+  bounces   = ` error=` (jabberd2: `<route error='404'>`, protocol §4.5)
+            + `<error`  (XEP-0114: the stanza turned into an error, protocol §5.5)
 
 A sender keeps `window` messages in flight: a message is in flight until its
 receiver counted it (or it came back as a bounce).  Each arrival at j lets
@@ -392,7 +392,7 @@ class Engine:
     # ---- phases
 
     def wait_advertised(self, deadline: float, everyone: bool) -> List[str]:
-        """jabberd2 protocol: read `<presence from=X/>` (spec §4.3) until each
+        """jabberd2 protocol: read `<presence from=X/>` (protocol §4.3) until each
         component has seen its ring successor (or, if `everyone`, all others).
         Returns the names still missing, per component, if time ran out."""
         n = len(self.conns)

@@ -6,7 +6,7 @@ listens, stopping it (SIGTERM, then SIGKILL), and reading its CPU time and
 memory from /proc.  Knows nothing about the wire protocols.
 
 Both routers get the very same files (jrouter is a drop-in replacement):
-XEP-0114 secret, one user in ACL `all` so it may bind any name (spec §2.4,
+XEP-0114 secret, one user in ACL `all` so it may bind any name (protocol §2.4,
 §4.2 step 2), an empty filter (0 rules), no limits, no keepalive.
 """
 

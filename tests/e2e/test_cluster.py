@@ -8,8 +8,8 @@ reach the components only through the router.
   `ping@gw.example.test` "where" and the answer names the copy that served
   it. A copy is killed (SIGKILL) and started again, and the users ask again
   each time: the fraction of users who moved is the figure the clustering
-  policies are about (spec/clustering.md §1, §3). XEP-0114 clusters are
-  keyed by the stanza's `from` (spec §6.4), so the user's bare JID decides.
+  policies are about (protocol §6.3, §6.4). XEP-0114 clusters are
+  keyed by the stanza's `from` (protocol §6.3), so the user's bare JID decides.
 * sm: two jabberd2 sm processes with different ids serve `example.test`.
 * MUC: two copies of Debian's mu-conference serve `conference.example.test`.
 
@@ -261,11 +261,11 @@ def test_gateway_jabberd2_placement(router_factory, router_kind, jabberd2_stack_
 
     def predicted(members):
         return {u: members[jabberd2_index(len(members), u)] for u in USERS}
-    # copy2 leaves: swap-remove gives [copy1, copy3]; it comes back last (spec §6.2).
+    # copy2 leaves: swap-remove gives [copy1, copy3]; it comes back last (protocol §6.2).
     assert m.home == predicted(["copy1", "copy2", "copy3"])
     assert m.leave == predicted(["copy1", "copy3"])
     assert m.rejoin == predicted(["copy1", "copy3", "copy2"])
-    assert m.stayers_moved_on_leave > 0.3  # the weakness measured (spec/clustering.md §1)
+    assert m.stayers_moved_on_leave > 0.3  # the weakness measured (protocol §6.3)
 
 
 def status_agrees(router, status_port):

@@ -1,4 +1,4 @@
-"""STARTTLS on the router port (spec 3.5), against both routers."""
+"""STARTTLS on the router port (protocol §3.5), against both routers."""
 
 import pytest
 

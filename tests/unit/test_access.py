@@ -227,7 +227,7 @@ def test_counter_left_for_byte_limits():
 
 
 def test_connect_limiter_refuses_fourth_connect():
-    """connects 3 per 10 s, throttle 5: the 4th connect is refused (spec 3.1, verified)."""
+    """connects 3 per 10 s, throttle 5: the 4th connect is refused (protocol §3.1)."""
     limiter = ConnectLimiter(RateLimit(3, 10, 5))
     assert [limiter.admit("1.2.3.4", t) for t in (0, 1, 2, 3)] == [True, True, True, False]
     assert limiter.admit("5.6.7.8", 3)

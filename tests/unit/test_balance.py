@@ -1,4 +1,4 @@
-"""jrouter.balance: jabberd2's cluster member choice, bit for bit (spec §6.4), and the
+"""jrouter.balance: jabberd2's cluster member choice, bit for bit (protocol §6.3), and the
 consistent/fixed-slot algorithms, SlotTable, IqTracker and HoldQueue."""
 
 import collections
@@ -16,7 +16,7 @@ from jrouter.balance import (
     jabberd2_index, jabberd2_pick, node_less_key, rendezvous_order, rendezvous_pick, rendezvous_score)
 from jrouter.jid import parse_jid
 
-# Spec §6.4 worked values: bare JID, SHA-1, (w1^w2^w3)>>2, %2, %3 — observed on the real router.
+# protocol §6.3 worked values: bare JID, SHA-1, (w1^w2^w3)>>2, %2, %3 — observed on the real router.
 WORKED = [
     ("user0@example.com", "e9ccc188c9a7614d928892410d79abfdf0d35d59", 1012274581, 1, 1),
     ("user1@example.com", "4d42f50e4040fd3d04eb0063774faedba1ad3c9f", 559216908, 0, 0),
@@ -32,7 +32,7 @@ def no_random(n):
 
 @pytest.mark.parametrize("bare,sha1,value,mod2,mod3", WORKED, ids=[w[0] for w in WORKED])
 def test_worked_values(bare, sha1, value, mod2, mod3):
-    """The hash and the picks for 2 and 3 members match the spec's worked table."""
+    """The hash and the picks for 2 and 3 members match the worked table of protocol §6.3."""
     assert hashlib.sha1(bare.encode()).hexdigest() == sha1
     assert jabberd2_hash(bare) == value
     assert jabberd2_index(2, bare) == mod2

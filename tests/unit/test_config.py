@@ -42,7 +42,7 @@ def problems(tmp_path, body, **kw):
 
 
 def test_empty_root_gives_all_defaults(tmp_path):
-    """A router.xml with only a root element yields jabberd2's defaults (spec 2.2)."""
+    """A router.xml with only a root element yields jabberd2's defaults (protocol §2.2)."""
     path = write(tmp_path, "<router/>")
     config = load_config(path)
     assert config == Config(source=path)
@@ -65,7 +65,7 @@ def test_empty_root_gives_all_defaults(tmp_path):
 
 
 def test_every_key_is_read():
-    """Each key of spec 2.2 (and <stanzasize>) lands in its Config field."""
+    """Each key of protocol §2.2 (and <stanzasize>) lands in its Config field."""
     config = load_config(str(DATA / "full.xml"))
     assert config.id == "test-router"
     assert config.pidfile == "/run/jr/test-router.pid"
@@ -103,7 +103,7 @@ def test_every_key_is_read():
 
 
 def test_debian_router_xml_loads():
-    """Debian's shipped /etc/jabberd2/router.xml loads with the values spec 2.6 lists."""
+    """Debian's shipped /etc/jabberd2/router.xml loads with the values protocol §2.6 lists."""
     config = load_config("/etc/jabberd2/router.xml")
     assert (config.ip, config.port, config.secret) == ("0.0.0.0", 5347, "secret")
     assert config.log == LogSettings("file", "jabberd/router", "local3", "/var/log/jabberd2/router.log", None)
@@ -131,7 +131,7 @@ def test_shipped_dist_users_load():
     assert result.users == {"jabberd": "secret"}
 
 
-# --- how the file is read (spec 2.1) -------------------------------------
+# --- how the file is read (protocol §2.1) --------------------------------
 
 
 def test_root_name_ignored_and_unknown_elements_skipped(tmp_path):
@@ -437,7 +437,7 @@ def test_aliases_lower_cased_in_file_order(tmp_path):
     assert config.aliases == (Alias("b.example", "sm"), Alias("a.example", "c2s"))
 
 
-# --- ACLs (spec 2.4) -----------------------------------------------------
+# --- ACLs (protocol §2.4) ------------------------------------------------
 
 
 def test_last_acl_of_a_type_wins(tmp_path):
@@ -488,7 +488,7 @@ def test_acl_allows():
     assert not config.acl_allows(None, "logger")
 
 
-# --- router-users.xml (spec 2.3 and errata) ------------------------------
+# --- router-users.xml (protocol §2.3) ------------------------------------
 
 
 def test_users_table_cases():

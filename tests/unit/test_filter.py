@@ -1,4 +1,4 @@
-"""Unit tests for jrouter.filter: router-filter.xml loading and rule matching (spec 2.5, errata).
+"""Unit tests for jrouter.filter: router-filter.xml loading and rule matching (protocol §2.5).
 
 Behaviours marked "verified" were checked against Debian's jabberd2-router 2.7.0.
 """
@@ -109,7 +109,7 @@ def test_rule_attributes(tmp_path):
     ],
 )
 def test_error_condition_prefix_lookup(value, condition):
-    """error selects the first condition starting with the value, else not-allowed (errata)."""
+    """error selects the first condition starting with the value, else not-allowed (protocol §2.5)."""
     assert condition_for(value) == condition
 
 
@@ -282,7 +282,7 @@ def test_redirect_verdict(tmp_path):
 
 
 def test_redirect_with_error_bounces_to_redirect_target(tmp_path):
-    """error + redirect: deny with the error, after rewriting the route's to (errata)."""
+    """error + redirect: deny with the error, after rewriting the route's to (protocol §2.5)."""
     rules = rules_of(tmp_path, "<rule from='*' to='*' redirect='admin@redir.example.com' error='forbidden' log='yes'/>")
     verdict = rules.match("a@b", "c@d", never)
     assert (verdict.action, verdict.error_code, verdict.redirect) == ("deny", 403, "admin@redir.example.com")
@@ -314,7 +314,7 @@ def test_dump_path_in_verdict(tmp_path):
      ("remote-server-timeout", 502), ("service-unavailable", 503), ("unknown-sender", 400)],
 )
 def test_error_codes(tmp_path, condition, code):
-    """Deny verdicts carry the legacy code of spec 4.5's table."""
+    """Deny verdicts carry the legacy code listed in protocol §4.5."""
     verdict = rules_of(tmp_path, f"<rule error='{condition}'/>").match(None, None, never)
     assert (verdict.condition, verdict.error_code) == (condition, code)
 

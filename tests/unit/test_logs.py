@@ -1,4 +1,4 @@
-"""jrouter.logs: jabberd2 log lines (spec 1.9), sinks, SIGHUP reopen, debug toggle."""
+"""jrouter.logs: jabberd2 log lines (protocol §1.6), sinks, SIGHUP reopen, debug toggle."""
 
 import calendar
 import io
@@ -12,7 +12,7 @@ import pytest
 from jrouter import logs
 from jrouter.logs import MAX_LINE, MemoryLog, RouterLog, mask_secret, syslog_facility
 
-# Wed Nov 25 04:56:26 2026 UTC, the timestamp of the spec's example log.
+# Wed Nov 25 04:56:26 2026 UTC, the timestamp of the example log in protocol §1.6.
 T0 = calendar.timegm((2026, 11, 25, 4, 56, 26, 0, 0, 0))
 STAMP = 'Wed Nov 25 04:56:26 2026'
 

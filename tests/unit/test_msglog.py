@@ -1,4 +1,4 @@
-"""jrouter.msglog: jabberd2's message log (spec 7.2), line by line and on disk.
+"""jrouter.msglog: jabberd2's message log (protocol §7.1), line by line and on disk.
 
 The expected lines of ``JABBERD2_CASES`` are what Debian's jabberd2-router
 2.7.0 wrote for the same routes (two components on loopback, TZ=Europe/Berlin);

@@ -359,5 +359,5 @@ def test_remap_simulator_figures():
             row = rows[(algorithm, n)]
             assert row["others_moved"] == 0 and row["not_back_home"] == 0
             assert row["moved_on_leave"] <= 1 / n + 0.05
-    assert 0.70 <= rows[("jabberd2", 4)]["moved_on_leave"] <= 0.80  # spec: about (N-1)/N
+    assert 0.70 <= rows[("jabberd2", 4)]["moved_on_leave"] <= 0.80  # protocol §6.3: about (N-1)/N
     assert rows[("jabberd2", 4)]["others_moved"] > 0.4

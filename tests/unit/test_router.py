@@ -1,4 +1,9 @@
-"""The router without sockets: spec section 10, behaviours 1-25, transcript by transcript."""
+"""The router without sockets: the 25 key behaviours, transcript by transcript.
+
+``test_N_...`` checks key behaviour N of protocol §9 (docs/jabberd2-router.md),
+which also names the section describing it; tests without a number check
+behaviour beyond that list.
+"""
 
 import base64
 import re
@@ -498,7 +503,7 @@ def test_22_per_name_setting_keeps_jabberd2_client_namespace():
                                   "from='u@example.com/r'><body>yo</body></message>", NS_ACCEPT)
 
 
-def test_20_xep0114_version_header_gets_no_features():
+def test_21_xep0114_version_header_gets_no_features():
     """A component opening with version='1.0' gets a pre-1.0 answer and no
     stream features (as from Prosody and ejabberd), then its handshake works."""
     import hashlib
@@ -608,7 +613,7 @@ def test_keepalive_goes_to_idle_streams_only(net):
 
 def test_aliases_of_a_jabberd2_component_are_routable(net):
     """An alias of a name bound over the jabberd2 protocol routes to that peer
-    (jabberd2 registers the wrong name here, spec 4.11)."""
+    (jabberd2 registers the wrong name here, protocol §4.11)."""
     target = net.component("legacy.example.com")
     c2s = net.component("c2s")
     target.take()

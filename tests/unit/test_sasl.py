@@ -1,4 +1,4 @@
-"""jrouter.sasl: DIGEST-MD5 as jabberd2 2.7.0 + GNU SASL 2.2 run it (spec §3.6)."""
+"""jrouter.sasl: DIGEST-MD5 as jabberd2 2.7.0 + GNU SASL 2.2 run it (protocol §3.6)."""
 
 import base64
 import hashlib
@@ -358,7 +358,7 @@ def test_response_before_auth():
 
 
 def test_response_after_failure_is_like_before_auth():
-    """A failure forgets the exchange: a stray <response/> then counts as 'before auth' (errata E1)."""
+    """A failure forgets the exchange: a stray <response/> then counts as 'before auth' (protocol §3.6)."""
     s, _ = challenged()
     s.response(b"garbage")
     assert s.response(hand_response()).condition == "mechanism-too-weak"
@@ -438,7 +438,7 @@ def test_b64decode_rules():
 
 
 def test_to_bytes_matches_spec():
-    """Replies render byte for byte like jabberd2 2.7.0 (spec §3.6 failure table)."""
+    """Replies render byte for byte like jabberd2 2.7.0 (protocol §3.6, the failure table)."""
     ns = "xmlns='urn:ietf:params:xml:ns:xmpp-sasl'"
     s = server()
     assert s.auth("PLAIN").to_bytes() == \
