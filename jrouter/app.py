@@ -1,6 +1,6 @@
 """The router process: startup order, pidfile, signals, reload and shutdown.
 
-Startup follows jabberd2's main() (spec 1.3): config, log, pidfile, users,
+Startup follows jabberd2's main() (protocol §1.2): config, log, pidfile, users,
 filter, TLS, listen. Signal handlers only schedule work (gunicorn's rule):
 the work itself runs in a greenlet of its own.
 """
@@ -40,7 +40,8 @@ def run(config_path, id_override=None, debug=False):
         print("router: couldn't load config, aborting", file=sys.stderr)
         return 2
     log = RouterLog(type=config.log.type, ident=config.log.ident,
-                    facility=config.log.facility, file=config.log.file, debug=debug)
+                    facility=config.log.facility, file=config.log.file, debug=debug,
+                    debug_file=config.log.debug)
     try:
         return RouterProcess(config, log, id_override).run()
     finally:
@@ -162,7 +163,7 @@ class RouterProcess:
         self.log.notice(f"debug output {'on' if enabled else 'off'}")
 
     def reload(self):
-        """SIGHUP: what jabberd2 does (spec 1.6: reopen the log, reload the
+        """SIGHUP: what jabberd2 does (protocol §1.4: reopen the log, reload the
         filter and the users), then what it cannot: router.xml's ACLs,
         aliases, XEP-0114 secret, keepalive and clustering policies. A file
         that fails to load keeps the old settings, and the log says why."""

@@ -138,7 +138,7 @@ def test_sighup_reloads_users(router):
 
 def test_sigterm_closes_streams_and_exits_0(router_factory):
     """SIGTERM: every peer gets </stream:stream> without having to speak first
-    (jabberd2 waits for the peer, spec 1.8), then the router exits 0."""
+    (jabberd2 waits for the peer, protocol §1.5), then the router exits 0."""
     router = router_factory("jrouter")
     peer = Peer(router.ip, router.port).authenticate().bind("sm")
     router.send_signal(signal.SIGTERM)
@@ -213,6 +213,19 @@ def test_debug_flag_enables_debug_output(router_factory):
     peer = Peer(router.ip, router.port).authenticate().bind("sm")
     peer.send("<route type='bogus' from='sm' to='sm'><message/></route>")
     router.wait_for_log("unknown route type 'bogus'")
+
+
+def test_debug_lines_go_to_the_log_debug_file(router_factory, tmp_path):
+    """<log><debug>FILE</debug> receives the debug lines; the main log keeps the others."""
+    debug_log = tmp_path / "debug.log"
+    router = router_factory("jrouter", args=["-D"], debug_log=debug_log)
+    peer = Peer(router.ip, router.port).authenticate().bind("sm")
+    peer.send("<route type='bogus' from='sm' to='sm'><message/></route>")
+    peer.send("<route to='sm' from='sm'><message id='echo'/></route>")
+    assert peer.route()[0].get("id") == "echo"
+    assert "unknown route type 'bogus'" in debug_log.read_text()
+    assert "unknown route type 'bogus'" not in router.log_text
+    assert "[sm] online" in router.log_text
 
 
 def test_keepalive_sends_a_single_space_to_idle_peers(router_factory):

@@ -1,7 +1,7 @@
 """Router configs in jabberd2's format, and a router process of either kind.
 
 Owns: writing router.xml, router-users.xml and router-filter.xml the way
-jabberd2 2.7 reads them (spec §2), and running `jabberd2-router` or jrouter
+jabberd2 2.7 reads them (protocol §2), and running `jabberd2-router` or jrouter
 on them with the same command line (`-c FILE`).
 Must not know: what the test then does with the router.
 
@@ -23,7 +23,7 @@ ROUTER_KINDS = ("jabberd2", "jrouter")
 JABBERD2_ROUTER = "/usr/sbin/jabberd2-router"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# What Debian ships (spec §2.6): one component user, allowed everything.
+# What Debian ships (protocol §2.6): one component user, allowed everything.
 DEFAULT_USERS = {"jabberd": "secret"}
 DEFAULT_ACLS = {"all": ["jabberd"]}
 
@@ -101,7 +101,7 @@ def _aliases_xml(aliases):
 
 def write_router_config(directory, port, *, ip="127.0.0.1", users=None, secret="secret",
                         acls=None, aliases=None, filter_rules=None, extra="",
-                        local_extra="", router_id="router"):
+                        local_extra="", router_id="router", debug_log=None):
     """Write router.xml, router-users.xml and router-filter.xml into `directory`.
 
     users: {name: secret} for router-users.xml (default jabberd/secret).
@@ -113,6 +113,7 @@ def write_router_config(directory, port, *, ip="127.0.0.1", users=None, secret="
     extra: XML fragment(s) appended inside <router> (e.g. '<check>...</check>',
         '<io>...</io>', '<message_logging>...</message_logging>').
     local_extra: XML fragment(s) appended inside <local> (e.g. '<pemfile>').
+    debug_log: a path for <log><debug> (where debug lines go), or None.
     Returns a RouterFiles.
     """
     directory = Path(directory)
@@ -131,7 +132,7 @@ def write_router_config(directory, port, *, ip="127.0.0.1", users=None, secret="
         "<router>\n"
         "  <id>%(id)s</id>\n"
         "  <pidfile>%(pidfile)s</pidfile>\n"
-        "  <log type='file'>\n    <file>%(log)s</file>\n  </log>\n"
+        "  <log type='file'>\n    <file>%(log)s</file>\n%(debug)s  </log>\n"
         "  <local>\n"
         "    <ip>%(ip)s</ip>\n"
         "    <port>%(port)d</port>\n"
@@ -144,6 +145,7 @@ def write_router_config(directory, port, *, ip="127.0.0.1", users=None, secret="
         "</router>\n") % {
             "id": escape(router_id), "pidfile": escape(str(files.pidfile)),
             "log": escape(str(files.log)), "ip": escape(ip), "port": files.port,
+            "debug": "    <debug>%s</debug>\n" % escape(str(debug_log)) if debug_log else "",
             "users": escape(str(files.users_file)), "secret": secret_xml,
             "local_extra": local_more + "\n" if local_more else "",
             "aliases": _aliases_xml(aliases), "acls": _acls_xml(acls),
