@@ -2,7 +2,7 @@
 
 Owns the semantics of ``<io><access>`` (jabberd2 ``util/access.c``, protocol §3.1
 step 1) and of the ``<io><limits>`` counters (``util/rate.c``, protocol §3.1
-step 2 and §3.9).  Nothing here reads files, sockets or the clock: ``config.py`` builds
+step 2 and §3.9).  Nothing here reads files, sockets or the clock: ``jrouter.config`` builds
 the rules, and the caller passes the peer address and the current time.
 
 Theory of operation

@@ -1,12 +1,12 @@
 """Per-name clustering policies: the operator's `<clustering>` section of router.xml.
 
 Owns: `ClusterPolicy` (one `<policy>`), `PolicyTable` (route name -> policy),
-`parse_clustering` (the XML section -> table + problems), and the pure
+and the pure
 decisions a policy makes for one packet: which stanza attribute is the key
 (`key_attribute`), which string is hashed (`placement_key`) and where the
 packet goes (`place`).  The algorithms and per-name state are balance.py's.
 Must not know: connections, sockets, the clock, randomness (a random
-function is handed in), or how config.py reads the rest of router.xml.
+function is handed in), or how the section is read (config/sections.py).
 
 The section (jabberd2 ignores unknown elements, so one router.xml serves
 both routers)::
@@ -60,15 +60,13 @@ algorithm is not jabberd2, and share one `IqTracker` and one `HoldQueue`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
-
-from lxml import etree
 
 from .balance import MAX_SLOT_ID, fixed_slot, jabberd2_index, node_less_key, rendezvous_pick
 from .jid import parse_jid
 
-__all__ = ["ClusterPolicy", "PolicyTable", "PolicyError", "Choice", "parse_clustering",
+__all__ = ["ClusterPolicy", "PolicyTable", "PolicyError", "Choice", "match_name",
            "key_attribute", "placement_key", "place", "DEFAULT_POLICY",
            "DELIVER", "HOLD", "BOUNCE"]
 
@@ -79,9 +77,6 @@ ALGORITHMS = ("jabberd2", "consistent", "slots")
 DEAD = ("failover", "bounce", "hold")
 NODELESS = ("random", "hash")
 REPLACE = ("never", "half-open")
-BOOLEANS = {"yes": True, "true": True, "1": True, "on": True,
-            "no": False, "false": False, "0": False, "off": False}
-
 # What place() decides for a packet.
 DELIVER, HOLD, BOUNCE = "deliver", "hold", "bounce"
 
@@ -89,27 +84,7 @@ DELIVER, HOLD, BOUNCE = "deliver", "hold", "bounce"
 # Attribute readers: text in, value out, ValueError with a reason.
 
 
-def _choice(allowed: Sequence[Optional[str]]) -> Callable[[str], str]:
-    def read(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"must be one of {_listing(allowed)}, got {value!r}")
-        return value
-    return read
-
-
-def _count(value: str) -> int:
-    if not value.isdigit() or not value.isascii():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(value)
-
-
-def _boolean(value: str) -> bool:
-    if value.lower() not in BOOLEANS:
-        raise ValueError(f"expected yes or no, got {value!r}")
-    return BOOLEANS[value.lower()]
-
-
-def _match(value: str) -> str:
+def match_name(value: str) -> str:
     """A route name, '*.' + a name, or '*'; names prepped as bind names are."""
     if value == "*":
         return value
@@ -158,7 +133,7 @@ def _policy_problems(p: ClusterPolicy) -> list[tuple[str, str]]:
     problems = [(name, f"must be one of {_listing(allowed)}, got {getattr(p, name)!r}")
                 for name, allowed in _CHOICES.items() if getattr(p, name) not in allowed]
     try:
-        if _match(p.match) != p.match:
+        if match_name(p.match) != p.match:
             problems.append(("name", f"must be prepped (lower case), got {p.match!r}"))
     except ValueError as exc:
         problems.append(("name", str(exc)))
@@ -312,90 +287,3 @@ class PolicyTable:
     def policies(self) -> list[ClusterPolicy]:
         """Every configured policy (for the operator's view)."""
         return list(self._exact.values()) + list(self._wild.values()) + [self.default]
-
-
-# ---------------------------------------------------------------------------
-# Reading <clustering>.
-
-_ATTRIBUTES: dict[str, tuple[str, Callable[[str], object]]] = {
-    "name": ("match", _match),
-    "key": ("key", _choice(KEYS)),
-    "address": ("address", _choice(ADDRESSES)),
-    "algorithm": ("algorithm", _choice(ALGORITHMS)),
-    "slots": ("slots", _count),
-    "dead": ("dead", _choice(DEAD)),
-    "hold": ("hold_seconds", _count),
-    "nodeless": ("nodeless", _choice(NODELESS)),
-    "track-iq": ("track_iq", _boolean),
-    "replace": ("replace", _choice(REPLACE)),
-}
-assert {field for field, _read in _ATTRIBUTES.values()} == {f.name for f in fields(ClusterPolicy)}
-
-
-class _Problems(list):
-    """Problem strings in config.py's form: FILE:LINE: element.path[@attr]: message."""
-
-    def __init__(self, path: str, key: str) -> None:
-        super().__init__()
-        self.path, self.key = path, key
-
-    def add(self, el: etree._Element, where: str, message: str) -> None:
-        self.append(f"{self.path}:{el.sourceline or 0}: {self.key}{where}: {message}")
-
-
-def parse_clustering(element: Optional[etree._Element], path: str,
-                     key: str = "clustering") -> tuple[PolicyTable, list[str]]:
-    """Read the `<clustering>` element (None: no section) into a table.
-
-    Returns every problem found, as strings `PATH:LINE: clustering.policy@attr:
-    message` (config.py's form); the table then holds the valid policies only.
-    """
-    problems = _Problems(path, key)
-    if element is None:
-        return PolicyTable(), problems
-    for attr in element.attrib:
-        problems.add(element, "", f"unknown attribute {attr!r}")
-    policies: dict[str, tuple[ClusterPolicy, int]] = {}
-    for child in element.iterchildren(etree.Element):
-        if etree.QName(child).localname != "policy":
-            problems.add(child, "", f"unknown element <{etree.QName(child).localname}>, expected <policy>")
-            continue
-        policy = _policy(child, problems)
-        if policy is None:
-            continue
-        if policy.match in policies:
-            problems.add(child, ".policy@name", f"{policy.match!r} already has a policy, on line "
-                                                f"{policies[policy.match][1]}")
-            continue
-        policies[policy.match] = (policy, child.sourceline or 0)
-    return PolicyTable(p for p, _line in policies.values()), problems
-
-
-def _policy(el: etree._Element, problems: _Problems) -> Optional[ClusterPolicy]:
-    """One `<policy>`, or None after adding all its problems."""
-    before = len(problems)
-    values: dict[str, object] = {}
-    failed = set()
-    for attr, raw in el.attrib.items():
-        if attr not in _ATTRIBUTES:
-            problems.add(el, f".policy@{attr}", f"unknown attribute (known: {', '.join(_ATTRIBUTES)})")
-            continue
-        field, read = _ATTRIBUTES[attr]
-        try:
-            values[field] = read(raw.strip())
-        except ValueError as exc:
-            problems.add(el, f".policy@{attr}", str(exc))
-            failed.add(attr)
-    if "name" not in el.attrib:
-        problems.add(el, ".policy", "missing the name attribute")
-    if "hold" in el.attrib and values.get("dead") != "hold":
-        problems.add(el, ".policy@hold", "is only used with dead='hold'")
-    try:
-        policy = ClusterPolicy(**values)
-    except PolicyError as exc:
-        # contradictions between the values that could be read (each said once)
-        for attr, message in exc.problems:
-            if attr not in failed:
-                problems.add(el, f".policy@{attr}", message)
-        return None
-    return policy if len(problems) == before else None

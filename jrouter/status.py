@@ -1,7 +1,6 @@
 """The status endpoint: the router's figures over read-only HTTP, for operators.
 
-Owns: the ``<status>`` section of router.xml (``parse_status``, called by
-config.py), the WSGI application (``StatusApp``: ``/metrics`` in the
+Owns: the WSGI application (``StatusApp``: ``/metrics`` in the
 Prometheus text format, ``/status`` and ``/placement`` as JSON) and the gevent
 server around it (``StatusServer``).
 
@@ -24,20 +23,18 @@ picture taken between two packets. Requests run in a small pool of their own,
 so a busy scraper can never take more than ``pool_size`` greenlets.
 
 ``prometheus_client`` and gevent's WSGI server are imported only when an
-endpoint is served, so config.py can import ``parse_status`` without them.
+endpoint is served. The ``<status>`` section is read by config/sections.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import re
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
 
 from . import stats
+from .config.sections import StatusSettings
 
 #: Counter fields and the help text of their Prometheus metrics.
 _COUNTER_HELP = {
@@ -49,103 +46,6 @@ _COUNTER_HELP = {
     "drops": "Packets dropped without an answer",
     "throttled": "Packets held back while the receiver throttled",
 }
-
-
-# ---------------------------------------------------------------------------
-# router.xml: <status>
-
-
-@dataclass(frozen=True)
-class StatusSettings:
-    """``<status>``: where the status endpoint listens. Port 0 means off."""
-
-    ip: str = "127.0.0.1"
-    port: int = 0
-    public: bool = False        # <status public='yes'>: a non-loopback ip is meant
-
-    @property
-    def enabled(self) -> bool:
-        return self.port != 0
-
-
-_INTEGER = re.compile(r"\s*([+-]?[0-9]+)\s*\Z")
-
-
-def parse_status(element: Any, path: str) -> tuple[Optional[StatusSettings], list[str]]:
-    """Read the ``<status>`` element (lxml, or None when absent).
-
-    Returns ``(settings, problems)``: settings is None when the endpoint is
-    off (no element, or port 0) or when there are problems; each problem reads
-    ``PATH:LINE: status.KEY: message``, as config.py reports its own.
-    """
-    if element is None:
-        return None, []
-    problems: list[str] = []
-
-    def problem(el: Any, key: str, message: str) -> None:
-        problems.append(f"{path}:{el.sourceline or 0}: {key}: {message}")
-
-    public_attr = element.get("public", "no")
-    if public_attr not in ("yes", "no"):
-        problem(element, "status@public", f"must be 'yes' or 'no', got {public_attr!r}")
-    public = public_attr == "yes"
-
-    port_el = _child(element, "port")
-    port = 0
-    if port_el is None:
-        problem(element, "status.port", "missing: say which port to listen on "
-                "(<port>5380</port>), or 0 to turn the endpoint off")
-    else:
-        match = _INTEGER.match(_text(port_el))
-        if match is None:
-            problem(port_el, "status.port", f"expected an integer, got {_text(port_el)!r}")
-        elif not 0 <= int(match.group(1)) <= 65535:
-            problem(port_el, "status.port", f"port must be between 0 (off) and 65535, "
-                    f"got {int(match.group(1))}")
-        else:
-            port = int(match.group(1))
-
-    ip_el = _child(element, "ip")
-    ip = StatusSettings.ip
-    if ip_el is not None:
-        ip = _text(ip_el).strip()
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            problem(ip_el, "status.ip", f"{ip!r} is not an IPv4 or IPv6 address "
-                    "(host names are not allowed)")
-        else:
-            if not public and not _is_loopback(address):
-                problem(ip_el, "status.ip", f"{ip} is not a loopback address; the status "
-                        "endpoint has no authentication, so it listens on loopback only "
-                        "unless <status public='yes'> says otherwise")
-
-    if problems or port == 0:
-        return None, problems
-    return StatusSettings(ip=ip, port=port, public=public), problems
-
-
-def _is_loopback(address: Any) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-def _child(element: Any, name: str) -> Any:
-    """The first child element called ``name`` (jabberd2 uses the first)."""
-    for child in element.iterchildren():
-        if isinstance(child.tag, str) and child.tag.rpartition("}")[2] == name:
-            return child
-    return None
-
-
-def _text(element: Any) -> str:
-    """An element's own text as expat hands it to jabberd2 (comments skipped)."""
-    parts = [element.text or ""]
-    for child in element.iterchildren():
-        if isinstance(child.tag, str):
-            break
-        parts.append(child.tail or "")
-    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from .config import DEFAULT_CONFIG_FILE, XMLProblem, parse_xml
 from .stats import FIELDS
-from .status import parse_status
+from .config import parse_status
 
 TIMEOUT = 5.0
 

@@ -10,9 +10,10 @@ from lxml import etree
 
 from jrouter.balance import SlotTable, fixed_slot, jabberd2_pick, rendezvous_order, rendezvous_pick
 from jrouter.jid import parse_jid
+from jrouter.config import parse_clustering
 from jrouter.policy import (
     BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, ClusterPolicy, PolicyError, PolicyTable, key_attribute,
-    parse_clustering, place, placement_key)
+    place, placement_key)
 
 USERS = [f"user{i}@example.com" for i in range(3000)]
 CONSISTENT = ClusterPolicy(match="example.com", algorithm="consistent")

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jrouter import status_cli
 from jrouter.stats import Counters, snapshot
-from jrouter.status import (StatusApp, StatusListenError, StatusServer, StatusSettings,
-                            metric_families, parse_status)
+from jrouter.config import StatusSettings, parse_status
+from jrouter.status import StatusApp, StatusListenError, StatusServer, metric_families
 
 from .test_stats import FakeRouter, conn
 
@@ -75,13 +75,16 @@ def test_non_loopback_ip_refused_unless_public():
 
 
 def test_other_ip_and_public_problems():
-    """Host names and public values other than yes/no are refused."""
+    """Host names and public values outside the one yes/no grammar are refused."""
     _, problems = parse_status(status_element(
-        "<status public='true'><ip>localhost</ip><port>1</port></status>"), PATH)
+        "<status public='maybe'><ip>localhost</ip><port>1</port></status>"), PATH)
     assert problems == [
-        f"{PATH}:2: status@public: must be 'yes' or 'no', got 'true'",
+        f"{PATH}:2: status@public: expected yes or no, got 'maybe'",
         f"{PATH}:2: status.ip: 'localhost' is not an IPv4 or IPv6 address (host names are not allowed)",
     ]
+    settings, problems = parse_status(status_element(
+        "<status public='true'><ip>192.0.2.7</ip><port>1</port></status>"), PATH)
+    assert problems == [] and settings.public     # the same words as clustering's track-iq
     settings, problems = parse_status(status_element(
         "<status><ip>::ffff:127.0.0.1</ip><port>1</port></status>"), PATH)
     assert problems == [] and settings.ip == "::ffff:127.0.0.1"

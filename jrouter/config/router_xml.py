@@ -1,10 +1,10 @@
-"""router.xml and router-users.xml: read once, validated in one place, frozen into a ``Config``.
+"""router.xml: read once, validated in one place, frozen into a ``Config``.
 
 Owns how jabberd2 reads its configuration (``util/config.c`` ``config_load``,
-``router/main.c`` ``_router_config_expand``, ``router/aci.c``,
-``router/user.c``; protocol §2.1-2.4) and every check we add on top.  It must not
-know what the settings are used for: it does not open sockets, log files or
-pidfiles, and ``load_users`` returns its log lines instead of logging them.
+``router/main.c`` ``_router_config_expand``, ``router/aci.c``; protocol
+§2.1-2.4) and every check we add on top, with the readers of grammar.py; our
+own sections come from sections.py.  It must not know what the settings are
+used for: it does not open sockets, log files or pidfiles.
 
 Theory of operation
 -------------------
@@ -19,18 +19,15 @@ Theory of operation
    anything else, so it wins over ``<id>``.
 3. ``_build`` reads each setting from the first occurrence of its key through
    the table ``_SETTINGS`` (key, default, validator) or a section builder
-   (log, limits, access, aliases, ACLs).  Every problem is collected, named by
+   (log, limits, access, aliases, components, ACLs, and sections.py's
+   ``<status>`` and ``<clustering>``).  Every problem is collected, named by
    file, line and element path, and reported together in one ``ConfigError``.
    Unknown elements are ignored so any router.xml written for jabberd2 loads.
-
-Where jabberd2 silently turns garbage into something (``atoi("abc")`` is 0, so
-``<port>abc</port>`` listens on a random port), we refuse to start instead.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping, Optional
@@ -38,8 +35,12 @@ from typing import Callable, Mapping, Optional
 from lxml import etree
 
 from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
-from jrouter.policy import PolicyTable, parse_clustering
-from jrouter.status import StatusSettings, parse_status
+from jrouter.policy import PolicyTable
+
+from . import grammar
+from .grammar import Problems
+from .sections import StatusSettings, parse_clustering, parse_status
+from .xmlfile import XMLProblem, children, element_text, parse_xml, xml_name
 
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
 DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
@@ -50,60 +51,6 @@ DEFAULT_STANZA_SIZE = 1048576
 LOG_TYPES = ("stdout", "file", "syslog")
 # util/log.c _log_facilities; anything else, or none, means local7.
 SYSLOG_FACILITIES = tuple(f"local{n}" for n in range(8)) + ("log_user",)
-
-
-# ---------------------------------------------------------------------------
-# Hardened XML, shared with filter.py.
-
-
-class XMLProblem(Exception):
-    """A file is not well-formed XML (or uses a DOCTYPE, which we refuse)."""
-
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"line {line}: {message}")
-        self.line = line
-        self.message = message
-
-
-def parse_xml(data: bytes) -> etree._Element:
-    """Parse a whole document without DTDs, entity expansion or network access."""
-    parser = etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=False
-    )
-    try:
-        root = etree.fromstring(data, parser)
-    except etree.XMLSyntaxError as exc:
-        log = parser.error_log  # exc.error_log also holds errors of earlier parses
-        errors = [e for e in log if e.level >= etree.ErrorLevels.ERROR] or list(log)
-        if errors:
-            raise XMLProblem(errors[0].line, errors[0].message) from None
-        raise XMLProblem(exc.lineno or 0, str(exc)) from None
-    if root.getroottree().docinfo.doctype:
-        # expat would expand internal entities (config_load) or stop at their
-        # declaration (nad_parse); a DOCTYPE has no use here, so refuse it.
-        line = data[: max(data.find(b"<!DOCTYPE"), 0)].count(b"\n") + 1
-        raise XMLProblem(line, "DOCTYPE declarations are not allowed")
-    return root
-
-
-def element_text(el: etree._Element) -> str:
-    """The text expat gives jabberd2 for ``el``: all text before its first child element."""
-    parts = [el.text or ""]
-    for child in el:
-        if isinstance(child.tag, str):
-            break
-        parts.append(child.tail or "")  # a comment or PI splits the text, expat joins it
-    return "".join(parts)
-
-
-def _name(el: etree._Element) -> str:
-    # config_load's expat does no namespace processing: keys use the name as written.
-    local = etree.QName(el).localname
-    return f"{el.prefix}:{local}" if el.prefix else local
-
-
-def _children(el: etree._Element, name: str) -> list[etree._Element]:
-    return [c for c in el.iterchildren(etree.Element) if _name(c) == name]
 
 
 # ---------------------------------------------------------------------------
@@ -181,86 +128,24 @@ class Config:
         return self.message_logging_enabled and self.message_logging_file is not None
 
 
-# ---------------------------------------------------------------------------
-# Validators: value text in, typed value out, ValueError with a reason.
-
-_INTEGER = re.compile(r"[ \t\r\n]*([+-]?[0-9]+)[ \t\r\n]*\Z")
-
-
-def _text(value: str) -> str:
-    return value
-
-
-def _integer(value: str) -> int:
-    # Stricter than jabberd2's atoi, which reads "12abc" as 12 and "abc" as 0:
-    # surrounding whitespace is fine, anything else is refused.
-    match = _INTEGER.match(value)
-    if match is None:
-        raise ValueError(f"expected an integer, got {value!r}")
-    return int(match.group(1))
-
-
-def _non_negative(value: str) -> int:
-    number = _integer(value)
-    if number < 0:
-        raise ValueError(f"must not be negative, got {number}")
-    return number
-
-
-def _positive(value: str) -> int:
-    number = _integer(value)
-    if number < 1:
-        raise ValueError(f"must be at least 1, got {number}")
-    return number
-
-
-def _port(value: str) -> int:
-    number = _integer(value)
-    if not 1 <= number <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {number}")
-    return number
-
-
-def _ip_literal(value: str) -> str:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address (host names are not allowed)") from None
-    return value
-
-
-def _flag(value: str) -> bool:
-    return _integer(value) != 0
-
-
-_LABEL = re.compile(r"[\w-]{1,63}\Z")
-
-
-def _domain(value: str) -> str:
-    name = value.lower()
-    if len(name.encode("utf-8")) > 1023 or not all(_LABEL.match(label) for label in name.split(".")):
-        raise ValueError(f"{value!r} is not a domain name")
-    return name
-
-
 # Plain settings: Config field, key, validator.  Defaults come from Config.
 _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
-    ("id", "id", _text),
-    ("pidfile", "pidfile", _text),
-    ("ip", "local.ip", _ip_literal),
-    ("port", "local.port", _port),
-    ("users_file", "local.users", _text),
-    ("secret", "local.secret", _text),
-    ("pemfile", "local.pemfile", _text),
-    ("private_key_password", "local.private_key_password", _text),
-    ("ciphers", "local.ciphers", _text),
-    ("max_fds", "io.max_fds", _positive),
-    ("stanza_size_limit", "io.limits.stanzasize", _non_negative),
-    ("check_interval", "check.interval", _non_negative),
-    ("keepalive", "check.keepalive", _non_negative),
-    ("filter_file", "aci.filter", _text),
-    ("message_logging_enabled", "message_logging.enabled", _flag),
-    ("message_logging_file", "message_logging.file", _text),
+    ("id", "id", grammar.text),
+    ("pidfile", "pidfile", grammar.text),
+    ("ip", "local.ip", grammar.ip_literal),
+    ("port", "local.port", grammar.port),
+    ("users_file", "local.users", grammar.text),
+    ("secret", "local.secret", grammar.text),
+    ("pemfile", "local.pemfile", grammar.text),
+    ("private_key_password", "local.private_key_password", grammar.text),
+    ("ciphers", "local.ciphers", grammar.text),
+    ("max_fds", "io.max_fds", grammar.positive),
+    ("stanza_size_limit", "io.limits.stanzasize", grammar.non_negative),
+    ("check_interval", "check.interval", grammar.non_negative),
+    ("keepalive", "check.keepalive", grammar.non_negative),
+    ("filter_file", "aci.filter", grammar.text),
+    ("message_logging_enabled", "message_logging.enabled", grammar.jabberd2_flag),
+    ("message_logging_file", "message_logging.file", grammar.text),
 )
 
 
@@ -282,18 +167,18 @@ class _Reader:
     def __init__(self, path: str, root: etree._Element, id_override: Optional[str]) -> None:
         self.path = path
         self.root = root
-        self.problems: list[str] = []
+        self.problems = Problems(path)
         self.table: dict[str, list[_Entry]] = {}
         if id_override is not None:
             self.table["id"] = [_Entry(id_override, {}, 0)]
         self._walk(root, "")
 
     def problem(self, line: int, key: str, message: str) -> None:
-        self.problems.append(f"{self.path}:{line}: {key}: {message}")
+        self.problems.add(line, key, message)
 
     def _walk(self, parent: etree._Element, prefix: str) -> None:
         for el in parent.iterchildren(etree.Element):
-            key = prefix + _name(el)
+            key = prefix + xml_name(el)
             entry = _Entry("1", dict(el.attrib), el.sourceline or 0)
             text = element_text(el)
             if text:
@@ -348,17 +233,17 @@ def _log(r: _Reader) -> LogSettings:
     entry = r.first("log")
     kind = entry.attrs.get("type") if entry is not None else None
     kind = kind if kind in ("file", "syslog") else "stdout"  # jabberd2: anything else is stdout
-    facility = r.get("log.facility", None, _text)
+    facility = r.get("log.facility", None, grammar.text)
     facility = facility.lower() if isinstance(facility, str) else None
-    file = r.get("log.file", None, _text)
+    file = r.get("log.file", None, grammar.text)
     if kind == "file" and r.first("log.file") is None:
         r.problem(entry.line, "log@type", "type='file' needs a <file> element naming the log file")
     return LogSettings(
         type=kind,
-        ident=r.get("log.ident", LogSettings.ident, _text),
+        ident=r.get("log.ident", LogSettings.ident, grammar.text),
         facility=facility if facility in SYSLOG_FACILITIES else "local7",
         file=file,
-        debug=r.get("log.debug", None, _text),
+        debug=r.get("log.debug", None, grammar.text),
     )
 
 
@@ -366,20 +251,20 @@ def _rate(r: _Reader, key: str) -> RateLimit:
     entry = r.first(key)
     if entry is None or entry.failed:
         return RateLimit()
-    total = r.check(entry.value, entry.line, key, 0, _non_negative)
+    total = r.check(entry.value, entry.line, key, 0, grammar.non_negative)
     if total == 0:
         return RateLimit()  # jabberd2 does not even read the attributes then
 
     def attr(name: str) -> int:
         value = entry.attrs.get(name)
         default = getattr(RateLimit, name)
-        return default if value is None else r.check(value, entry.line, f"{key}@{name}", default, _non_negative)
+        return default if value is None else r.check(value, entry.line, f"{key}@{name}", default, grammar.non_negative)
 
     return RateLimit(total, attr("seconds"), attr("throttle"))
 
 
 def _access(r: _Reader) -> AccessRules:
-    order = r.get("io.access.order", ALLOW_DENY, _text).strip(" \t\r\n")
+    order = r.get("io.access.order", ALLOW_DENY, grammar.text).strip(" \t\r\n")
     if order not in (ALLOW_DENY, DENY_ALLOW):
         # jabberd2 takes anything but "deny,allow" as allow,deny, so a typo
         # quietly opens the router; we refuse.
@@ -416,7 +301,7 @@ def _aliases(r: _Reader) -> tuple[Alias, ...]:
             if value is None:
                 r.problem(entry.line, "aliases.alias", f"missing the {attr} attribute")
             else:
-                names[attr] = r.check(value, entry.line, f"aliases.alias@{attr}", None, _domain)
+                names[attr] = r.check(value, entry.line, f"aliases.alias@{attr}", None, grammar.domain)
         if None in names.values() or len(names) < 2:
             continue
         if names["name"] in aliases:
@@ -444,7 +329,7 @@ def _component_namespaces(r: _Reader) -> Mapping[str, str]:
             r.problem(entry.line, "components.component", f"unknown attribute {unknown[0]!r}")
         if name is None or namespace is None:
             continue
-        name = r.check(name, entry.line, "components.component@name", None, _domain)
+        name = r.check(name, entry.line, "components.component@name", None, grammar.domain)
         if namespace not in COMPONENT_NAMESPACES:
             r.problem(entry.line, "components.component@namespace",
                       f"{namespace!r} is not one of {', '.join(COMPONENT_NAMESPACES)}")
@@ -462,12 +347,12 @@ def _component_namespaces(r: _Reader) -> Mapping[str, str]:
 def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
     """``aci_load``: read straight from the tree, so user names are raw text, never ${}-expanded."""
     acls: dict[str, frozenset[str]] = {}
-    aci = _children(root, "aci")
-    for acl in _children(aci[0], "acl") if aci else []:
+    aci = children(root, "aci")
+    for acl in children(aci[0], "acl") if aci else []:
         kind = acl.get("type")
         if kind is None:
             continue
-        users = frozenset(t for t in (element_text(u) for u in _children(acl, "user")) if t)
+        users = frozenset(t for t in (element_text(u) for u in children(acl, "user")) if t)
         if users:  # an <acl> with no users leaves an earlier one of its type alone
             acls[kind[:32]] = users
     return MappingProxyType(acls)
@@ -477,7 +362,7 @@ def _section(r: _Reader, name: str, parse):
     """An optional section with a parser of its own (``parse(element, path)
     -> (value, problems)``); its problems join everyone else's. None when
     the section is absent."""
-    found = _children(r.root, name)
+    found = children(r.root, name)
     if not found:
         return None
     value, problems = parse(found[0], r.path)
@@ -520,51 +405,3 @@ def load_config(path: str, id_override: Optional[str] = None) -> Config:
     return config
 
 
-# ---------------------------------------------------------------------------
-# router-users.xml (user_table_load).
-
-
-@dataclass(frozen=True)
-class UsersResult:
-    """The user table (name -> secret) and the log lines (level, text) jabberd2 would write."""
-
-    users: dict[str, str]
-    messages: list[tuple[str, str]]
-
-
-def _local_children(el: etree._Element, name: str) -> list[etree._Element]:
-    # nad_parse is namespace-aware: names are compared without prefix or namespace.
-    return [c for c in el.iterchildren(etree.Element) if etree.QName(c).localname == name]
-
-
-def load_users(path: str) -> UsersResult:
-    """Read the user table.  Never raises: a bad file gives an empty table and an error line."""
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:
-        return UsersResult({}, [("error", f"couldn't open user table file {path}: {exc.strerror}")])
-    try:
-        with handle:
-            data = handle.read()
-    except OSError as exc:
-        return UsersResult({}, [("error", f"couldn't read from user table file: {exc.strerror}")])
-    if not data:
-        return UsersResult({}, [("error", f"empty user table file {path}")])
-    try:
-        root = parse_xml(data)
-    except XMLProblem:
-        return UsersResult({}, [("error", "couldn't parse user table")])
-    users: dict[str, str] = {}
-    messages: list[tuple[str, str]] = []
-    count = 0
-    for user in _local_children(root, "user"):
-        name = [element_text(e) for e in _local_children(user, "name")[:1]]
-        secret = [element_text(e) for e in _local_children(user, "secret")[:1]]
-        if not (name and name[0] and secret and secret[0]):
-            # jabberd2 logs this forever without advancing (protocol §2.3); we log once and go on.
-            messages.append(("error", "malformed user entry in user table file, skipping"))
-            continue
-        users[name[0]] = secret[0]  # a later duplicate overwrites, as xhash_put does
-        count += 1
-    messages.append(("notice", f"loaded user table ({count} users)"))
-    return UsersResult(users, messages)
