@@ -27,6 +27,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
+from .errors import MembershipError
 from .jid import JID
 
 __all__ = ["jabberd2_hash", "jabberd2_pick", "jabberd2_index",
@@ -171,7 +172,7 @@ def node_less_key(jid: Optional[JID], raw: str, full: bool = False) -> str:
 # Stable instance identity.
 
 
-class SlotBusy(ValueError):
+class SlotBusy(MembershipError, ValueError):
     """The identity's slot is held by a live connection (a second copy, or a half-open old one)."""
 
     def __init__(self, identity: str, slot: int) -> None:
@@ -180,7 +181,7 @@ class SlotBusy(ValueError):
         self.slot = slot
 
 
-class SlotsFull(ValueError):
+class SlotsFull(MembershipError, ValueError):
     """Every slot is held by a live connection."""
 
 

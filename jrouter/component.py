@@ -25,6 +25,7 @@ import enum
 import hashlib
 import hmac
 
+from .errors import ConnectionClosed
 from .stats import Counters
 from .xmlstream import (STREAM_CLOSE, STREAMS_NS, Element, StreamClose, StreamError,
                         StreamOpen, StreamReader, stream_error, stream_header)
@@ -69,10 +70,6 @@ _MOVES = {
     State.LEGACY: {State.CLOSED},
     State.CLOSED: set(),
 }
-
-
-class ConnectionClosed(Exception):
-    """The stream is over; what is queued must be sent, then the socket closed."""
 
 
 class Connection:

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 from lxml import etree
 
 from jrouter.config import XMLProblem, parse_xml
+from jrouter.errors import ConfigurationError
 
 # util/stanza.c's _stanza_errors, in table order: (condition, legacy code).
 # The nameless 401 entry (stanza_err_OLD_UNAUTH) can never be selected by name.
@@ -71,7 +72,7 @@ ERROR_CODES: dict[str, int] = {name: code for name, code in STANZA_ERRORS if nam
 ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
 
 
-class FilterError(Exception):
+class FilterError(ConfigurationError):
     """The filter file exists but cannot be used; jabberd2 logs ``str(self)`` and exits 1."""
 
     def __init__(self, message: str, level: str = "error") -> None:

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from .balance import MAX_SLOT_ID, fixed_slot, jabberd2_index, node_less_key, rendezvous_pick
+from .errors import ConfigurationError
 from .jid import parse_jid
 
 __all__ = ["ClusterPolicy", "PolicyTable", "PolicyError", "Choice", "match_name",
@@ -95,7 +96,7 @@ def match_name(value: str) -> str:
     return "*." + jid.domain if wild else jid.domain
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigurationError, ValueError):
     """A policy whose settings contradict each other; `problems` are (attribute, message)."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:

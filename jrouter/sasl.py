@@ -60,6 +60,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
+from .errors import JrouterError, ProtocolError
+
 __all__ = [
     "DigestMD5Client",
     "SaslError",
@@ -90,7 +92,7 @@ TEXT_BASE64 = "Base 64 coding error in SASL library"
 TEXT_NO_AUTH = "response send before auth request enabling mechanism"
 
 
-class SaslError(ValueError):
+class SaslError(ProtocolError, ValueError):
     """A DIGEST-MD5 message that cannot be parsed or is inconsistent."""
 
 
@@ -98,7 +100,7 @@ class SaslEncodingError(SaslError):
     """A SASL element's text is not valid base64."""
 
 
-class SaslStateError(RuntimeError):
+class SaslStateError(JrouterError, RuntimeError):
     """The caller fed a SASL event the state table does not allow."""
 
 

@@ -26,10 +26,7 @@ from gevent.server import StreamServer
 
 from .access import RateCounter
 from .component import ConnectionClosed, State
-
-
-class ListenError(Exception):
-    """The listening socket could not be opened."""
+from .errors import ListenError
 
 
 class RouterServer:

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs
 
 from . import stats
 from .config.sections import StatusSettings
+from .errors import ListenError
 
 #: Counter fields and the help text of their Prometheus metrics.
 _COUNTER_HELP = {
@@ -223,7 +224,7 @@ def _reply(start_response: Callable, status: str, body: bytes,
     return [body]
 
 
-class StatusListenError(Exception):
+class StatusListenError(ListenError):
     """The status endpoint's socket could not be opened."""
 
 

@@ -19,16 +19,16 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional, Sequence
 
-from .config import DEFAULT_CONFIG_FILE, XMLProblem, parse_xml
+from .config import DEFAULT_CONFIG_FILE, XMLProblem, parse_status, parse_xml
+from .errors import JrouterError
 from .stats import FIELDS
-from .config import parse_status
 
 TIMEOUT = 5.0
 
 USAGE = "jrouter-status [--url URL | -c router.xml] [--json] [--placement NAME JID]"
 
 
-class Failure(Exception):
+class Failure(JrouterError):
     """Something a person must fix; the message says what."""
 
 

@@ -35,6 +35,8 @@ This module must not know about routing, SASL, sockets or the clock.
 import pyexpat
 import re
 
+from .errors import ProtocolError
+
 STREAMS_NS = "http://etherx.jabber.org/streams"
 STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 
@@ -43,7 +45,7 @@ STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 _START_TAG = re.compile(rb"<([^\s/>]+)[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
 
 
-class StreamError(Exception):
+class StreamError(ProtocolError):
     """A fatal problem with what the peer sent: answered by a stream error.
 
     ``condition`` is an RFC 6120 stream error condition; ``text`` is the

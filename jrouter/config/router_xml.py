@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Optional
 from lxml import etree
 
 from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
+from jrouter.errors import ConfigurationError
 from jrouter.policy import PolicyTable
 
 from . import grammar
@@ -57,7 +58,7 @@ SYSLOG_FACILITIES = tuple(f"local{n}" for n in range(8)) + ("log_user",)
 # The settings and their types.
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """The configuration cannot be used; ``problems`` lists every reason, one string each."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from lxml import etree
 
+from jrouter.errors import ConfigurationError
 
-class XMLProblem(Exception):
+
+class XMLProblem(ConfigurationError):
     """A file is not well-formed XML (or uses a DOCTYPE, which we refuse)."""
 
     def __init__(self, line: int, message: str) -> None:
