@@ -49,18 +49,10 @@ class State(enum.Enum):
     CLOSED = "stream closed"
 
 
-# What each state does with each event; a missing entry is a protocol error.
-_HANDLERS = {
-    State.HEADER: {StreamOpen: "_on_header"},
-    State.NEGOTIATING: {Element: "_on_negotiation", StreamClose: "_on_stream_close"},
-    State.STARTING_TLS: {Element: "_on_negotiation", StreamClose: "_on_stream_close"},
-    State.HANDSHAKE: {Element: "_on_handshake", StreamClose: "_on_stream_close"},
-    State.ONLINE: {Element: "_on_packet", StreamClose: "_on_stream_close"},
-    State.LEGACY: {Element: "_on_legacy_packet", StreamClose: "_on_stream_close"},
-    State.CLOSED: {},
-}
-
-# Legal moves between states.
+# Legal moves between states: every change of ``Connection.state`` goes
+# through ``_move``, which checks this table; a move not in it ends the
+# stream with a stream error, as any protocol error does. What each state
+# does with each event is ``_HANDLERS``, after the class.
 _MOVES = {
     State.HEADER: {State.NEGOTIATING, State.HANDSHAKE, State.ONLINE, State.CLOSED},
     State.NEGOTIATING: {State.HEADER, State.STARTING_TLS, State.CLOSED},
@@ -70,6 +62,7 @@ _MOVES = {
     State.LEGACY: {State.CLOSED},
     State.CLOSED: set(),
 }
+_AUTHENTICATED = (State.ONLINE, State.LEGACY)
 
 
 class Connection:
@@ -155,7 +148,7 @@ class Connection:
             handler = _HANDLERS[self.state].get(event.__class__)
             if handler is None:
                 self.fail("bad-format")
-            getattr(self, handler)(event)
+            handler(self, event)
             if self.state is State.CLOSED:
                 break
             if self._restart_leftover is not None:
@@ -166,8 +159,26 @@ class Connection:
 
     def _move(self, state):
         if state not in _MOVES[self.state]:
-            raise AssertionError(f"illegal move {self.state} -> {state}")
+            self.fail("bad-format", f"not allowed while {self.state.value}")
         self.state = state
+
+    def _end(self, goodbye=b""):
+        """Queue ``goodbye`` (unless the stream is over already) and move to
+        CLOSED: the one way a stream ends, from any state."""
+        if self.state is not State.CLOSED:
+            if goodbye:
+                self.send(goodbye)
+            self.state = State.CLOSED      # legal from every state (_MOVES)
+        self.closing = True
+
+    @property
+    def authenticated(self):
+        return self.state in _AUTHENTICATED
+
+    @property
+    def starting_tls(self):
+        """The shell must start TLS now (``<proceed/>`` is queued)."""
+        return self.state is State.STARTING_TLS
 
     # -- output ------------------------------------------------------------
 
@@ -203,29 +214,24 @@ class Connection:
 
     def fail(self, condition, text=None):
         """Queue a stream error and the close, then raise (house rule 3)."""
-        if self.state is not State.CLOSED:
-            self.send(stream_error(condition, text, self.header_sent))
-            self.state = State.CLOSED
-        self.closing = True
+        self._end(stream_error(condition, text, self.header_sent))
         raise ConnectionClosed(condition)
 
     def kick(self, condition, text=None):
         """End the stream from outside its own input (a newer connection of
         the same instance replaces it): queue the error, wake the writer."""
-        if self.state is not State.CLOSED:
-            self.send(stream_error(condition, text, self.header_sent))
-            self.state = State.CLOSED
-        self.closing = True
+        self._end(stream_error(condition, text, self.header_sent))
         self.on_output()
 
     def close(self):
         """Close our side of the stream politely (shutdown, peer's close)."""
-        if self.state is not State.CLOSED:
-            if not self.header_sent:
-                self.send(stream_header(None, declaration=False))
-            self.send(STREAM_CLOSE)
-            self.state = State.CLOSED
-        self.closing = True
+        if self.state is not State.CLOSED and not self.header_sent:
+            self.send(stream_header(None, declaration=False))
+        self._end(STREAM_CLOSE)
+
+    def forget(self):
+        """The socket is gone: nothing more is said or sent."""
+        self._end()
 
     def _log_error(self, condition, text):
         generic = "XML parse error" if condition == "xml-not-well-formed" else "Stream error"
@@ -360,8 +366,7 @@ class Connection:
             text = tree.text or element.raw.decode("utf-8", "replace")
         self.router.log.notice(f"{self.label} error: Stream error ({text})")
         # jabberd2 closes without a word (protocol §3.3).
-        self.state = State.CLOSED
-        self.closing = True
+        self._end()
 
     # -- XEP-0114 handshake (protocol §5.1) ------------------------------------
 
@@ -394,6 +399,19 @@ class Connection:
 
     def _on_legacy_packet(self, element):
         self.router.legacy_packet(self, element)
+
+
+# What each state does with each event; a missing entry is a protocol error.
+_HANDLERS = {
+    State.HEADER: {StreamOpen: Connection._on_header},
+    State.NEGOTIATING: {Element: Connection._on_negotiation, StreamClose: Connection._on_stream_close},
+    State.STARTING_TLS: {Element: Connection._on_negotiation, StreamClose: Connection._on_stream_close},
+    State.HANDSHAKE: {Element: Connection._on_handshake, StreamClose: Connection._on_stream_close},
+    State.ONLINE: {Element: Connection._on_packet, StreamClose: Connection._on_stream_close},
+    State.LEGACY: {Element: Connection._on_legacy_packet, StreamClose: Connection._on_stream_close},
+    State.CLOSED: {},
+}
+assert set(_HANDLERS) == set(_MOVES) == set(State)
 
 
 def _nothing():

@@ -115,7 +115,7 @@ class Router(XepRouting, ClusterRouting):
         for name in list(connection.names):
             self._drop_name(connection, name, now=now)
         connection.throttle_queue = None
-        connection.state = State.CLOSED
+        connection.forget()
         for element in unsent:
             self._redeliver(element, connection, now)
 
@@ -314,7 +314,7 @@ class Router(XepRouting, ClusterRouting):
             return self._bounce(sender, element, "401", None)
         key = sender_key(sender, element.raw)
         for target in self.connections:
-            if target is not sender and target.state in _AUTHENTICATED:
+            if target is not sender and target.authenticated:
                 target.deliver(self._bytes_for(target, element, key))
 
     def _throttle(self, connection, element):
@@ -471,10 +471,6 @@ class Router(XepRouting, ClusterRouting):
                  for route in self.table.served() if connection not in route.members]
         if parts:
             connection.send("".join(parts).encode())
-
-    # -- XEP-0114 components (protocol §5) ----------------------------------
-
-_AUTHENTICATED = (State.ONLINE, State.LEGACY)
 
 
 def _message_log(config, log):

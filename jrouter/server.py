@@ -25,7 +25,7 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from .access import RateCounter
-from .component import ConnectionClosed, State
+from .component import ConnectionClosed
 from .errors import ListenError
 
 
@@ -232,7 +232,7 @@ class _Peer:
                     budget.add(now, len(data))
                 connection.receive(data)
                 self.server.flush()
-                if connection.state is State.STARTING_TLS:
+                if connection.starting_tls:
                     self._start_tls()
                 # recv() does not yield while data is waiting: without a turn
                 # for the others here, one busy peer could starve the rest.

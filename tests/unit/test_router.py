@@ -710,3 +710,40 @@ def test_extra_header_prefixes_keep_raw_forwarding_unless_used():
     peer.send("<route to='sm' from='c2s'><ack:r/></route>")
     (rebuilt,) = target.stanzas()
     assert rebuilt[0].tag == "{%s}r" % ack
+
+
+# -- the connection state table ---------------------------------------------------------------
+
+def test_an_illegal_move_is_a_protocol_error_not_a_crash(net):
+    """A move the state table does not allow ends that stream with bad-format; the router goes on."""
+    from jrouter.component import State
+    from jrouter.errors import ConnectionClosed
+
+    sm = net.component("example.com")
+    with pytest.raises(ConnectionClosed):
+        sm.connection._move(State.HEADER)         # ONLINE -> HEADER is not in _MOVES
+    assert stream_error_condition(sm.take())[0] == "bad-format"
+    assert sm.connection.state is State.CLOSED and sm.connection.closing
+    other = net.component("other.example.com")
+    assert net.logged("[other.example.com] online") and other.connection.authenticated
+
+
+def test_every_way_a_stream_ends_reaches_closed_once(net):
+    """fail, kick, close, the peer's stream error and a vanished socket all end in CLOSED,
+    and a stream that ended says nothing more."""
+    from jrouter.component import State
+
+    closer = net.component("a.example.com")
+    closer.connection.close()
+    closer.connection.close()
+    assert closer.raw().count(b"</stream:stream>") == 1
+    kicked = net.component("b.example.com")
+    kicked.connection.kick("conflict")
+    gone = net.component("c.example.com")
+    gone.hang_up()
+    erring = net.component("d.example.com")
+    erring.send(f"<stream:error xmlns:stream='{STREAMS}'><conflict "
+                "xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>")
+    for peer in (closer, kicked, gone, erring):
+        assert peer.connection.state is State.CLOSED and peer.connection.closing
+        assert not peer.connection.authenticated
