@@ -17,8 +17,6 @@ from .balance import SlotBusy, SlotsFull
 from .jid import parse_jid
 from .policy import DELIVER, HOLD, key_attribute, place, placement_key
 from .routing import MULTI_FROM, SINGLE
-from .accept import ROUTE, WrappedRoute, route_head
-from .xmlstream import Element, StreamError, StreamReader, stream_header
 
 
 class ClusterRouting:
@@ -131,7 +129,7 @@ class ClusterRouting:
     def _release_held(self, route, slot, connection):
         """An instance took its slot back: what was held for it is delivered."""
         for sender, element, sender_key, origin in self.holds.release(route.name, slot):
-            connection.deliver(self._bytes_for(connection, element, sender_key))
+            connection.deliver(self._bytes_for(connection, element, sender_key), element, sender_key)
 
     def _bounce_held(self, packet):
         sender, element, sender_key, origin = packet
@@ -184,21 +182,20 @@ class ClusterRouting:
             return None
         return route.members[choice.slot] if route.slots is None else route.by_slot[choice.slot]
 
-    def _redeliver(self, element, dead, now):
+    def _redeliver(self, element, key, dead, now):
         """Route again a packet a dead member never got (no sender checks:
-        they were made when it first came in)."""
+        they were made when it first came in); ``key`` is its sender's
+        namespace context, as when it was first routed."""
         to = parse_jid(element.attrs.get("to") or "")
         route = self.table.routes.get(to.domain) if to is not None else None
         if route is None or (not route.members and route.slots is None):
             self.log.notice(f"[{dead.ip}, port={dead.port}] lost a queued packet for "
                             f"'{element.attrs.get('to')}': nobody serves it now")
             return
-        # The bytes were written for the dead peer's stream, or wrapped anew.
-        key = None if isinstance(element, WrappedRoute) else dead.context
         target = self._choose(None, route, element, to, key, None,
                               dead.last_activity if now is None else now)
         if target is not None:
-            target.deliver(self._bytes_for(target, element, key))
+            target.deliver(self._bytes_for(target, element, key), element, key)
 
 
 def any_tracking(policies):
@@ -212,47 +209,13 @@ def _full(address):
 
 
 def unsent_routes(connection):
-    """The routed packets still queued for a connection that is going away,
-    taken out of its queues as route elements (an XEP-0114 peer's stanzas
-    wrapped again); what is not a routed packet (a goodbye) stays queued."""
+    """The routes still queued for a connection that is going away and
+    addressed to one of its names, as (route, sender key), taken out of its
+    queues; they were kept with the bytes, so nothing is parsed again."""
     if not connection.names:
         return []
-    kept, routes = [], []
-    for data in connection.out:
-        route = _reroutable(connection, data)
-        if route is None:
-            kept.append(data)
-        else:
-            routes.append(route)
-    for data in connection.throttle_queue or ():
-        route = _reroutable(connection, data)
-        if route is not None:
-            routes.append(route)
-    connection.out[:] = kept
-    return routes
-
-
-def _reroutable(connection, data):
-    """``data`` (one queued packet) as a route to one of the connection's
-    names, or None."""
-    reader = StreamReader()
-    reader.feed(stream_header(connection.default_ns, declaration=False))
-    try:
-        events = reader.feed(data)
-    except StreamError:
-        return None
-    if len(events) != 1 or not isinstance(events[0], Element):
-        return None
-    event = events[0]
-    if not connection.legacy:
-        if event.name == ROUTE and "type" not in event.attrs \
-                and _domain(event.attrs.get("to")) in connection.names:
-            return event
-        return None
-    to, from_ = _domain(event.attrs.get("to")), _domain(event.attrs.get("from"))
-    if to not in connection.names or from_ is None:
-        return None
-    return WrappedRoute(route_head(to, from_), event.raw, {"to": to, "from": from_}, event.name, event.attrs)
+    return [(route, key) for route, key in connection.take_unsent()
+            if _domain(route.attrs.get("to")) in connection.names]
 
 
 def _domain(address):

@@ -94,8 +94,12 @@ class Connection:
         self.realm = None
         self.tls_active = False
         self.names = {}              # names bound by this connection (ordered set)
-        self.throttle_queue = None
+        self.throttle_queue = None   # while throttled: [(bytes, route, sender key)] held back
         self.out = []
+        # (position in out, route, its sender's namespace key) of each routed
+        # packet in out, so one that is never sent can be routed again
+        # without parsing its bytes (protocol §6.6).
+        self.routed = []
         self.closing = False
         self.on_output = _nothing
         # Where an authenticated peer's elements go, by state.
@@ -189,18 +193,45 @@ class Connection:
         if len(out) == 1:
             self.on_output()
 
-    def deliver(self, data):
-        """Queue a routed packet: held back while the peer throttles us."""
+    def deliver(self, data, route=None, key=None):
+        """Queue a routed packet: held back while the peer throttles us.
+        ``route`` (with its sender's namespace ``key``) is the unicast route
+        the bytes carry, kept until they are handed to the shell."""
         counters = self.counters
         counters.packets_out += 1
         if self.throttle_queue is not None:
             counters.throttled += 1
-            self.throttle_queue.append(data)
+            self.throttle_queue.append((data, route, key))
             return
         out = self.out
+        if route is not None:
+            self.routed.append((len(out), route, key))
         out.append(data)
         if len(out) == 1:
             self.on_output()
+
+    def release_throttled(self):
+        """Queue what was held back while the peer throttled us, in order."""
+        held, self.throttle_queue = self.throttle_queue or [], None
+        for data, route, key in held:
+            if route is not None:
+                self.routed.append((len(self.out), route, key))
+            self.send(data)
+
+    def take_unsent(self):
+        """The routes queued for this peer and not handed to the shell yet,
+        taken out of its queues as (route, sender key), oldest first; what is
+        not a routed packet (a goodbye) stays queued."""
+        routed = self.routed
+        if routed:
+            taken = {position for position, _route, _key in routed}
+            self.out[:] = [data for i, data in enumerate(self.out) if i not in taken]
+        unsent = [(route, key) for _position, route, key in routed]
+        unsent.extend((route, key) for _data, route, key in self.throttle_queue or () if route is not None)
+        self.routed = []
+        if self.throttle_queue:
+            self.throttle_queue = []
+        return unsent
 
     def data_to_send(self):
         """Everything queued for the peer, as one bytes object."""
@@ -209,6 +240,8 @@ class Connection:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        if self.routed:
+            self.routed = []
         self.counters.bytes_out += len(data)
         return data
 

@@ -116,8 +116,8 @@ class Router(XepRouting, ClusterRouting):
             self._drop_name(connection, name, now=now)
         connection.throttle_queue = None
         connection.forget()
-        for element in unsent:
-            self._redeliver(element, connection, now)
+        for element, key in unsent:
+            self._redeliver(element, key, connection, now)
 
     def shutdown(self):
         """Say goodbye to every peer (protocol §1.5)."""
@@ -219,9 +219,9 @@ class Router(XepRouting, ClusterRouting):
         if self.message_log is not None:
             self.message_log.log_route(element)
         if (sender_key is target.context or sender_key is None) and not target.legacy:
-            target.deliver(element.raw)         # the common case, spelled out
+            target.deliver(element.raw, element, sender_key)    # the common case, spelled out
         else:
-            target.deliver(self._bytes_for(target, element, sender_key))
+            target.deliver(self._bytes_for(target, element, sender_key), element, sender_key)
 
     def _pick(self, route, element, route_to):
         """Which member of a clustered route gets this packet (protocol §6.3)."""
@@ -325,11 +325,8 @@ class Router(XepRouting, ClusterRouting):
             connection.throttle_queue = []
         else:
             self.log.notice(f"{connection.label} unthrottling packets on request")
-            held = connection.throttle_queue
-            connection.throttle_queue = None
             connection.send(element.raw)
-            for data in held:
-                connection.send(data)
+            connection.release_throttled()
 
     # -- bind and unbind (protocol §4.2, §4.4) -------------------------------
 

@@ -172,6 +172,31 @@ def test_packets_queued_for_a_dying_member_go_to_a_survivor():
     assert sorted(r[0].get("to") for r in routes(members[0])) == sorted(mine)
 
 
+def test_unsent_packets_are_routed_again_without_parsing_their_bytes(monkeypatch):
+    """The output queue keeps each packet's route: a dead member's unsent packets
+    (queued and not flushed, or held by a throttle) go to a survivor, in order,
+    and no byte of them is parsed again."""
+    from jrouter import xmlstream
+
+    net = network(algorithm="consistent")
+    members = {0: sm(net, "sm0"), 1: sm(net, "sm1")}
+    c2s = net.component("c2s")
+    before = placement(net, c2s, members)
+    mine = [u for u in USERS if before[u] == 1]
+    half = len(mine) // 2
+    for user in mine[:half]:                  # queued, never handed to the shell
+        c2s.send(f"<route to='example.com' from='c2s'><message to='{user}' id='q'/></route>")
+    members[1].send("<throttle/>")            # the router's answer is queued after them
+    for user in mine[half:]:                  # held back by the throttle
+        c2s.send(f"<route to='example.com' from='c2s'><message to='{user}' id='t'/></route>")
+    fed = []
+    monkeypatch.setattr(xmlstream.StreamReader, "feed", lambda self, data: fed.append(data) or [])
+    members[1].hang_up()
+    monkeypatch.undo()
+    assert fed == []
+    assert [r[0].get("to") for r in routes(members[0])] == mine
+
+
 def test_default_policy_is_jabberd2_bit_for_bit():
     """Without <clustering>, placement equals jabberd2's hash over bind order."""
     from jrouter.balance import jabberd2_index
