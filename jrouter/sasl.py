@@ -2,8 +2,8 @@
 
 Owns: the DIGEST-MD5 directive syntax, the digest arithmetic, the server-side
 exchange as jabberd2 2.7.0 + GNU SASL 2.2 run it (protocol §3.6), the
-exact bytes of `<challenge/>`, `<success/>` and `<failure/>`, and a client
-(`DigestMD5Client`) for tests and the benchmark.
+exact bytes of `<challenge/>`, `<success/>` and `<failure/>`.  The client
+side, for tests and the benchmark, is `jrouter.testing.sasl_client`.
 
 Must not know: sockets, the clock, randomness (the server nonce is handed in),
 the users table (a `lookup_password` callable is handed in), XML parsing, or
@@ -56,14 +56,12 @@ import binascii
 import enum
 import hashlib
 import hmac
-import secrets
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from .errors import JrouterError, ProtocolError
 
 __all__ = [
-    "DigestMD5Client",
     "SaslError",
     "SaslEncodingError",
     "SaslStateError",
@@ -493,75 +491,3 @@ def _to_text(raw: str, utf8: bool) -> Optional[str]:
         return raw.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
         return None
-
-
-# --------------------------------------------------------------------------
-# Client: what jabberd2's sm/c2s do against the router.
-
-
-class DigestMD5Client:
-    """DIGEST-MD5 client side, for tests and the benchmark.
-
-    respond(challenge) -> response; verify(success payload) -> bool.
-    Messages look like GNU SASL's (", " separators, same directive order).
-    """
-
-    def __init__(
-        self,
-        username: str,
-        password: str,
-        service: str = "jabberd-router",
-        host: str = "localhost",
-        authzid: Optional[str] = None,
-        cnonce: Optional[str] = None,
-    ) -> None:
-        self.username = username
-        self._password = password
-        self.digest_uri = f"{service}/{host}"
-        self.authzid = authzid
-        self.cnonce = cnonce if cnonce is not None else secrets.token_hex(16)
-        self._rspauth: Optional[str] = None
-
-    def respond(self, challenge: bytes) -> bytes:
-        """Answer a decoded challenge with a decoded response (RFC 2831 §2.1.2)."""
-        d = parse_directives(challenge)
-        if "nonce" not in d:
-            raise SaslError("challenge without nonce")
-        if "auth" not in [q.strip(_LWS) for q in d.get("qop", "auth").split(",")]:
-            raise SaslError("server does not offer qop=auth")
-        # Work on raw strings (one char per wire byte) so hashing sees the bytes sent.
-        user, realm, uri = _raw(self.username), d.get("realm", ""), _raw(self.digest_uri)
-        authzid = _raw(self.authzid) if self.authzid else None
-        args = dict(
-            username=user.encode("latin-1"), realm=realm.encode("latin-1"),
-            password=password_bytes(self._password),
-            nonce=d["nonce"], cnonce=self.cnonce, nc="00000001", qop="auth",
-            digest_uri=uri, authzid=authzid,
-        )
-        response = digest_response(initiator=True, **args)
-        self._rspauth = digest_response(initiator=False, **args)
-        self._password = ""  # no longer needed: keep the secret no longer than this
-        parts = [
-            f"username={quote(user)}", f"realm={quote(realm)}",
-            f"nonce={quote(d['nonce'])}", f"cnonce={quote(self.cnonce)}",
-            "nc=00000001", "qop=auth", f"digest-uri={quote(uri)}",
-            f"response={response}", "charset=utf-8",
-        ]
-        if authzid:
-            parts.append(f"authzid={quote(authzid)}")
-        return ", ".join(parts).encode("latin-1")
-
-    def verify(self, success_data: bytes) -> bool:
-        """True if the decoded <success/> payload carries the expected rspauth."""
-        if self._rspauth is None:
-            return False
-        try:
-            got = parse_directives(success_data).get("rspauth", "")
-        except SaslError:
-            return False
-        return hmac.compare_digest(got.encode("latin-1"), self._rspauth.encode("ascii"))
-
-
-def _raw(s: str) -> str:
-    """Text -> raw latin-1 string holding its UTF-8 bytes (what the wire carries)."""
-    return s.encode("utf-8").decode("latin-1")

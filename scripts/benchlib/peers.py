@@ -148,7 +148,7 @@ def setup_xep0114(conn: Conn, secret: str, deadline: float) -> None:
 
 def setup_jabberd2(conn: Conn, user: str, password: str, deadline: float) -> None:
     """Header, SASL DIGEST-MD5, header again, `<bind name='compN.bench'/>`."""
-    from jrouter.sasl import DigestMD5Client  # the project's client, also used by tests
+    from jrouter.testing.sasl_client import DigestMD5Client  # also used by tests
 
     header = (f"<?xml version='1.0'?><stream:stream xmlns='{NS_C}' "
               f"xmlns:stream='{NS_STREAMS}' version='1.0'>").encode()

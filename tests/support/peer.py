@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 
-from jrouter.sasl import DigestMD5Client
+from jrouter.testing.sasl_client import DigestMD5Client
 from jrouter.xmlstream import Element, StreamClose, StreamOpen, StreamReader
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"

@@ -14,7 +14,7 @@ from jrouter.component import NS_ACCEPT, NS_COMPONENT, ConnectionClosed
 from jrouter.config import Alias, Config
 from jrouter.core import Router
 from jrouter.logs import MemoryLog
-from jrouter.sasl import DigestMD5Client
+from jrouter.testing.sasl_client import DigestMD5Client
 from jrouter.xmlstream import Element, StreamClose, StreamOpen, StreamReader
 
 NS_C = NS_COMPONENT

@@ -629,7 +629,7 @@ def test_pipelined_stream_after_sasl_success_is_read(net):
     """Bytes sent right behind the SASL response belong to the new stream."""
     import base64 as b64
 
-    from jrouter.sasl import DigestMD5Client
+    from jrouter.testing.sasl_client import DigestMD5Client
 
     peer = net.peer()
     peer.send(header())
@@ -648,7 +648,7 @@ def test_whole_session_is_the_same_at_every_chunk_size(chunk):
     size gives the same replies and deliveries as fed at once."""
     import base64 as b64
 
-    from jrouter.sasl import DigestMD5Client
+    from jrouter.testing.sasl_client import DigestMD5Client
 
     def session(chunk):
         net = Network()
@@ -684,7 +684,7 @@ def test_extra_header_prefixes_keep_raw_forwarding_unless_used():
     with the declaration it needs."""
     import base64 as b64
 
-    from jrouter.sasl import DigestMD5Client
+    from jrouter.testing.sasl_client import DigestMD5Client
 
     ack = "http://www.xmpp.org/extensions/xep-0198.html#ns"
     opening = (f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAMS}' xmlns:ack='{ack}' "

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from jrouter import sasl
 from jrouter.sasl import (
     TRANSITIONS,
-    DigestMD5Client,
     SaslError,
     SaslEncodingError,
     SaslServer,
@@ -22,6 +21,7 @@ from jrouter.sasl import (
     parse_directives,
     password_bytes,
 )
+from jrouter.testing.sasl_client import DigestMD5Client
 
 USERS = {"jabberd": "secret", "lat": "p\u00e4ss", "j\u00e4bber": "p\u00e4ss\u20ac", 'q"u\\o': "pw"}
 NONCE = "Zml4ZWQtbm9uY2UtZm9yLXRlc3Q="

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from jrouter.sasl import DigestMD5Client, SaslServer
+from jrouter.sasl import SaslServer
+from jrouter.testing.sasl_client import DigestMD5Client
 
 ROUTER = "/usr/sbin/jabberd2-router"
 SM = "/usr/sbin/jabberd2-sm"
