@@ -94,8 +94,11 @@ class XepRouting:
             if len(heads) > 10000:
                 heads.clear()
             head = heads[(to_domain, from_domain)] = route_head(to_domain, from_domain)
-        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain},
-                            stanza.name, stanza.attrs)
+        # The payload is named as its bytes now read: in jabber:client.
+        name = stanza.name
+        if name.startswith(_ACCEPT_PREFIX):
+            name = NS_CLIENT + name[len(NS_ACCEPT):]
+        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain}, name, stanza.attrs)
 
     def _client_view(self, stanza):
         """The stanza parsed as if its stream's jabber:component:accept were
@@ -112,10 +115,7 @@ class XepRouting:
     def _stanza_error(self, element, code, namespace):
         """A bounce for an XEP-0114 sender: the stanza as a stanza error
         (protocol §5.5), in the namespace its stanzas are delivered in."""
-        payload = element.first_child()
-        if namespace != NS_CLIENT:
-            payload = in_namespace(payload, namespace)
-        stanza = etree.fromstring(payload)
+        stanza = etree.fromstring(component_payload(element, None, namespace))
         if stanza.get("type") == "error":
             return None
         stanza.set("type", "error")
@@ -137,7 +137,8 @@ def component_payload(element, sender_key, namespace=NS_ACCEPT):
 
     The common case is a byte splice: the payload declares its namespace
     on its own start tag, and its children inherit it. A payload that
-    needs prefixes from its sender's stream header is serialised first."""
+    needs prefixes from its sender's stream header is serialised first; a
+    prefixed stanza is rebuilt from the route's tree."""
     if sender_key is None or sender_key[1] == STREAM_PREFIXES:
         payload = element.first_child()
     else:
@@ -146,19 +147,12 @@ def component_payload(element, sender_key, namespace=NS_ACCEPT):
     child = element.child_name
     if namespace == NS_CLIENT or child is None or not child.startswith(_CLIENT_PREFIXES):
         return payload
-    return in_namespace(payload, namespace)
-
-
-def in_namespace(payload, namespace):
-    """A stanza's bytes with its client namespace replaced by ``namespace``."""
     spliced = _redeclared(payload, namespace)
     if spliced is not None:
         return spliced
-    # A prefixed stanza (<c:message xmlns:c='jabber:client'>): rebuild it.
-    tree = etree.fromstring(payload)
-    if etree.QName(tree).namespace not in _CLIENT_NAMESPACES:
-        return payload
-    return etree.tostring(_rebuilt(tree, namespace))
+    # <c:message xmlns:c='jabber:client'>: the tree was parsed in the
+    # sender's context, so every prefix it uses is bound.
+    return etree.tostring(_rebuilt(element.tree()[0], namespace))
 
 
 def _redeclared(payload, namespace):

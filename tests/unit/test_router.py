@@ -747,3 +747,30 @@ def test_every_way_a_stream_ends_reaches_closed_once(net):
     for peer in (closer, kicked, gone, erring):
         assert peer.connection.state is State.CLOSED and peer.connection.closing
         assert not peer.connection.authenticated
+
+
+def test_22_xep0114_to_xep0114_arrives_in_the_receivers_namespace(net):
+    """A stanza from one XEP-0114 component to another arrives in jabber:component:accept,
+    whatever it was wrapped in on the way through the router."""
+    sender = net.legacy("legacy.example.com")
+    receiver = net.legacy("other.example.com")
+    sender.send("<message to='bot@other.example.com' from='me@legacy.example.com'><body>hi</body></message>")
+    assert receiver.raw() == (b"<message xmlns='jabber:component:accept' to='bot@other.example.com' "
+                              b"from='me@legacy.example.com'><body>hi</body></message>")
+    sender.send("<message to='bot@other.example.com' from='me@legacy.example.com'>"
+                "<x xmlns='urn:x'/></message>".replace("<message ", "<message xmlns='jabber:component:accept' "))
+    assert same(receiver.stanzas()[0], "<message to='bot@other.example.com' from='me@legacy.example.com'>"
+                                       "<x xmlns='urn:x'/></message>", NS_ACCEPT)
+
+
+def test_22_payload_prefixed_by_a_declaration_on_the_route_is_rebuilt(net):
+    """A payload whose prefix is declared on the <route>, not on itself, reaches the component
+    unprefixed and well-formed (its bytes alone could not be parsed)."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    sm.send("<route xmlns:c='jabber:client' to='legacy.example.com' from='example.com'>"
+            "<c:message to='bot@legacy.example.com'><c:body>hi</c:body></c:message></route>")
+    assert legacy.raw() == (b'<message xmlns="jabber:component:accept" to="bot@legacy.example.com">'
+                            b'<body>hi</body></message>')
+    assert not legacy.closed and not sm.closed
