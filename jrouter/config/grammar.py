@@ -36,6 +36,15 @@ class Problems(list):
     def add(self, line: int, key: str, message: str) -> None:
         self.append(f"{self.path}:{line}: {key}: {message}")
 
+    def read(self, line: int, key: str, value: str, reader: Callable[[str], object],
+             default: object) -> object:
+        """``reader(value)``, or ``default`` after adding the reader's complaint."""
+        try:
+            return reader(value)
+        except ValueError as exc:
+            self.add(line, key, str(exc))
+            return default
+
 
 def text(value: str) -> str:
     return value

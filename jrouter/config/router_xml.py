@@ -219,11 +219,7 @@ class _Reader:
         return self.check(entry.value, entry.line, key, default, validate)
 
     def check(self, value: str, line: int, key: str, default: object, validate: Callable[[str], object]) -> object:
-        try:
-            return validate(value)
-        except ValueError as exc:
-            self.problem(line, key, str(exc))
-            return default
+        return self.problems.read(line, key, value, validate, default)
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from jrouter.policy import (ADDRESSES, ALGORITHMS, DEAD, KEYS, NODELESS, REPLACE
 
 from . import grammar
 from .grammar import Problems
-from .xmlfile import element_text
+from .xmlfile import children, element_text
 
 # ---------------------------------------------------------------------------
 # <status>: the operator's HTTP endpoint (protocol §7.2).
@@ -49,15 +49,6 @@ def _status_port(value: str) -> int:
     return number
 
 
-def _read(problems: Problems, el: etree._Element, key: str, value: str,
-          read: Callable[[str], object], default: object) -> object:
-    try:
-        return read(value)
-    except ValueError as exc:
-        problems.add(el.sourceline or 0, key, str(exc))
-        return default
-
-
 def parse_status(element: Optional[etree._Element], path: str
                  ) -> tuple[Optional[StatusSettings], list[str]]:
     """Read ``<status>`` (None when absent): ``(settings, problems)``.
@@ -68,19 +59,21 @@ def parse_status(element: Optional[etree._Element], path: str
     problems = Problems(path)
     if element is None:
         return None, problems
-    public = bool(_read(problems, element, "status@public", element.get("public", "no"),
-                        grammar.boolean, False))
+    public = bool(problems.read(element.sourceline or 0, "status@public", element.get("public", "no"),
+                                grammar.boolean, False))
     port_el = _first(element, "port")
     port = 0
     if port_el is None:
         problems.add(element.sourceline or 0, "status.port", "missing: say which port to listen on "
                      "(<port>5380</port>), or 0 to turn the endpoint off")
     else:
-        port = int(_read(problems, port_el, "status.port", element_text(port_el), _status_port, 0))
+        port = int(problems.read(port_el.sourceline or 0, "status.port", element_text(port_el),
+                                 _status_port, 0))
     ip_el = _first(element, "ip")
     ip = StatusSettings.ip
     if ip_el is not None:
-        ip = str(_read(problems, ip_el, "status.ip", element_text(ip_el).strip(), grammar.ip_literal, ""))
+        ip = str(problems.read(ip_el.sourceline or 0, "status.ip", element_text(ip_el).strip(),
+                               grammar.ip_literal, ""))
         if ip and not public and not _is_loopback(ipaddress.ip_address(ip)):
             problems.add(ip_el.sourceline or 0, "status.ip", f"{ip} is not a loopback address; "
                          "the status endpoint has no authentication, so it listens on loopback "
@@ -97,20 +90,12 @@ def _is_loopback(address: ipaddress._BaseAddress) -> bool:
 
 def _first(element: etree._Element, name: str) -> Optional[etree._Element]:
     """The first child element called ``name`` (jabberd2 uses the first)."""
-    for child in element.iterchildren(etree.Element):
-        if etree.QName(child).localname == name:
-            return child
-    return None
+    found = children(element, name)
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------
 # <clustering>: per-name placement policies (protocol §6.4).
-
-
-def _whole(value: str) -> int:
-    if not value.isdigit() or not value.isascii():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return grammar.integer(value)
 
 
 # attribute -> (ClusterPolicy field, reader)
@@ -119,9 +104,9 @@ _POLICY_ATTRIBUTES: dict[str, tuple[str, Callable[[str], object]]] = {
     "key": ("key", grammar.choice(KEYS)),
     "address": ("address", grammar.choice(ADDRESSES)),
     "algorithm": ("algorithm", grammar.choice(ALGORITHMS)),
-    "slots": ("slots", _whole),
+    "slots": ("slots", grammar.non_negative),
     "dead": ("dead", grammar.choice(DEAD)),
-    "hold": ("hold_seconds", _whole),
+    "hold": ("hold_seconds", grammar.non_negative),
     "nodeless": ("nodeless", grammar.choice(NODELESS)),
     "track-iq": ("track_iq", grammar.boolean),
     "replace": ("replace", grammar.choice(REPLACE)),

@@ -289,7 +289,7 @@ def test_parse_every_problem_with_its_line():
         "router.xml:6: clustering.policy@dead: dead='hold' needs algorithm='consistent' or 'slots' "
         "(jabberd2's algorithm has no slot to wait for)",
         "router.xml:7: clustering.policy@hold: is only used with dead='hold'",
-        "router.xml:8: clustering.policy@slots: expected a whole number, got 'four'",
+        "router.xml:8: clustering.policy@slots: expected an integer, got 'four'",
         "router.xml:8: clustering.policy@track-iq: expected yes or no, got 'perhaps'",
         "router.xml:9: clustering.policy: missing the name attribute",
         "router.xml:10: clustering.policy@name: expected a name like 'example.com' or a wildcard like "
