@@ -236,16 +236,9 @@ class MucCopy(ManagedProcess):
     def start(self, timeout=10.0, connected=None):
         """Spawn; wait (bounded) until `connected()` (e.g. the router log's view),
         else until mu-conference logs that the router accepted its handshake."""
-        self.spawn()
-        try:
-            if connected is not None:
-                self.wait_for(connected, timeout, "connected to the router")
-            else:
-                self.wait_for_log("<handshake> received", timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        if connected is not None:
+            return self.spawn_until(timeout, ready=connected, what="connected to the router")
+        return self.spawn_until(timeout, log="<handshake> received")
 
 
 if __name__ == "__main__":

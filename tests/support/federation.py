@@ -45,7 +45,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .jabberd2 import RouterAddress, router_section
-from .ports import free_port, is_listening
+from .ports import free_port
 from .process import ManagedProcess
 
 JABBERD2_S2S = "/usr/sbin/jabberd2-s2s"
@@ -167,15 +167,8 @@ class DnsServer(ManagedProcess):
             return False
 
     def start(self, timeout=10.0):
-        self.spawn()
-        try:
-            for domain in self.servers:
-                self.wait_for(lambda: self.serves(domain), timeout,
-                              "answering SRV %s" % srv_name(domain))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, ready=lambda: all(map(self.serves, self.servers)),
+                                what="answering SRV for %s" % ", ".join(self.servers))
 
     def resolver_env(self):
         """Environment that points udns (and so jabberd2's s2s) at this server only."""
@@ -243,15 +236,7 @@ class S2sProcess(ManagedProcess):
         self.port = port
 
     def start(self, timeout=20.0):
-        self.spawn()
-        try:
-            self.wait_for_log("ready for connections", timeout)
-            self.wait_for(lambda: is_listening(self.port, self.pid), timeout,
-                          "listening on port %d" % self.port)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, log="ready for connections", port=self.port)
 
 
 # -- a federation --------------------------------------------------------------

@@ -31,7 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ports import connect_address, is_listening
+from .ports import connect_address
 from .process import ManagedProcess, RestartableDaemon
 
 NGIRCD = "/usr/sbin/ngircd"
@@ -146,14 +146,7 @@ class NgircdProcess(ManagedProcess):
         return done.returncode, done.stdout + done.stderr
 
     def start(self, timeout=10.0):
-        self.spawn()
-        try:
-            self.wait_for(lambda: is_listening(self.port, self.pid), timeout,
-                          "listening on %s:%d" % (self.ip, self.port))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, port=self.port)
 
 
 # -- biboumi ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from .ports import connect_address, free_port, is_listening
+from .ports import connect_address, free_port
 from .process import ManagedProcess
 
 JABBERD2_SM = "/usr/sbin/jabberd2-sm"
@@ -227,13 +227,7 @@ class SmProcess(ManagedProcess):
         self.sm_id = sm_id
 
     def start(self, timeout=20.0):
-        self.spawn()
-        try:
-            self.wait_for_log("%s ready for sessions" % self.sm_id, timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, log="%s ready for sessions" % self.sm_id)
 
 
 def _stream_open(ip, port, domain, timeout):
@@ -282,17 +276,9 @@ class C2sProcess(ManagedProcess):
         return b"<stream:features" in reply
 
     def start(self, timeout=20.0):
-        self.spawn()
-        try:
-            self.wait_for_log("ready for connections", timeout)
-            self.wait_for(lambda: is_listening(self.port, self.pid), timeout,
-                          "listening on port %d" % self.port)
-            self.wait_for(self.serves_domain, timeout,
-                          "serving %s (sm advertised by the router)" % self.domain)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, log="ready for connections", port=self.port,
+                                ready=self.serves_domain,
+                                what="serving %s (sm advertised by the router)" % self.domain)
 
 
 class Jabberd2Stack:

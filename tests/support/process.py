@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 
-from .ports import wait_until
+from .ports import is_listening, wait_until
 
 _running = set()
 
@@ -107,6 +107,23 @@ class ManagedProcess:
         except TimeoutError as exc:
             raise TimeoutError("%s\n%s" % (exc, self.describe(tail=5))) from None
 
+    def spawn_until(self, timeout, *, log=None, port=None, ready=None, what="ready"):
+        """Spawn, then wait (bounded, each in turn) for `log` in the daemon's
+        log, for this process to listen on `port`, and for `ready()`; if any
+        fails, stop the process and raise."""
+        self.spawn()
+        try:
+            if log is not None:
+                self.wait_for_log(log, timeout)
+            if port is not None:
+                self.wait_for(lambda: is_listening(port, self.pid), timeout, "listening on port %d" % port)
+            if ready is not None:
+                self.wait_for(ready, timeout, what)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def wait_for_log(self, text, timeout=10.0):
         """Wait until the daemon's log file contains `text`; return the log."""
         self.wait_for(lambda: text in self.log_text, timeout, "log line %r" % text)
@@ -170,12 +187,8 @@ class RestartableDaemon:
 
     def _launch(self, run, ready_text, timeout):
         """Spawn `run` and wait (bounded) until its log shows `ready_text`."""
-        self.runs.append(run.spawn())
-        try:
-            run.wait_for_log(ready_text, timeout)
-        except BaseException:
-            run.stop()
-            raise
+        self.runs.append(run)
+        run.spawn_until(timeout, log=ready_text)
         return self
 
     def kill(self, timeout=5.0):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from .ports import is_listening
 from .process import ManagedProcess
 
 ROUTER_KINDS = ("jabberd2", "jrouter")
@@ -191,11 +190,4 @@ class RouterProcess(ManagedProcess):
 
     def start(self, timeout=15.0):
         """Spawn and wait (bounded) until this process listens on its port."""
-        self.spawn()
-        try:
-            self.wait_for(lambda: is_listening(self.port, self.pid), timeout,
-                          "listening on port %d" % self.port)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, port=self.port)

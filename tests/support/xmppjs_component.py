@@ -63,13 +63,7 @@ class XmppJsComponent(ManagedProcess):
         self.domain = domain
 
     def start(self, timeout=10.0):
-        self.spawn()
-        try:
-            self.wait_for_log("nonza handshake", timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return self.spawn_until(timeout, log="nonza handshake")
 
     # -- what it logged ----------------------------------------------------------
 
