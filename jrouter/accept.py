@@ -19,6 +19,7 @@ behaviour for one name.
 route table, ``_join`` and ``_unicast``. It must not know about sockets.
 """
 
+import functools
 import re
 from copy import deepcopy
 
@@ -38,6 +39,7 @@ _ACCEPT_PREFIX = NS_ACCEPT + " "
 # Names of a payload that a component reads in its own stream namespace.
 _CLIENT_NAMESPACES = (NS_CLIENT, "jabber:server")
 _CLIENT_PREFIXES = tuple(ns + " " for ns in _CLIENT_NAMESPACES)
+_CLIENT_DECLARATIONS = tuple(f" xmlns={q}{ns}{q}".encode() for ns in _CLIENT_NAMESPACES for q in "'\"")
 # One attribute of a start tag: its name and where its quoted value starts and ends.
 _ATTRIBUTE = re.compile(rb"\s([^\s=/>]+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\")")
 
@@ -86,8 +88,10 @@ class XepRouting:
             # Unprefixed, no declaration of its own: it inherited the stream's
             # jabber:component:accept, and so did any child that declares nothing.
             body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
+            as_sent = raw
         else:
             body = etree.tostring(self._client_view(stanza))
+            as_sent = None
         heads = self._route_heads
         head = heads.get((to_domain, from_domain))
         if head is None:
@@ -98,7 +102,8 @@ class XepRouting:
         name = stanza.name
         if name.startswith(_ACCEPT_PREFIX):
             name = NS_CLIENT + name[len(NS_ACCEPT):]
-        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain}, name, stanza.attrs)
+        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain}, name, stanza.attrs,
+                            as_sent)
 
     def _client_view(self, stanza):
         """The stanza parsed as if its stream's jabber:component:accept were
@@ -139,6 +144,8 @@ def component_payload(element, sender_key, namespace=NS_ACCEPT):
     on its own start tag, and its children inherit it. A payload that
     needs prefixes from its sender's stream header is serialised first; a
     prefixed stanza is rebuilt from the route's tree."""
+    if namespace == NS_ACCEPT and isinstance(element, WrappedRoute) and element.as_sent is not None:
+        return element.as_sent        # from one XEP-0114 component to another
     if sender_key is None or sender_key[1] == STREAM_PREFIXES:
         payload = element.first_child()
     else:
@@ -159,6 +166,15 @@ def _redeclared(payload, namespace):
     """``payload`` with its start tag's default namespace declaration set to
     ``namespace``; None unless the element itself is unprefixed and
     declares one of the client namespaces there."""
+    # Where jabberd2 (nad) and our own wrap put it: right after the name.
+    cut = payload.find(b" ", 1, 64)
+    if cut > 0:
+        name = payload[1:cut]
+        if b":" not in name and b">" not in name and b"/" not in name:
+            for declaration in _CLIENT_DECLARATIONS:
+                if payload.startswith(declaration, cut):
+                    return b"".join((payload[:cut], _declaration(namespace),
+                                     payload[cut + len(declaration):]))
     tag = _START_TAG.match(payload)
     if tag is None or b":" in tag.group(1):
         return None
@@ -167,9 +183,15 @@ def _redeclared(payload, namespace):
             value = match.group(2) if match.group(2) is not None else match.group(3)
             if value.decode() not in _CLIENT_NAMESPACES:
                 return None
-            return b"".join((payload[:match.start(1)], b"xmlns='", namespace.encode(), b"'",
+            return b"".join((payload[:match.start(1) - 1], _declaration(namespace),
                              payload[match.end():]))
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _declaration(namespace):
+    """`` xmlns='namespace'`` as bytes (a handful of namespaces, built once)."""
+    return f" xmlns={quoteattr(namespace)}".encode()
 
 
 def _rebuilt(element, namespace, parent=None):
@@ -197,9 +219,9 @@ class WrappedRoute(Element):
     """The ``<route>`` built around an XEP-0114 stanza: its bytes declare
     every namespace they use, and its payload is known without a search."""
 
-    __slots__ = ("payload",)
+    __slots__ = ("payload", "as_sent")
 
-    def __init__(self, head, payload, attrs, child_name, child_attrs):
+    def __init__(self, head, payload, attrs, child_name, child_attrs, as_sent=None):
         # Every field set here, without Element.__init__: one per XEP-0114 packet.
         start = len(head)
         self.name = ROUTE
@@ -214,6 +236,9 @@ class WrappedRoute(Element):
         self._tree = None
         self._tag = (6, start)
         self.payload = payload
+        # The stanza's own bytes when they inherit jabber:component:accept
+        # and nothing else: another XEP-0114 component gets them as they are.
+        self.as_sent = as_sent
 
     def first_child(self):
         return self.payload
