@@ -27,8 +27,8 @@ setup(
         ],
     },
     entry_points={"console_scripts": [
-        "jrouter = jrouter.cli:main",
-        "jrouter-status = jrouter.status_cli:main",
+        "jrouter = jrouter.ops.cli:main",
+        "jrouter-status = jrouter.ops.status_cli:main",
     ]},
     data_files=[("share/man/man8", ["man/jrouter.8"])],
 )

@@ -13,7 +13,7 @@ Modules:
   sections    our sections: ``<status>``, ``<clustering>``
   users       router-users.xml -> name -> secret
 
-router-filter.xml is read by ``jrouter.filter`` with this package's XML parser.
+router-filter.xml is read by ``jrouter.routing.filter`` with this package's XML parser.
 """
 
 from .router_xml import (CONFIG_DIR, COMPONENT_NAMESPACES, DEFAULT_CIPHERS, DEFAULT_CONFIG_FILE,

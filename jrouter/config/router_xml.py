@@ -34,9 +34,9 @@ from typing import Callable, Mapping, Optional
 
 from lxml import etree
 
-from jrouter.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
+from jrouter.routing.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
 from jrouter.errors import ConfigurationError
-from jrouter.policy import PolicyTable
+from jrouter.routing.policy import PolicyTable
 
 from . import grammar
 from .grammar import Problems

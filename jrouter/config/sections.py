@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from lxml import etree
 
-from jrouter.policy import (ADDRESSES, ALGORITHMS, DEAD, KEYS, NODELESS, REPLACE, ClusterPolicy,
+from jrouter.routing.policy import (ADDRESSES, ALGORITHMS, DEAD, KEYS, NODELESS, REPLACE, ClusterPolicy,
                             PolicyError, PolicyTable, match_name)
 
 from . import grammar

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from typing import Optional
 
-from jrouter.sasl import SaslError, digest_response, parse_directives, password_bytes, quote
+from jrouter.wire.sasl import SaslError, digest_response, parse_directives, password_bytes, quote
 
 _LWS = " \t\r\n"  # RFC 2831's linear white space, around list items
 

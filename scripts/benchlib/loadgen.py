@@ -120,7 +120,7 @@ def idle(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def main(argv) -> int:
     spec = json.loads(argv[1])
-    sys.path.insert(0, spec["repo"])  # for jrouter.sasl
+    sys.path.insert(0, spec["repo"])  # for jrouter.wire.sasl
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     signal.alarm(int(spec["setup_timeout"] + spec.get("time_limit", 0) + spec.get("grace", 0) + 30))

@@ -39,7 +39,7 @@ from collections import Counter
 
 import pytest
 
-from jrouter.balance import jabberd2_index
+from jrouter.routing.balance import jabberd2_index
 from tests.e2e.test_cluster import cheap_clients, clustering, limited  # noqa: F401 (fixture)
 from tests.e2e.test_cluster import report as report_line
 from tests.support.irc import IRC_PORT, BiboumiCopy, IrcClient, LoopbackBlock, NgircdProcess

@@ -28,7 +28,7 @@ from collections import Counter
 import pytest
 import slixmpp.xmlstream.xmlstream
 
-from jrouter.balance import jabberd2_index
+from jrouter.routing.balance import jabberd2_index
 from tests.support.components import MucCopy, TransportCopy
 from tests.support.ports import free_port
 from tests.support.xmpp import Clients, run

@@ -42,7 +42,7 @@ INSTALLED = {
     DROP_IN: "file",
     "/usr/share/doc/jrouter/README.Debian": "file",
     "/etc/logrotate.d/jabberd-router": "file",
-    "/usr/lib/python3/dist-packages/jrouter/cli.py": "file",
+    "/usr/lib/python3/dist-packages/jrouter/ops/cli.py": "file",
 }
 # jabberd2's own files, which installing and purging jrouter must not touch.
 JABBERD2_GLOBS = ["/lib/systemd/system/jabberd*.service", "/etc/init.d/jabberd2",

@@ -46,7 +46,7 @@ def test_version_exits_0():
 
 def test_usage_matches_the_man_page_synopsis():
     """The docopt usage lines and the rendered man page SYNOPSIS say the same thing."""
-    from jrouter.cli import USAGE
+    from jrouter.ops.cli import USAGE
 
     rendered = run_argv(["man", "-l", str(REPO_ROOT / "man" / "jrouter.8")],).stdout
     synopsis = rendered[rendered.index("SYNOPSIS"):rendered.index("DESCRIPTION")]

@@ -59,7 +59,7 @@ def test_placement_and_the_cli(router_factory):
     answer = json.loads(fetch(port, "/placement?name=example.com&jid=user4@example.com"))
     labels = [c["label"] for c in json.loads(fetch(port, "/status"))["connections"]]
     assert answer["member"] == labels[2]         # jabberd2's hash: user4 -> index 2 of 3
-    report = subprocess.run([sys.executable, "-m", "jrouter.status_cli", "--url",
+    report = subprocess.run([sys.executable, "-m", "jrouter.ops.status_cli", "--url",
                              f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=20)
     assert report.returncode == 0 and "example.com" in report.stdout
     for member in members:
@@ -69,6 +69,6 @@ def test_placement_and_the_cli(router_factory):
 def test_status_is_off_by_default_and_the_cli_says_so(router):
     """Without <status> nothing listens, and jrouter-status explains it (exit 1)."""
     port = free_port()
-    report = subprocess.run([sys.executable, "-m", "jrouter.status_cli", "--url",
+    report = subprocess.run([sys.executable, "-m", "jrouter.ops.status_cli", "--url",
                              f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=20)
     assert report.returncode == 1 and report.stderr.strip()

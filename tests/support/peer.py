@@ -12,7 +12,7 @@ import ssl
 import time
 
 from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.xmlstream import Element, StreamClose, StreamOpen, StreamReader
+from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen, StreamReader
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
 NS_ACCEPT = "jabber:component:accept"

@@ -10,12 +10,12 @@ import itertools
 
 from lxml import etree
 
-from jrouter.component import NS_ACCEPT, NS_COMPONENT, ConnectionClosed
+from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, ConnectionClosed
 from jrouter.config import Alias, Config
-from jrouter.core import Router
-from jrouter.logs import MemoryLog
+from jrouter.routing.router import Router
+from jrouter.ops.logs import MemoryLog
 from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.xmlstream import Element, StreamClose, StreamOpen, StreamReader
+from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen, StreamReader
 
 NS_C = NS_COMPONENT
 STREAMS = "http://etherx.jabber.org/streams"

@@ -1,4 +1,4 @@
-"""Unit tests for jrouter.access: <io><access> rules and util/rate.c counters."""
+"""Unit tests for jrouter.routing.access: <io><access> rules and util/rate.c counters."""
 
 import ipaddress
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jrouter.access import (
+from jrouter.routing.access import (
     ALLOW_DENY,
     DENY_ALLOW,
     AccessRule,

@@ -1,4 +1,4 @@
-"""jrouter.balance: jabberd2's cluster member choice, bit for bit (protocol §6.3), and the
+"""jrouter.routing.balance: jabberd2's cluster member choice, bit for bit (protocol §6.3), and the
 consistent/fixed-slot algorithms, SlotTable, IqTracker and HoldQueue."""
 
 import collections
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jrouter.balance import (
+from jrouter.routing.balance import (
     MAX_SLOT_ID, HoldQueue, IqTracker, SlotBusy, SlotsFull, SlotTable, fixed_slot, jabberd2_hash,
     jabberd2_index, jabberd2_pick, node_less_key, rendezvous_order, rendezvous_pick, rendezvous_score)
-from jrouter.jid import parse_jid
+from jrouter.wire.jid import parse_jid
 
 # protocol §6.3 worked values: bare JID, SHA-1, (w1^w2^w3)>>2, %2, %3 — observed on the real router.
 WORKED = [

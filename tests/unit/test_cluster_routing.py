@@ -3,7 +3,7 @@ core.Router), without sockets."""
 
 import pytest
 
-from jrouter.policy import ClusterPolicy, PolicyTable
+from jrouter.routing.policy import ClusterPolicy, PolicyTable
 
 from .harness import Network
 
@@ -176,7 +176,7 @@ def test_unsent_packets_are_routed_again_without_parsing_their_bytes(monkeypatch
     """The output queue keeps each packet's route: a dead member's unsent packets
     (queued and not flushed, or held by a throttle) go to a survivor, in order,
     and no byte of them is parsed again."""
-    from jrouter import xmlstream
+    from jrouter.wire import xmlstream
 
     net = network(algorithm="consistent")
     members = {0: sm(net, "sm0"), 1: sm(net, "sm1")}
@@ -199,7 +199,7 @@ def test_unsent_packets_are_routed_again_without_parsing_their_bytes(monkeypatch
 
 def test_default_policy_is_jabberd2_bit_for_bit():
     """Without <clustering>, placement equals jabberd2's hash over bind order."""
-    from jrouter.balance import jabberd2_index
+    from jrouter.routing.balance import jabberd2_index
 
     net = Network()
     members = {i: sm(net, f"sm{i}") for i in range(3)}

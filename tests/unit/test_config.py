@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jrouter.access import AccessRule, AccessRules, RateLimit
+from jrouter.routing.access import AccessRule, AccessRules, RateLimit
 from jrouter.config import (
     DEFAULT_CIPHERS,
     Alias,

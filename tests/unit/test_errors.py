@@ -3,16 +3,16 @@
 import pytest
 
 from jrouter import errors
-from jrouter.balance import SlotBusy, SlotsFull
-from jrouter.component import ConnectionClosed
+from jrouter.routing.balance import SlotBusy, SlotsFull
+from jrouter.wire.connection import ConnectionClosed
 from jrouter.config import ConfigError, XMLProblem
-from jrouter.filter import FilterError
-from jrouter.policy import PolicyError
-from jrouter.sasl import SaslEncodingError, SaslError, SaslStateError
-from jrouter.server import ListenError
-from jrouter.status import StatusListenError
-from jrouter.status_cli import Failure
-from jrouter.xmlstream import StreamError
+from jrouter.routing.filter import FilterError
+from jrouter.routing.policy import PolicyError
+from jrouter.wire.sasl import SaslEncodingError, SaslError, SaslStateError
+from jrouter.ops.server import ListenError
+from jrouter.ops.status import StatusListenError
+from jrouter.ops.status_cli import Failure
+from jrouter.wire.xmlstream import StreamError
 
 
 @pytest.mark.parametrize("error, kind", [

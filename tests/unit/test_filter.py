@@ -1,4 +1,4 @@
-"""Unit tests for jrouter.filter: router-filter.xml loading and rule matching (protocol §2.5).
+"""Unit tests for jrouter.routing.filter: router-filter.xml loading and rule matching (protocol §2.5).
 
 Behaviours marked "verified" were checked against Debian's jabberd2-router 2.7.0.
 """
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from jrouter.filter import (
+from jrouter.routing.filter import (
     FilterError,
     FilterRules,
     Rule,

@@ -1,4 +1,4 @@
-"""jrouter.jid: JIDs split and stringprepped as jabberd2's util/jid.c + libidn 1.41 do."""
+"""jrouter.wire.jid: JIDs split and stringprepped as jabberd2's util/jid.c + libidn 1.41 do."""
 
 import ctypes
 import ctypes.util
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jrouter import jid as jidmod
-from jrouter.jid import JID, domain_of, nameprep, nodeprep, parse_jid, resourceprep
+from jrouter.wire import jid as jidmod
+from jrouter.wire.jid import JID, domain_of, nameprep, nodeprep, parse_jid, resourceprep
 
 
 def test_parts_bare_and_full():

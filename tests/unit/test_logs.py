@@ -1,4 +1,4 @@
-"""jrouter.logs: jabberd2 log lines (protocol §1.6), sinks, SIGHUP reopen, debug toggle."""
+"""jrouter.ops.logs: jabberd2 log lines (protocol §1.6), sinks, SIGHUP reopen, debug toggle."""
 
 import calendar
 import io
@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from jrouter import logs
-from jrouter.logs import MAX_LINE, MemoryLog, RouterLog, mask_secret, syslog_facility
+from jrouter.ops import logs
+from jrouter.ops.logs import MAX_LINE, MemoryLog, RouterLog, mask_secret, syslog_facility
 
 # Wed Nov 25 04:56:26 2026 UTC, the timestamp of the example log in protocol §1.6.
 T0 = calendar.timegm((2026, 11, 25, 4, 56, 26, 0, 0, 0))

@@ -1,4 +1,4 @@
-"""jrouter.msglog: jabberd2's message log (protocol §7.1), line by line and on disk.
+"""jrouter.routing.message_log: jabberd2's message log (protocol §7.1), line by line and on disk.
 
 The expected lines of ``JABBERD2_CASES`` are what Debian's jabberd2-router
 2.7.0 wrote for the same routes (two components on loopback, TZ=Europe/Berlin);
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from jrouter.msglog import HEADER, MessageLog, message_log_line, route_body, wanted
-from jrouter.xmlstream import StreamReader
+from jrouter.routing.message_log import HEADER, MessageLog, message_log_line, route_body, wanted
+from jrouter.wire.xmlstream import StreamReader
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
 # Wed Nov 25 07:09:31 2026 UTC.

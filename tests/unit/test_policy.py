@@ -1,4 +1,4 @@
-"""jrouter.policy: per-name clustering policies, their placement decisions, and <clustering> parsing."""
+"""jrouter.routing.policy: per-name clustering policies, their placement decisions, and <clustering> parsing."""
 
 import collections
 import random
@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from jrouter.balance import SlotTable, fixed_slot, jabberd2_pick, rendezvous_order, rendezvous_pick
-from jrouter.jid import parse_jid
+from jrouter.routing.balance import SlotTable, fixed_slot, jabberd2_pick, rendezvous_order, rendezvous_pick
+from jrouter.wire.jid import parse_jid
 from jrouter.config import parse_clustering
-from jrouter.policy import (
+from jrouter.routing.policy import (
     BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, ClusterPolicy, PolicyError, PolicyTable, key_attribute,
     place, placement_key)
 

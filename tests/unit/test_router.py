@@ -12,7 +12,7 @@ import pytest
 
 from lxml import etree
 
-from jrouter.xmlstream import StreamClose, StreamOpen
+from jrouter.wire.xmlstream import StreamClose, StreamOpen
 
 from .harness import NS_ACCEPT, NS_C, NS_SASL, STREAMS, Network, header, same
 
@@ -716,7 +716,7 @@ def test_extra_header_prefixes_keep_raw_forwarding_unless_used():
 
 def test_an_illegal_move_is_a_protocol_error_not_a_crash(net):
     """A move the state table does not allow ends that stream with bad-format; the router goes on."""
-    from jrouter.component import State
+    from jrouter.wire.connection import State
     from jrouter.errors import ConnectionClosed
 
     sm = net.component("example.com")
@@ -731,7 +731,7 @@ def test_an_illegal_move_is_a_protocol_error_not_a_crash(net):
 def test_every_way_a_stream_ends_reaches_closed_once(net):
     """fail, kick, close, the peer's stream error and a vanished socket all end in CLOSED,
     and a stream that ended says nothing more."""
-    from jrouter.component import State
+    from jrouter.wire.connection import State
 
     closer = net.component("a.example.com")
     closer.connection.close()

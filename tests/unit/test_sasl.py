@@ -1,4 +1,4 @@
-"""jrouter.sasl: DIGEST-MD5 as jabberd2 2.7.0 + GNU SASL 2.2 run it (protocol §3.6)."""
+"""jrouter.wire.sasl: DIGEST-MD5 as jabberd2 2.7.0 + GNU SASL 2.2 run it (protocol §3.6)."""
 
 import base64
 import hashlib
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jrouter import sasl
-from jrouter.sasl import (
+from jrouter.wire import sasl
+from jrouter.wire.sasl import (
     TRANSITIONS,
     SaslError,
     SaslEncodingError,

@@ -1,4 +1,4 @@
-"""jrouter.sasl against the real thing: Debian's jabberd2-router, -sm and -c2s (GNU SASL) on loopback."""
+"""jrouter.wire.sasl against the real thing: Debian's jabberd2-router, -sm and -c2s (GNU SASL) on loopback."""
 
 import base64
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from jrouter.sasl import SaslServer
+from jrouter.wire.sasl import SaslServer
 from jrouter.testing.sasl_client import DigestMD5Client
 
 ROUTER = "/usr/sbin/jabberd2-router"

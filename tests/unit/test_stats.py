@@ -1,13 +1,14 @@
-"""jrouter.stats: counters, the router snapshot and "which member serves this JID"."""
+"""jrouter.ops.stats: counters, the router snapshot and "which member serves this JID"."""
 
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from jrouter.component import State
-from jrouter.routing import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
-from jrouter.stats import FIELDS, Counters, fold, snapshot, which_instance
+from jrouter.wire.connection import State
+from jrouter.routing.table import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
+from jrouter.wire.counters import FIELDS, Counters, fold
+from jrouter.ops.stats import snapshot, which_instance
 
 from .harness import Network
 

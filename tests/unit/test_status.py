@@ -1,4 +1,4 @@
-"""jrouter.status and jrouter-status: <status> in router.xml, Prometheus and JSON
+"""jrouter.ops.status and jrouter-status: <status> in router.xml, Prometheus and JSON
 output, the loopback HTTP endpoint, and the command that prints it for a person."""
 
 import json
@@ -8,10 +8,11 @@ import pytest
 from lxml import etree
 from prometheus_client.parser import text_string_to_metric_families
 
-from jrouter import status_cli
-from jrouter.stats import Counters, snapshot
+from jrouter.ops import status_cli
+from jrouter.wire.counters import Counters
+from jrouter.ops.stats import snapshot
 from jrouter.config import StatusSettings, parse_status
-from jrouter.status import StatusApp, StatusListenError, StatusServer, metric_families
+from jrouter.ops.status import StatusApp, StatusListenError, StatusServer, metric_families
 
 from .test_stats import FakeRouter, conn
 

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jrouter.xmlstream import (STREAMS_NS, Element, StreamClose, StreamError, StreamOpen,
+from jrouter.wire.xmlstream import (STREAMS_NS, Element, StreamClose, StreamError, StreamOpen,
                                StreamReader, stream_error, stream_header)
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"

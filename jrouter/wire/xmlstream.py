@@ -35,7 +35,7 @@ This module must not know about routing, SASL, sockets or the clock.
 import pyexpat
 import re
 
-from .errors import ProtocolError
+from jrouter.errors import ProtocolError
 
 STREAMS_NS = "http://etherx.jabber.org/streams"
 STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"

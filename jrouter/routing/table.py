@@ -17,8 +17,8 @@ default route.
 It must not know about sockets, XML or how a member is chosen for a packet.
 """
 
-from .balance import SlotTable
-from .policy import DEFAULT_POLICY
+from jrouter.routing.balance import SlotTable
+from jrouter.routing.policy import DEFAULT_POLICY
 
 SINGLE = "single"
 MULTI_TO = "multi-to"          # jabberd2 components bound with multi: hash the stanza 'to'

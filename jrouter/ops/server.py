@@ -24,9 +24,9 @@ from gevent import socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from .access import RateCounter
-from .component import ConnectionClosed
-from .errors import ListenError
+from jrouter.routing.access import RateCounter
+from jrouter.wire.connection import ConnectionClosed
+from jrouter.errors import ListenError
 
 
 class RouterServer:

@@ -19,9 +19,9 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional, Sequence
 
-from .config import DEFAULT_CONFIG_FILE, XMLProblem, parse_status, parse_xml
-from .errors import JrouterError
-from .stats import FIELDS
+from jrouter.config import DEFAULT_CONFIG_FILE, XMLProblem, parse_status, parse_xml
+from jrouter.errors import JrouterError
+from jrouter.wire.counters import FIELDS
 
 TIMEOUT = 5.0
 

@@ -22,7 +22,7 @@ import sys
 # exit code is jabberd2's 1 whichever is installed.
 from docopt import DocoptExit, docopt
 
-from . import __version__
+from jrouter import __version__
 
 USAGE = __doc__[__doc__.index("Usage:"):]
 
@@ -56,7 +56,7 @@ def main(argv=None):
     options = parse_args(argv)
     if isinstance(options, int):
         return options
-    from .app import run
+    from jrouter.ops.app import run
 
     return run(options["-c"], id_override=options["-i"], debug=options["-D"])
 

@@ -63,9 +63,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
-from .balance import MAX_SLOT_ID, fixed_slot, jabberd2_index, node_less_key, rendezvous_pick
-from .errors import ConfigurationError
-from .jid import parse_jid
+from jrouter.routing.balance import MAX_SLOT_ID, fixed_slot, jabberd2_index, node_less_key, rendezvous_pick
+from jrouter.errors import ConfigurationError
+from jrouter.wire.jid import parse_jid
 
 __all__ = ["ClusterPolicy", "PolicyTable", "PolicyError", "Choice", "match_name",
            "key_attribute", "placement_key", "place", "DEFAULT_POLICY",

@@ -27,8 +27,8 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Callable, Hashable, Mapping, Optional, Sequence
 
-from .errors import MembershipError
-from .jid import JID
+from jrouter.errors import MembershipError
+from jrouter.wire.jid import JID
 
 __all__ = ["jabberd2_hash", "jabberd2_pick", "jabberd2_index",
            "rendezvous_pick", "rendezvous_order", "rendezvous_score", "fixed_slot", "node_less_key",

@@ -45,7 +45,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
-from .jid import parse_jid
+from jrouter.wire.jid import parse_jid
 
 HEADER = (
     "# This message log is created by the jabberd router.\n"

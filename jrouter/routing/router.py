@@ -29,17 +29,17 @@ This module must not know about sockets, gevent or the clock.
 
 import random as _random
 
-from . import balance
-from .accept import ROUTE as _ROUTE
-from .accept import XepRouting, component_payload
-from .balance import HoldQueue, IqTracker
-from .cluster import ClusterRouting, any_tracking, unsent_routes
-from .component import NS_ACCEPT, NS_COMPONENT, Connection, State, sender_key
-from .jid import parse_jid
-from .policy import DEFAULT_POLICY
-from .routing import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
-from .stats import Counters, fold
-from .xmlstream import SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, StreamReader, quoteattr
+from jrouter.routing import balance
+from jrouter.routing.accept import ROUTE as _ROUTE
+from jrouter.routing.accept import XepRouting, component_payload
+from jrouter.routing.balance import HoldQueue, IqTracker
+from jrouter.routing.cluster import ClusterRouting, any_tracking, unsent_routes
+from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, Connection, State, sender_key
+from jrouter.wire.jid import parse_jid
+from jrouter.routing.policy import DEFAULT_POLICY
+from jrouter.routing.table import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
+from jrouter.wire.counters import Counters, fold
+from jrouter.wire.xmlstream import SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, StreamReader, quoteattr
 
 _BIND = NS_COMPONENT + " bind"
 _UNBIND = NS_COMPONENT + " unbind"
@@ -474,7 +474,7 @@ def _message_log(config, log):
     """The message log router.xml asks for, or None (protocol §7.1)."""
     if not config.message_logging:
         return None
-    from .msglog import MessageLog
+    from jrouter.routing.message_log import MessageLog
 
     return MessageLog(config.message_logging_file, log)
 

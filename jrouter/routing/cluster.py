@@ -13,10 +13,10 @@ router's route table, connections and bounce/delivery helpers. It must not
 know about sockets or the clock (``now`` is handed in).
 """
 
-from .balance import SlotBusy, SlotsFull
-from .jid import parse_jid
-from .policy import DELIVER, HOLD, key_attribute, place, placement_key
-from .routing import MULTI_FROM, SINGLE
+from jrouter.routing.balance import SlotBusy, SlotsFull
+from jrouter.wire.jid import parse_jid
+from jrouter.routing.policy import DELIVER, HOLD, key_attribute, place, placement_key
+from jrouter.routing.table import MULTI_FROM, SINGLE
 
 
 class ClusterRouting:

@@ -7,7 +7,7 @@ certificate and accepts any TLS version but SSLv3.
 
 from gevent import ssl
 
-from .config import DEFAULT_CIPHERS
+from jrouter.config import DEFAULT_CIPHERS
 
 
 def make_server_context(pemfile, password=None, ciphers=None):

@@ -25,10 +25,10 @@ from copy import deepcopy
 
 from lxml import etree
 
-from .component import NS_ACCEPT, NS_COMPONENT, sender_key
-from .jid import parse_jid
-from .routing import MULTI_FROM
-from .xmlstream import (_START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element,
+from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, sender_key
+from jrouter.wire.jid import parse_jid
+from jrouter.routing.table import MULTI_FROM
+from jrouter.wire.xmlstream import (_START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element,
                         NamespaceContext, quoteattr)
 
 NS_CLIENT = "jabber:client"

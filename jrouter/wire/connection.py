@@ -25,9 +25,9 @@ import enum
 import hashlib
 import hmac
 
-from .errors import ConnectionClosed
-from .stats import Counters
-from .xmlstream import (STREAM_CLOSE, STREAMS_NS, Element, StreamClose, StreamError,
+from jrouter.errors import ConnectionClosed
+from jrouter.wire.counters import Counters
+from jrouter.wire.xmlstream import (STREAM_CLOSE, STREAMS_NS, Element, StreamClose, StreamError,
                         StreamOpen, StreamReader, stream_error, stream_header)
 
 NS_COMPONENT = "http://jabberd.jabberstudio.org/ns/component/1.0"
@@ -372,7 +372,7 @@ class Connection:
         self._move(State.HEADER)
 
     def _on_sasl(self, element):
-        from .sasl import SaslServer
+        from jrouter.wire.sasl import SaslServer
 
         kind = element.local_name
         if kind not in ("auth", "response", "abort") or self.state is not State.NEGOTIATING:

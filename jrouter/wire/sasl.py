@@ -59,7 +59,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from .errors import JrouterError, ProtocolError
+from jrouter.errors import JrouterError, ProtocolError
 
 __all__ = [
     "SaslError",

@@ -33,9 +33,9 @@ import time
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
 
-from . import stats
-from .config.sections import StatusSettings
-from .errors import ListenError
+from jrouter.ops import stats
+from jrouter.config.sections import StatusSettings
+from jrouter.errors import ListenError
 
 #: Counter fields and the help text of their Prometheus metrics.
 _COUNTER_HELP = {

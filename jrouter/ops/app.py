@@ -14,13 +14,13 @@ import time
 import gevent
 from gevent.event import Event
 
-from .access import ConnectLimiter
-from .config import ConfigError, load_config, load_users
-from .core import Router
-from .filter import FilterError, load_filter
-from .logs import RouterLog
-from .server import ListenError, RouterServer
-from .status import StatusListenError, StatusServer
+from jrouter.routing.access import ConnectLimiter
+from jrouter.config import ConfigError, load_config, load_users
+from jrouter.routing.router import Router
+from jrouter.routing.filter import FilterError, load_filter
+from jrouter.ops.logs import RouterLog
+from jrouter.ops.server import ListenError, RouterServer
+from jrouter.ops.status import StatusListenError, StatusServer
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -139,7 +139,7 @@ class RouterProcess:
     def _tls_context(self):
         if not self.config.pemfile:
             return None
-        from .tls import make_server_context
+        from jrouter.ops.tls import make_server_context
 
         try:
             return make_server_context(self.config.pemfile, self.config.private_key_password,
