@@ -216,6 +216,26 @@ def ratio_lines(rows: List[Dict[str, Any]], a: str, b: str) -> List[str]:
             ] + table(headers, body, left=2)
 
 
+def throughput_lines(summary_rows: List[Dict[str, Any]], pairs: Sequence[Dict[str, Any]],
+                     protocols: Sequence[str], names: Sequence[str]) -> List[str]:
+    """One row per protocol: each router's median stanzas/s, then each pair's
+    stanzas/s ratio as "median [min-max]" over the rounds (several pairs at a glance)."""
+    med = {(r["protocol"], r["router"]): r["stanzas/s"] for r in summary_rows}
+    headers = ["protocol"] + [f"{n} stanzas/s" for n in names] + [
+        f"{p['a']}/{p['b']}" for p in pairs]
+    body = []
+    for proto in protocols:
+        row = [proto] + [n0(med[(proto, n)]) if (proto, n) in med else "-" for n in names]
+        for p in pairs:
+            cell = next((r for r in p["rows"] if r["protocol"] == proto
+                         and r["metric"] == "stanzas/s"), None)
+            row.append(f"{cell['median']:.3f} [{cell['min']:.3f}-{cell['max']:.3f}]"
+                       if cell else "-")
+        body.append(row)
+    return ["throughput: median stanzas/s per router; ratios median [min-max] over the "
+            "rounds (higher is better for the first)"] + table(headers, body, left=1)
+
+
 # --------------------------------------------------------------------------
 # The curves
 

@@ -5,6 +5,11 @@ the command line of each router, starting a router and waiting until it
 listens, stopping it (SIGTERM, then SIGKILL), and reading its CPU time and
 memory from /proc.  Knows nothing about the wire protocols.
 
+Besides the two named routers, any jrouter source tree (a git worktree of
+another commit, say) can be a router of its own: `Tree`, run as
+`PYTHONPATH=DIR python -m jrouter` from DIR with the same interpreter, and
+checked to import jrouter from DIR (`tree_module`) before it is measured.
+
 Both routers get the very same files (jrouter is a drop-in replacement):
 XEP-0114 secret, one user in ACL `all` so it may bind any name (protocol §2.4,
 §4.2 step 2), an empty filter (0 rules), no limits, no keepalive.
@@ -19,7 +24,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 USER = "bench"
 PASSWORD = "bench-password"
@@ -93,6 +99,64 @@ def command(name: str, config: str, python: str) -> List[str]:
     raise ValueError(f"unknown router {name!r} (known: {', '.join(NAMES)})")
 
 
+@dataclass(frozen=True)
+class Tree:
+    """A jrouter source tree run as a router of its own, named `name`."""
+    name: str
+    path: str  # absolute; holds jrouter/__main__.py
+
+    def env(self) -> Dict[str, str]:
+        """The environment of its processes: DIR first on the module path
+        (the venv's editable install of the main tree comes after it)."""
+        old = os.environ.get("PYTHONPATH")
+        return dict(os.environ, PYTHONPATH=self.path + (os.pathsep + old if old else ""))
+
+
+def launch(name: str, config: str, python: str, cwd: str,
+           trees: Sequence[Tree] = ()) -> Tuple[List[str], str, Optional[Dict[str, str]]]:
+    """(argv, cwd, env or None for ours) that start router `name` with `config`:
+    a tree's `python -m jrouter` runs from the tree with it on PYTHONPATH."""
+    for tree in trees:
+        if tree.name == name:
+            return [python, "-m", "jrouter", "-c", config], tree.path, tree.env()
+    return command(name, config, python), cwd, None
+
+
+def tree_module(tree: Tree, python: str) -> str:
+    """The file `import jrouter` loads for `tree` (same interpreter, cwd and
+    environment as its router); RouterError unless it lies inside the tree."""
+    code = "import jrouter, os; print(os.path.realpath(jrouter.__file__))"
+    try:
+        done = subprocess.run([python, "-c", code], cwd=tree.path, env=tree.env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=START_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RouterError(f"cannot import jrouter from {tree.path}: {e}") from None
+    where = done.stdout.strip()
+    if done.returncode != 0 or not where:
+        tail = "\n    ".join(done.stderr.strip().splitlines()[-8:])
+        raise RouterError(f"`import jrouter` failed in {tree.path} (status "
+                          f"{done.returncode}):\n    {tail}")
+    root = os.path.realpath(tree.path)
+    if os.path.commonpath([root, where]) != root:
+        raise RouterError(f"`import jrouter` from {tree.path} loads {where} instead")
+    return where
+
+
+def tree_commit(tree: Tree) -> str:
+    """The tree's git commit (with "+dirty" if its files differ), or "" outside git."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", tree.path, *args], capture_output=True,
+                                  text=True, timeout=30, stdin=subprocess.DEVNULL).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit
+
+
 def child_setup(cpus: Optional[Sequence[int]]):
     """preexec_fn: die with the parent (so an orchestrator killed by SIGKILL
     leaves no router behind), and run on `cpus` if given."""
@@ -112,9 +176,11 @@ class Router:
     """One router process on 127.0.0.1:port, logging into `logpath`."""
 
     def __init__(self, name: str, argv: List[str], cwd: str, logpath: str, port: int,
-                 cpus: Optional[Sequence[int]] = None) -> None:
+                 cpus: Optional[Sequence[int]] = None,
+                 env: Optional[Mapping[str, str]] = None) -> None:
         self.name, self.argv, self.cwd = name, argv, cwd
         self.logpath, self.port, self.cpus = logpath, port, cpus
+        self.env = dict(os.environ if env is None else env)
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -124,7 +190,7 @@ class Router:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start and wait until the port accepts connections; RouterError if not."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.env, PYTHONUNBUFFERED="1")
         with open(self.logpath, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import routers
 
@@ -35,6 +35,7 @@ class Settings:
     pin: bool  # router on cpu 0, load generator on cpu 1
     grace: float = 10.0  # s to collect what is in flight after time_limit
     stall: float = 10.0  # s without any arrival that end a phase
+    trees: Tuple[routers.Tree, ...] = ()  # jrouter source trees run as routers of their own
 
     def cpus(self):
         """(router cpus, load generator cpus), or (None, None) when not pinning."""
@@ -62,8 +63,9 @@ def run(router: str, settings: Settings, *, mode: str, protocol: str, components
     with tempfile.TemporaryDirectory(prefix="jrouter-bench-") as tmp:
         port = routers.free_port()
         config = routers.write_config(tmp, port)
-        proc = routers.Router(router, routers.command(router, config, settings.python), REPO,
-                              os.path.join(tmp, "router.log"), port, router_cpus)
+        argv, cwd, env = routers.launch(router, config, settings.python, REPO, settings.trees)
+        proc = routers.Router(router, argv, cwd, os.path.join(tmp, "router.log"), port,
+                              router_cpus, env)
         try:
             proc.start()
             spec = dict(mode=mode, protocol=protocol, components=components, messages=messages,
@@ -113,14 +115,21 @@ def loadgen(spec: Dict[str, Any], cpus: Optional[List[int]]) -> Dict[str, Any]:
 
 
 def probe(router: str, settings: Settings) -> Optional[str]:
-    """None if `router` starts and listens; else why not, in one paragraph."""
+    """None if `router` starts and listens; else why not, in one paragraph.
+    A tree must also import jrouter from itself (routers.tree_module)."""
     if router == "jabberd2" and not os.access(routers.C_ROUTER, os.X_OK):
         return f"{routers.C_ROUTER} is not installed (apt-get install jabberd2)"
+    for tree in settings.trees:
+        if tree.name == router:
+            try:
+                routers.tree_module(tree, settings.python)
+            except routers.RouterError as e:
+                return str(e)
     with tempfile.TemporaryDirectory(prefix="jrouter-bench-") as tmp:
         port = routers.free_port()
         config = routers.write_config(tmp, port)
-        argv = routers.command(router, config, settings.python)
-        proc = routers.Router(router, argv, REPO, os.path.join(tmp, "router.log"), port)
+        argv, cwd, env = routers.launch(router, config, settings.python, REPO, settings.trees)
+        proc = routers.Router(router, argv, cwd, os.path.join(tmp, "router.log"), port, env=env)
         try:
             proc.start()
         except (routers.RouterError, OSError) as e:

@@ -68,3 +68,47 @@ def test_bench_says_when_jrouter_cannot_run_and_measures_the_c_router_alone(tmp_
     assert "no jrouter here" in doc["unavailable"]["jrouter"]
     assert [r["router"] for r in doc["runs"]] == ["jabberd2"]
     assert doc["runs"][0]["delivered"] == 2 * 5
+
+
+def test_bench_runs_jrouter_trees_in_the_alternation_and_compares_them():
+    """--jrouter-tree: each tree is a router of its own (C, a, b, C, a, b), imports
+    jrouter from its own directory, and gets a/C, b/C and b/a ratios."""
+    tree = str(REPO_ROOT)
+    result = bench("--protocol", "jabberd2", "--rounds", "2",
+                   "--jrouter-tree", f"a={tree}", "--jrouter-tree", f"b={tree}")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["unavailable"] == {} and doc["all_delivered"] is True
+    assert [(r["round"], r["router"]) for r in doc["runs"]] == [
+        (1, "jabberd2"), (1, "a"), (1, "b"), (2, "jabberd2"), (2, "a"), (2, "b")]
+    for name in ("a", "b"):
+        assert doc["trees"][name]["dir"] == tree
+        assert Path(doc["trees"][name]["module"]).resolve().is_relative_to(REPO_ROOT.resolve())
+    assert [(p["a"], p["b"]) for p in doc["pair_ratios"]] == [
+        ("a", "jabberd2"), ("b", "jabberd2"), ("b", "a")]
+    for pair in doc["pair_ratios"]:
+        (tput,) = [r for r in pair["rows"] if r["metric"] == "stanzas/s"]
+        assert tput["rounds"] == 2 and 0 < tput["min"] <= tput["median"] <= tput["max"]
+    assert "b/a" in result.stderr and "imports " + tree in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["no-equals-sign", "jrouter=.", "x=/nonexistent"])
+def test_bench_refuses_a_bad_jrouter_tree(spec):
+    """A --jrouter-tree without NAME=DIR, with a taken name or without jrouter/ is bad usage."""
+    result = bench("--jrouter-tree", spec, timeout=60)
+    assert result.returncode == 2 and "--jrouter-tree" in result.stderr
+
+
+def test_bench_says_when_a_jrouter_tree_cannot_run_and_measures_the_others(tmp_path):
+    """A tree whose `python -m jrouter` fails is left out, loudly; the rest still run."""
+    (tmp_path / "jrouter").mkdir()
+    (tmp_path / "jrouter" / "__init__.py").write_text("")
+    (tmp_path / "jrouter" / "__main__.py").write_text("raise SystemExit('broken tree')\n")
+    result = bench("--protocol", "xep0114", "--jrouter-tree", f"bad={tmp_path}",
+                   "--jrouter-tree", f"good={REPO_ROOT}")
+    assert result.returncode == 0, result.stderr
+    assert "bad is not runnable; running jabberd2, good" in result.stderr
+    doc = json.loads(result.stdout)
+    assert "broken tree" in doc["unavailable"]["bad"]
+    assert [r["router"] for r in doc["runs"]] == ["jabberd2", "good"]
+    assert [(p["a"], p["b"]) for p in doc["pair_ratios"]] == [("good", "jabberd2")]
