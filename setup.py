@@ -24,6 +24,8 @@ setup(
             "pytest-timeout>=2.1,<3",
             "hypothesis>=6.80,<7",
             "slixmpp>=1.8.4,<2",
+            "mypy>=1.8,<2",
+            "types-lxml>=2026.2,<2027",
         ],
     },
     entry_points={"console_scripts": [

@@ -17,14 +17,14 @@ router-filter.xml is read by ``jrouter.routing.filter`` with this package's XML 
 """
 
 from .router_xml import (CONFIG_DIR, COMPONENT_NAMESPACES, DEFAULT_CIPHERS, DEFAULT_CONFIG_FILE,
-                         DEFAULT_STANZA_SIZE, LOG_TYPES, SYSLOG_FACILITIES, Alias, Config,
+                         DEFAULT_STANZA_SIZE, SYSLOG_FACILITIES, Alias, Config,
                          ConfigError, LogSettings, load_config)
 from .sections import StatusSettings, parse_clustering, parse_status
 from .users import UsersResult, load_users
 from .xmlfile import XMLProblem, element_text, parse_xml
 
 __all__ = ["CONFIG_DIR", "COMPONENT_NAMESPACES", "DEFAULT_CIPHERS", "DEFAULT_CONFIG_FILE",
-           "DEFAULT_STANZA_SIZE", "LOG_TYPES", "SYSLOG_FACILITIES", "Alias", "Config",
+           "DEFAULT_STANZA_SIZE", "SYSLOG_FACILITIES", "Alias", "Config",
            "ConfigError", "LogSettings", "StatusSettings", "UsersResult", "XMLProblem",
            "element_text", "load_config", "load_users", "parse_clustering", "parse_status",
            "parse_xml"]

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar, Union
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 _INTEGER = re.compile(r"[ \t\r\n]*([+-]?[0-9]+)[ \t\r\n]*\Z")
 _LABEL = re.compile(r"[\w-]{1,63}\Z")
@@ -26,7 +29,7 @@ BOOLEANS = {"yes": True, "true": True, "1": True, "on": True,
             "no": False, "false": False, "0": False, "off": False}
 
 
-class Problems(list):
+class Problems(list[str]):
     """The problems found in one file, each a string naming file, line and element."""
 
     def __init__(self, path: str) -> None:
@@ -36,8 +39,8 @@ class Problems(list):
     def add(self, line: int, key: str, message: str) -> None:
         self.append(f"{self.path}:{line}: {key}: {message}")
 
-    def read(self, line: int, key: str, value: str, reader: Callable[[str], object],
-             default: object) -> object:
+    def read(self, line: int, key: str, value: str, reader: Callable[[str], T],
+             default: D) -> Union[T, D]:
         """``reader(value)``, or ``default`` after adding the reader's complaint."""
         try:
             return reader(value)

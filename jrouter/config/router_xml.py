@@ -30,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from lxml import etree
 
@@ -39,7 +39,7 @@ from jrouter.errors import ConfigurationError
 from jrouter.routing.policy import PolicyTable
 
 from . import grammar
-from .grammar import Problems
+from .grammar import D, Problems, T
 from .sections import StatusSettings, parse_clustering, parse_status
 from .xmlfile import XMLProblem, children, element_text, parse_xml, xml_name
 
@@ -49,7 +49,6 @@ DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
 DEFAULT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!EXP"  # OpenSSL takes DEFAULT only first
 DEFAULT_STANZA_SIZE = 1048576
 
-LOG_TYPES = ("stdout", "file", "syslog")
 # util/log.c _log_facilities; anything else, or none, means local7.
 SYSLOG_FACILITIES = tuple(f"local{n}" for n in range(8)) + ("log_user",)
 
@@ -212,13 +211,13 @@ class _Reader:
         entries = self.table.get(key)
         return entries[0] if entries else None
 
-    def get(self, key: str, default: object, validate: Callable[[str], object]) -> object:
+    def get(self, key: str, default: D, validate: Callable[[str], T]) -> Union[T, D]:
         entry = self.first(key)
         if entry is None or entry.failed:
             return default
         return self.check(entry.value, entry.line, key, default, validate)
 
-    def check(self, value: str, line: int, key: str, default: object, validate: Callable[[str], object]) -> object:
+    def check(self, value: str, line: int, key: str, default: D, validate: Callable[[str], T]) -> Union[T, D]:
         return self.problems.read(line, key, value, validate, default)
 
 
@@ -233,7 +232,7 @@ def _log(r: _Reader) -> LogSettings:
     facility = r.get("log.facility", None, grammar.text)
     facility = facility.lower() if isinstance(facility, str) else None
     file = r.get("log.file", None, grammar.text)
-    if kind == "file" and r.first("log.file") is None:
+    if entry is not None and kind == "file" and r.first("log.file") is None:
         r.problem(entry.line, "log@type", "type='file' needs a <file> element naming the log file")
     return LogSettings(
         type=kind,
@@ -261,11 +260,12 @@ def _rate(r: _Reader, key: str) -> RateLimit:
 
 
 def _access(r: _Reader) -> AccessRules:
+    entry = r.first("io.access.order")
     order = r.get("io.access.order", ALLOW_DENY, grammar.text).strip(" \t\r\n")
-    if order not in (ALLOW_DENY, DENY_ALLOW):
+    if entry is not None and order not in (ALLOW_DENY, DENY_ALLOW):  # the default is valid
         # jabberd2 takes anything but "deny,allow" as allow,deny, so a typo
         # quietly opens the router; we refuse.
-        r.problem(r.first("io.access.order").line, "io.access.order", f"must be 'allow,deny' or 'deny,allow', got {order!r}")
+        r.problem(entry.line, "io.access.order", f"must be 'allow,deny' or 'deny,allow', got {order!r}")
         order = ALLOW_DENY
     return AccessRules(order, _access_rules(r, "io.access.allow"), _access_rules(r, "io.access.deny"))
 
@@ -292,20 +292,21 @@ def _access_rules(r: _Reader, key: str) -> tuple[AccessRule, ...]:
 def _aliases(r: _Reader) -> tuple[Alias, ...]:
     aliases: dict[str, tuple[Alias, int]] = {}
     for entry in r.table.get("aliases.alias", []):
-        names = {}
+        names: dict[str, Optional[str]] = {}
         for attr in ("name", "target"):
             value = entry.attrs.get(attr)
             if value is None:
                 r.problem(entry.line, "aliases.alias", f"missing the {attr} attribute")
             else:
                 names[attr] = r.check(value, entry.line, f"aliases.alias@{attr}", None, grammar.domain)
-        if None in names.values() or len(names) < 2:
+        name, target = names.get("name"), names.get("target")
+        if name is None or target is None:
             continue
-        if names["name"] in aliases:
-            seen = aliases[names["name"]][1]
-            r.problem(entry.line, "aliases.alias@name", f"alias {names['name']!r} is already defined on line {seen}")
+        if name in aliases:
+            seen = aliases[name][1]
+            r.problem(entry.line, "aliases.alias@name", f"alias {name!r} is already defined on line {seen}")
             continue
-        aliases[names["name"]] = (Alias(names["name"], names["target"]), entry.line)
+        aliases[name] = (Alias(name, target), entry.line)
     return tuple(alias for alias, _line in aliases.values())
 
 
@@ -355,7 +356,8 @@ def _acls(root: etree._Element) -> Mapping[str, frozenset[str]]:
     return MappingProxyType(acls)
 
 
-def _section(r: _Reader, name: str, parse):
+def _section(r: _Reader, name: str,
+             parse: Callable[[etree._Element, str], tuple[T, list[str]]]) -> Optional[T]:
     """An optional section with a parser of its own (``parse(element, path)
     -> (value, problems)``); its problems join everyone else's. None when
     the section is absent."""
@@ -368,7 +370,8 @@ def _section(r: _Reader, name: str, parse):
 
 
 def _build(r: _Reader, source: str) -> Config:
-    values = {name: r.get(key, getattr(Config, name, None), validate) for name, key, validate in _SETTINGS}
+    values: dict[str, Any] = {name: r.get(key, getattr(Config, name, None), validate)
+                              for name, key, validate in _SETTINGS}
     return Config(
         status=_section(r, "status", parse_status),
         clustering=_section(r, "clustering", parse_clustering),

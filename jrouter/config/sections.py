@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from lxml import etree
 
@@ -83,7 +83,7 @@ def parse_status(element: Optional[etree._Element], path: str
     return StatusSettings(ip=ip, port=port, public=public), problems
 
 
-def _is_loopback(address: ipaddress._BaseAddress) -> bool:
+def _is_loopback(address: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> bool:
     mapped = getattr(address, "ipv4_mapped", None)
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
@@ -143,7 +143,7 @@ def _policy(el: etree._Element, problems: Problems, key: str) -> Optional[Cluste
     """One ``<policy>``, or None after adding all its problems."""
     before = len(problems)
     line = el.sourceline or 0
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}
     failed = set()
     for attr, raw in el.attrib.items():
         if attr not in _POLICY_ATTRIBUTES:

@@ -5,11 +5,15 @@ filter, TLS, listen. Signal handlers only schedule work (gunicorn's rule):
 the work itself runs in a greenlet of its own.
 """
 
+from __future__ import annotations
+
 import os
+import random
 import secrets
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING, Optional
 
 import gevent
 from gevent.event import Event
@@ -17,20 +21,26 @@ from gevent.event import Event
 from jrouter.routing.access import ConnectLimiter
 from jrouter.config import ConfigError, load_config, load_users
 from jrouter.routing.router import Router
-from jrouter.routing.filter import FilterError, load_filter
+from jrouter.config.filter_xml import FilterError, load_filter
 from jrouter.ops.logs import RouterLog
 from jrouter.ops.server import ListenError, RouterServer
 from jrouter.ops.status import StatusListenError, StatusServer
 
+if TYPE_CHECKING:
+    import ssl
+
+    from jrouter.config import Config
+    from jrouter.routing.filter import FilterRules
+
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
-def make_id():
+def make_id() -> str:
     """A stream id or nonce as jabberd2 makes them: 40 of [0-9a-z]."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(40))
 
 
-def run(config_path, id_override=None, debug=False):
+def run(config_path: str, id_override: Optional[str] = None, debug: bool = False) -> int:
     """Run the router until SIGTERM/SIGINT; return the exit code."""
     try:
         config = load_config(config_path, id_override)
@@ -51,15 +61,16 @@ def run(config_path, id_override=None, debug=False):
 class RouterProcess:
     """One running router: owns the log, the server and the signal handlers."""
 
-    def __init__(self, config, log, id_override=None):
+    def __init__(self, config: Config, log: RouterLog, id_override: Optional[str] = None) -> None:
         self.config = config
         self.log = log
         self.id_override = id_override
         self.stopping = Event()
-        self.router = None
-        self.server = None
+        # Made by run(), before the signal handlers that reload are installed.
+        self.router: Router = None  # type: ignore[assignment]
+        self.server: Optional[RouterServer] = None
 
-    def run(self):
+    def run(self) -> int:
         log = self.log
         log.notice("starting up")
         self._write_pidfile()
@@ -69,9 +80,8 @@ class RouterProcess:
         except FilterError:
             return 1
         tls_context = self._tls_context()
-        self.router = Router(self.config, users, log, make_id,
-                             filter_rules=filter_rules, dump=_append_dump)
-        self.router.reconfigure(self.config)        # the message log, as on SIGHUP
+        self.router = Router(self.config, users, log, make_id, random.randrange,
+                             filter_rules=filter_rules)
         limits = self.config.connects_limit
         self.server = RouterServer(
             self.config, self.router, log, access=self.config.access, tls_context=tls_context,
@@ -89,7 +99,7 @@ class RouterProcess:
         self.server.stop()
         return 0
 
-    def _start_status(self):
+    def _start_status(self) -> Optional[StatusServer]:
         """The operator's read-only HTTP endpoint, when <status> asks for it."""
         settings = self.config.status
         if settings is None or not settings.enabled:
@@ -100,7 +110,7 @@ class RouterProcess:
 
     # -- files ---------------------------------------------------------------
 
-    def _write_pidfile(self):
+    def _write_pidfile(self) -> None:
         path = self.config.pidfile
         if not path:
             return
@@ -113,7 +123,7 @@ class RouterProcess:
             return
         self.log.info(f"process id is {pid}, written to {path}")
 
-    def _load_users(self):
+    def _load_users(self) -> Optional[dict[str, str]]:
         """The user table, or None when the file could not be read (at
         startup jabberd2 then serves with no users; on reload we keep the
         old table)."""
@@ -126,7 +136,7 @@ class RouterProcess:
             return None
         return result.users
 
-    def _load_filter(self):
+    def _load_filter(self) -> Optional[FilterRules]:
         try:
             result = load_filter(self.config.filter_file)
         except FilterError as exc:
@@ -136,7 +146,7 @@ class RouterProcess:
             getattr(self.log, level)(message)
         return result.rules if len(result.rules) else None
 
-    def _tls_context(self):
+    def _tls_context(self) -> Optional[ssl.SSLContext]:
         if not self.config.pemfile:
             return None
         from jrouter.ops.tls import make_server_context
@@ -150,7 +160,7 @@ class RouterProcess:
 
     # -- signals ---------------------------------------------------------------
 
-    def _install_signals(self):
+    def _install_signals(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self.stopping.set)
         gevent.signal_handler(signal.SIGINT, self.stopping.set)
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
@@ -158,11 +168,11 @@ class RouterProcess:
         gevent.signal_handler(signal.SIGUSR2, lambda: self._set_debug(True))
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    def _set_debug(self, enabled):
+    def _set_debug(self, enabled: bool) -> None:
         self.log.set_debug(enabled)
         self.log.notice(f"debug output {'on' if enabled else 'off'}")
 
-    def reload(self):
+    def reload(self) -> None:
         """SIGHUP: what jabberd2 does (protocol §1.4: reopen the log, reload the
         filter and the users), then what it cannot: router.xml's ACLs,
         aliases, XEP-0114 secret, keepalive and clustering policies. A file
@@ -180,7 +190,7 @@ class RouterProcess:
             self.router.users = users
         self._reload_config()
 
-    def _reload_config(self):
+    def _reload_config(self) -> None:
         self.log.notice(f"reloading {self.config.source} ...")
         try:
             config = load_config(self.config.source, self.id_override)
@@ -193,8 +203,3 @@ class RouterProcess:
         self.log.notice("reloaded ACLs, aliases, secret, keepalive, message logging and clustering policies "
                         "(listening address, TLS and limits need a restart)")
 
-
-def _append_dump(path, data):
-    """A filter rule's dump: append the matched packet to a file."""
-    with open(path, "ab") as handle:
-        handle.write(data)

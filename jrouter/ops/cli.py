@@ -13,7 +13,10 @@ Options:
   --version   show the version and exit
 """
 
+from __future__ import annotations
+
 import sys
+from typing import Any, Optional, Union
 
 # docopt-ng in the venv, docopt 0.6.2 from Debian's python3-docopt in the
 # package. Their docopt() differ only in the name of its third parameter
@@ -28,10 +31,9 @@ USAGE = __doc__[__doc__.index("Usage:"):]
 
 EXIT_OK = 0
 EXIT_USAGE = 1          # jabberd2: usage, cannot listen, bad filter file
-EXIT_CONFIG = 2         # jabberd2: config cannot be loaded
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> Union[int, dict[str, Any]]:
     """Return the options, or an exit code when there is nothing to run."""
     if any(arg in ("-h", "--help", "-?") for arg in argv):
         # jabberd2 prints its usage on stdout and exits 1.
@@ -51,7 +53,7 @@ def parse_args(argv):
     return options
 
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     options = parse_args(argv)
     if isinstance(options, int):

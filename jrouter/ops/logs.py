@@ -32,21 +32,15 @@ use the same format with ``[debug]``; CR, LF and NUL in a message are written as
 a UTF-8 character.
 
 Never log secrets (STYLE rule 8).  Do not pass passwords, ``local.secret``,
-key passphrases, SASL payloads or handshake digests to a log method.  When a
-debug message must show raw protocol XML, pass it through :func:`mask_secret`
-first, which blanks the text of SASL and handshake elements::
-
-    if log.debug_enabled:
-        log.debug('[%s, port=%d] RECV: %s' % (ip, port, mask_secret(data)))
+key passphrases, SASL payloads or handshake digests to a log method.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import syslog
 import time
-from typing import Callable, List, Optional, Tuple, Union
+from typing import BinaryIO, Callable, List, Optional, TextIO, Tuple
 
 # Index = syslog priority (LOG_EMERG == 0 ... LOG_DEBUG == 7), as in util/log.c.
 LEVELS = ('emergency', 'alert', 'critical', 'error', 'warning', 'notice', 'info', 'debug')
@@ -83,25 +77,6 @@ def format_line(level: int, message: str, now: float) -> bytes:
         # Cut like C's snprintf, but drop a trailing partial UTF-8 sequence.
         data = data[:MAX_LINE - 1].decode('utf-8', 'ignore').encode('utf-8')
     return data + b'\n'
-
-
-# Elements whose text is a credential or derived from one: SASL (RFC 6120 6.4),
-# the XEP-0114 handshake digest, and router-users.xml / router.xml secrets.
-_SECRET_TEXT = re.compile(
-    r'(<(?:[A-Za-z_][\w.-]*:)?'
-    r'(?:auth|response|challenge|success|handshake|secret|password|private_key_password)'
-    r'(?:\s[^<>]*)?(?<!/)>)[^<]+')
-
-
-def mask_secret(text: Union[str, bytes]) -> str:
-    """Return XML text with the content of SASL, handshake and secret elements as ``***``.
-
-    Works on fragments too (a read chunk that ends inside ``<response>``).
-    Anything else that is secret must simply never be logged.
-    """
-    if isinstance(text, bytes):
-        text = text.decode('utf-8', 'replace')
-    return _SECRET_TEXT.sub(r'\1***', text)
 
 
 class _Levels:
@@ -146,10 +121,10 @@ class _Levels:
 class _Sink:
     """Where stdout/file lines go: a binary append-mode file, or the stdout stream."""
 
-    def __init__(self, path: Optional[str], stream) -> None:
+    def __init__(self, path: Optional[str], stream: Optional[TextIO]) -> None:
         self.path = path
         self._stream = stream          # None: whatever sys.stdout is when writing
-        self._file = None
+        self._file: Optional[BinaryIO] = None
         if path is not None:
             self._file = open(path, 'ab', buffering=0)   # O_APPEND, one write(2) per line
 
@@ -175,7 +150,7 @@ class _Sink:
             self._file = None
 
 
-def _open_file_sink(path: Optional[str], stream) -> _Sink:
+def _open_file_sink(path: Optional[str], stream: Optional[TextIO]) -> _Sink:
     """A file sink, or stdout after jabberd2's two-line complaint on stderr."""
     try:
         if path is None:
@@ -207,7 +182,7 @@ class RouterLog(_Levels):
     def __init__(self, type: str = 'stdout', ident: Optional[str] = DEFAULT_IDENT,
                  facility: Optional[str] = None, file: Optional[str] = None,
                  debug: bool = False, clock: Callable[[], float] = time.time,
-                 stream=None, debug_file: Optional[str] = None) -> None:
+                 stream: Optional[TextIO] = None, debug_file: Optional[str] = None) -> None:
         self.type = type if type in ('file', 'syslog') else 'stdout'
         self.ident = ident if ident is not None else DEFAULT_IDENT
         self.facility = syslog_facility(facility)
@@ -313,4 +288,4 @@ class MemoryLog(_Levels):
 
 
 __all__ = ['LEVELS', 'MAX_LINE', 'DEFAULT_IDENT', 'FACILITIES', 'RouterLog', 'MemoryLog',
-           'mask_secret', 'syslog_facility', 'format_line']
+           'syslog_facility', 'format_line']

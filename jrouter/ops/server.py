@@ -15,18 +15,30 @@ This module must not know the protocols: it moves bytes and calls
 ``Connection.receive``, ``Router.connect``/``disconnect``/``tick``.
 """
 
+from __future__ import annotations
+
 import errno
 import ssl
 import time
+from typing import TYPE_CHECKING, Callable, Optional
 
 import gevent
 from gevent import socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from jrouter.ops.effects import EffectWriter
 from jrouter.routing.access import RateCounter
 from jrouter.wire.connection import ConnectionClosed
 from jrouter.errors import ListenError
+
+if TYPE_CHECKING:
+    from gevent import Greenlet
+
+    from jrouter.config import Config
+    from jrouter.routing.access import AccessRules, ConnectLimiter
+    from jrouter.routing.router import Log, Router
+    from jrouter.wire.connection import Connection
 
 
 class RouterServer:
@@ -39,8 +51,10 @@ class RouterServer:
     #: seconds the TLS handshake may take
     tls_timeout = 30.0
 
-    def __init__(self, config, router, log, access=None, connect_limiter=None,
-                 tls_context=None, clock=time.monotonic):
+    def __init__(self, config: Config, router: Router, log: Log, access: Optional[AccessRules] = None,
+                 connect_limiter: Optional[ConnectLimiter] = None,
+                 tls_context: Optional[ssl.SSLContext] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.router = router
         self.log = log
@@ -49,20 +63,22 @@ class RouterServer:
         self.tls_context = tls_context
         self.clock = clock
         router.tls_available = tls_context is not None
+        self.effects = EffectWriter(router, log)
+        router.on_effects = self._schedule_flush
         # Unbounded: a pool that is full stops accepting, and peers would
         # wait unanswered; over max_fds a peer is refused at once instead.
         self._pool = Pool()
-        self._marked = []           # peers with output since the last flush
+        self._marked: list[_Peer] = []  # peers with output since the last flush
         self._flush_scheduled = False
-        self._server = None
-        self._timer = None
-        self._sockets = {}
+        self._server: Optional[StreamServer] = None
+        self._timer: Optional[Greenlet] = None
+        self._sockets: dict[int, socket.socket] = {}
 
     @property
-    def address(self):
+    def address(self) -> Optional[tuple[str, int]]:
         return self._server.address if self._server else None
 
-    def start(self):
+    def start(self) -> None:
         """Listen; raise ListenError with jabberd2's log line on failure."""
         ip, port = self.config.ip, self.config.port
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -81,7 +97,7 @@ class RouterServer:
         self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
         self._timer = gevent.spawn(self._time_checks)
 
-    def _time_checks(self):
+    def _time_checks(self) -> None:
         """jabberd2's checks every <check><interval> (keepalive), and every
         second the clustering timers (held packets, IQ tracking)."""
         interval = self.config.check_interval
@@ -94,7 +110,7 @@ class RouterServer:
             self.router.expire(now)
             gevent.sleep(1.0)
 
-    def stop(self):
+    def stop(self) -> None:
         """Graceful shutdown, bounded in time (jabberd2 can wait forever)."""
         if self._server is not None:
             self._server.close()
@@ -109,7 +125,7 @@ class RouterServer:
 
     # -- one peer ----------------------------------------------------------
 
-    def _handle(self, sock, address):
+    def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         ip, port = address[0], address[1]
         if not self._admit(sock, ip):
             sock.close()
@@ -128,23 +144,29 @@ class RouterServer:
             peer.finish()
 
 
-    def mark(self, peer):
+    def mark(self, peer: _Peer) -> None:
         """A peer has output: it goes out at the next flush, which the
         reader that routed it runs at once, or else the hub soon after."""
         self._marked.append(peer)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             gevent.get_hub().loop.run_callback(self.flush)
 
-    def flush(self):
+    def flush(self) -> None:
+        """Send what is queued for every marked peer; write the router's files."""
         self._flush_scheduled = False
+        if self.router.effects:
+            self.effects.write()
         marked = self._marked
         while marked:
             peer = marked.pop()
             peer.marked = False
             peer.push()
 
-    def _admit(self, sock, ip):
+    def _admit(self, sock: socket.socket, ip: str) -> bool:
         """The accept checks (protocol §3.1): access rules, connect rate, max_fds."""
         if self.access is not None and not self.access.allows(ip):
             self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
@@ -168,7 +190,7 @@ class RouterServer:
 class _Peer:
     """The reader loop and the writer greenlet of one connection."""
 
-    def __init__(self, server, sock, connection):
+    def __init__(self, server: RouterServer, sock: socket.socket, connection: Connection) -> None:
         self.server = server
         self.sock = sock
         self.raw = sock._sock if hasattr(sock, "_sock") else None   # None: send through gevent
@@ -178,20 +200,20 @@ class _Peer:
         self.marked = False
         # The writer greenlet lives only while a send has to wait: an idle
         # connection costs no greenlet of its own for writing.
-        self.writer = None
-        connection.on_output = self._mark
+        self.writer: Optional[Greenlet] = None
+        connection.outbox.on_output = self._mark
         connection.last_activity = server.clock()
 
-    def _start_writer(self):
+    def _start_writer(self) -> None:
         if self.writer is None or self.writer.dead:
             self.writer = gevent.spawn(self._write_loop)
 
-    def _mark(self):
+    def _mark(self) -> None:
         if not self.marked:
             self.marked = True
             self.server.mark(self)
 
-    def push(self):
+    def push(self) -> None:
         """Send what is queued at once if the socket takes it without waiting
         (no greenlet switch, no hub callback); the writer greenlet, the one
         that may wait on this socket, sends whatever is left."""
@@ -207,7 +229,7 @@ class _Peer:
         except BlockingIOError:
             sent = 0
         except OSError:
-            connection.closing = True
+            connection.forget()
             self._start_writer()
             return
         connection.last_activity = self.server.clock()
@@ -215,7 +237,7 @@ class _Peer:
             self.pending = data[sent:]
             self._start_writer()
 
-    def run(self):
+    def run(self) -> None:
         connection = self.connection
         clock = self.server.clock
         read_size = self.server.read_size
@@ -230,7 +252,7 @@ class _Peer:
                 connection.last_activity = now = clock()
                 if budget is not None:
                     budget.add(now, len(data))
-                connection.receive(data)
+                connection.receive(data, now)
                 self.server.flush()
                 if connection.starting_tls:
                     self._start_tls()
@@ -243,7 +265,7 @@ class _Peer:
             if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, None):
                 self.server.log.notice(f"{connection.label} read error: {exc}")
 
-    def _allowance(self, budget):
+    def _allowance(self, budget: RateCounter) -> int:
         """How much the next read may take under <limits><bytes> (protocol §3.9):
         while the peer is over its budget, nothing is read (it waits)."""
         logged = False
@@ -254,7 +276,7 @@ class _Peer:
             gevent.sleep(min(1.0, max(0.05, budget.throttle / 10)))
         return max(1, min(self.server.read_size, budget.left()))
 
-    def _write_loop(self):
+    def _write_loop(self) -> None:
         """Send everything queued, waiting on the socket as needed; end when
         nothing is left (or close the socket when the stream is over)."""
         connection = self.connection
@@ -267,25 +289,27 @@ class _Peer:
                     self.sock.sendall(data)
                     connection.last_activity = self.server.clock()
                 self.busy = False
-                if connection.out:
+                if connection.outbox.out:
                     continue
                 if not connection.closing:
                     return
                 break
         except (OSError, ssl.SSLError):
             self.busy = False
-            connection.closing = True
+            connection.forget()
         _shutdown(self.sock)
 
-    def _start_tls(self):
+    def _start_tls(self) -> None:
         """Send <proceed/>, then turn the socket into a TLS server socket."""
         connection = self.connection
         self._start_writer()            # <proceed/> must be out before the handshake
-        self.writer.join(timeout=self.server.tls_timeout)
+        self.writer.join(timeout=self.server.tls_timeout)  # type: ignore[union-attr]  # just made
         self.raw = None             # TLS: every byte goes through the SSL layer
         try:
             with gevent.Timeout(self.server.tls_timeout):
-                self.sock = self.server.tls_context.wrap_socket(self.sock, server_side=True)
+                # Set: the router offers STARTTLS only with a context (tls_available).
+                self.sock = self.server.tls_context.wrap_socket(  # type: ignore[union-attr]
+                    self.sock, server_side=True)
         except (OSError, ssl.SSLError, gevent.Timeout) as exc:
             self.server.log.notice(f"{connection.label} TLS handshake failed: {exc}")
             raise ConnectionClosed() from None
@@ -294,19 +318,19 @@ class _Peer:
             self.server.log.notice(f"{connection.label} sent data in the clear after <starttls/>")
             raise ConnectionClosed()
 
-    def finish(self):
+    def finish(self) -> None:
         """Let the writer flush what is queued (bounded), then close."""
-        self.connection.closing = True
-        self._start_writer()
-        self.writer.join(timeout=self.server.shutdown_grace)
-        self.writer.kill(block=False)
+        self.connection.forget()
+        self._start_writer()            # so there is a writer (the type cannot tell)
+        self.writer.join(timeout=self.server.shutdown_grace)  # type: ignore[union-attr]
+        self.writer.kill(block=False)  # type: ignore[union-attr]
         try:
             self.sock.close()
         except OSError:
             pass
 
 
-def _shutdown(sock):
+def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

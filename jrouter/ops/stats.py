@@ -1,4 +1,4 @@
-"""Traffic counters and the operator's view of a running router.
+"""The operator's view of a running router: totals, connections, names, placement.
 
 Owns: ``snapshot()`` (the whole router as plain JSON-ready data: totals,
 connections, bound names) and ``which_instance()`` ("which member of this
@@ -11,16 +11,13 @@ router and never changes it, so it may run at any time between two packets.
 
 Theory of operation
 -------------------
-The core owns the figures; this module only adds them up when somebody asks.
-Routing a packet is the program's whole job (house rule 9), so on the hot
-path a counter is one attribute increment: ``Counters`` is a bare
-``__slots__`` record with no methods the core has to call. Connections are
-read with ``getattr(conn, 'counters', None)``, so a connection the core has
+The core owns the figures (``wire/counters.py``); this module only adds them
+up when somebody asks. Connections are read with ``getattr(conn, 'counters', None)``, so a connection the core has
 not equipped yet shows zeros instead of breaking the status page.
 
 Per-connection figures vanish when a connection closes. So that router-wide
 totals never go backwards (Prometheus counters must not), the core folds a
-closing connection's figures into ``router.closed_counters`` (see ``fold``);
+closing connection's figures into ``router.closed_counters`` (``counters.fold``);
 the totals are that plus every live connection.
 
 A name's figures are the sums of its current members' figures. A connection
@@ -32,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from jrouter.wire.connection import XEP0114
 from jrouter.wire.counters import FIELDS, Counters, fold
 from jrouter.wire.jid import parse_jid
 
@@ -67,7 +65,8 @@ def snapshot(router: Any, now: float) -> dict[str, Any]:
 
 def _connection(conn: Any, now: float) -> dict[str, Any]:
     state = conn.state
-    throttle_queue = conn.throttle_queue
+    outbox = conn.outbox
+    held = outbox.held
     counters = getattr(conn, "counters", None)
     return {
         "label": conn.label,
@@ -75,12 +74,12 @@ def _connection(conn: Any, now: float) -> dict[str, Any]:
         "port": conn.port,
         "state": getattr(state, "name", str(state)),
         "user": conn.user,
-        "legacy": bool(conn.legacy),
+        "legacy": conn.protocol == XEP0114,
         "names": list(conn.names),
         "counters": counters.as_dict() if counters is not None else Counters().as_dict(),
-        "queued_bytes": sum(map(len, conn.out)),
-        "throttling": throttle_queue is not None,
-        "throttle_queue": len(throttle_queue) if throttle_queue is not None else 0,
+        "queued_bytes": outbox.queued_bytes(),
+        "throttling": held is not None,
+        "throttle_queue": len(held) if held is not None else 0,
         "connected_for": _seconds(now, getattr(conn, "connected_at", None)),
         "idle_for": _seconds(now, getattr(conn, "last_activity", None)),
     }
@@ -116,7 +115,7 @@ def _seconds(now: float, since: Optional[float]) -> Optional[float]:
 def which_instance(router: Any, name: str, jid: str) -> dict[str, Any]:
     """Which member of ``name`` a packet for ``jid`` goes to.
 
-    Asks ``router.placement(name, jid)`` (the core's own choice, so the
+    Asks ``router.member_for(name, jid)`` (the core's own choice, so the
     answer cannot drift from what routing does) and describes the answer.
     ``member`` is None when nobody serves the name, or when the choice is
     not fixed (jabberd2 picks a random member for a JID without a node).
@@ -137,11 +136,11 @@ def which_instance(router: Any, name: str, jid: str) -> dict[str, Any]:
     if route is not None:
         answer["kind"] = route.kind
         answer["members"] = [member.label for member in route.members]
-    placement = getattr(router, "placement", None)
-    if placement is None:
+    member_for = getattr(router, "member_for", None)
+    if member_for is None:
         answer["error"] = "this router cannot tell placement"
         return answer
-    target = placement(parsed_name.domain, parsed_jid.full)
+    target = member_for(parsed_name.domain, parsed_jid.full)
     if target is not None:
         answer["member"] = target.label
         if route is not None and target in route.members:

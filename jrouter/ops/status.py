@@ -30,12 +30,19 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 from urllib.parse import parse_qs
 
 from jrouter.ops import stats
 from jrouter.config.sections import StatusSettings
 from jrouter.errors import ListenError
+
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIServer
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+    from jrouter.routing.router import Log, Router
 
 #: Counter fields and the help text of their Prometheus metrics.
 _COUNTER_HELP = {
@@ -56,19 +63,19 @@ _COUNTER_HELP = {
 class RouterCollector:
     """A prometheus_client collector that reads one snapshot per scrape."""
 
-    def __init__(self, router: Any, clock: Callable[[], float]) -> None:
+    def __init__(self, router: Router, clock: Callable[[], float]) -> None:
         self.router = router
         self.clock = clock
 
-    def collect(self):
+    def collect(self) -> Iterable[Metric]:
         return metric_families(stats.snapshot(self.router, self.clock()))
 
 
-def metric_families(snap: dict[str, Any]) -> list[Any]:
+def metric_families(snap: dict[str, Any]) -> list[Metric]:
     """The Prometheus metric families of a ``stats.snapshot()``."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    families = [GaugeMetricFamily("jrouter_up", "1 while the router answers", value=1)]
+    families: list[Metric] = [GaugeMetricFamily("jrouter_up", "1 while the router answers", value=1)]
     if snap.get("uptime") is not None:
         families.append(GaugeMetricFamily("jrouter_uptime_seconds", "Seconds since the router started",
                                           value=snap["uptime"]))
@@ -83,7 +90,7 @@ def metric_families(snap: dict[str, Any]) -> list[Any]:
     return families
 
 
-def _connection_families(connections: list[dict[str, Any]]) -> list[Any]:
+def _connection_families(connections: list[dict[str, Any]]) -> list[Metric]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     info = GaugeMetricFamily("jrouter_connection_info", "One per connection: who it is",
@@ -114,7 +121,7 @@ def _connection_families(connections: list[dict[str, Any]]) -> list[Any]:
     return [info, *counters.values(), queued, held, throttling, age]
 
 
-def _name_families(names: list[dict[str, Any]]) -> list[Any]:
+def _name_families(names: list[dict[str, Any]]) -> list[Metric]:
     from prometheus_client.core import GaugeMetricFamily
 
     info = GaugeMetricFamily("jrouter_name_info", "One per bound name: its kind and role",
@@ -149,12 +156,12 @@ def _name_families(names: list[dict[str, Any]]) -> list[Any]:
 class StatusApp:
     """The WSGI application: GET (or HEAD) /metrics, /status, /placement."""
 
-    def __init__(self, router: Any, clock: Callable[[], float] = time.monotonic,
-                 log: Any = None) -> None:
+    def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic,
+                 log: Optional[Log] = None) -> None:
         self.router = router
         self.clock = clock
         self.log = log
-        self._registry = None
+        self._registry: Optional[CollectorRegistry] = None
         self._routes = {"/metrics": self._metrics, "/status": self._status,
                         "/placement": self._placement}
 
@@ -179,7 +186,7 @@ class StatusApp:
         encoder, content_type = exposition.choose_encoder(environ.get("HTTP_ACCEPT", ""))
         return _reply(start_response, "200 OK", encoder(self.registry()), content_type)
 
-    def registry(self) -> Any:
+    def registry(self) -> CollectorRegistry:
         """Our collector plus the process figures (CPU, memory, open files)."""
         if self._registry is None:
             from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -240,15 +247,15 @@ class StatusServer:
     #: seconds ``stop()`` gives requests under way
     stop_timeout = 1.0
 
-    def __init__(self, settings: StatusSettings, router: Any,
-                 clock: Callable[[], float] = time.monotonic, log: Any = None) -> None:
+    def __init__(self, settings: StatusSettings, router: Router,
+                 clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None) -> None:
         self.settings = settings
         self.app = StatusApp(router, clock, log)
         self.log = log
-        self._server = None
+        self._server: Optional[WSGIServer] = None
 
     @property
-    def address(self) -> Optional[tuple]:
+    def address(self) -> Optional[tuple[str, int]]:
         return self._server.address if self._server is not None else None
 
     def start(self) -> "StatusServer":

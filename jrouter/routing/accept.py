@@ -15,25 +15,34 @@ in ``jabber:component:accept`` as we do. ``<components><component
 name='...' namespace='jabber:client'/>`` in router.xml keeps jabberd2's
 behaviour for one name.
 
-``XepRouting`` is a part of ``core.Router`` (a mixin): it uses the router's
-route table, ``_join`` and ``_unicast``. It must not know about sockets.
+``AcceptPort`` is the XEP-0114 protocol port (ports.py says what a port
+is): it hands the router routes and turns routes into the component's
+bytes. It must not know about sockets, the clock or placement.
 """
+
+from __future__ import annotations
 
 import functools
 import re
 from copy import deepcopy
+from typing import TYPE_CHECKING, Optional, Union
 
 from lxml import etree
 
+from jrouter.routing.ports import ROUTE
 from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, sender_key
 from jrouter.wire.jid import parse_jid
 from jrouter.routing.table import MULTI_FROM
 from jrouter.wire.xmlstream import (_START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element,
                         NamespaceContext, quoteattr)
 
+if TYPE_CHECKING:
+    from jrouter.routing.router import Router
+    from jrouter.wire.connection import Connection, ContextKey
+    from jrouter.wire.jid import JID
+
 NS_CLIENT = "jabber:client"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-ROUTE = NS_COMPONENT + " route"
 _STREAM_ERROR = STREAMS_NS + " error"
 _ACCEPT_PREFIX = NS_ACCEPT + " "
 # Names of a payload that a component reads in its own stream namespace.
@@ -44,30 +53,42 @@ _CLIENT_DECLARATIONS = tuple(f" xmlns={q}{ns}{q}".encode() for ns in _CLIENT_NAM
 _ATTRIBUTE = re.compile(rb"\s([^\s=/>]+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\")")
 
 
-class XepRouting:
-    """The XEP-0114 half of the router."""
+class AcceptPort:
+    """XEP-0114 components: the stream's stanzas are the packets (protocol §5)."""
 
-    def legacy_online(self, connection):
-        """An XEP-0114 component finished its handshake: bind its name."""
-        requested = connection.requested_name
+    advertised = False                  # XEP-0114 has no name advertisements
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.log = router.log
+        self._accept_context = router.output_context(NS_ACCEPT)
+        self._route_heads: dict[tuple[str, str], bytes] = {}  # (to, from) -> b"<route ...>"
+
+    def online(self, connection: Connection, now: float) -> None:
+        """The handshake passed: bind the name the stream header asked for."""
+        router = self.router
+        requested: str = connection.requested_name  # type: ignore[assignment]  # the header had one
         jid = parse_jid(requested)
         name = jid.domain if jid is not None and not jid.node and not jid.resource \
             else requested.lower()
-        if name in self.aliases:
+        if name in router.aliases:
             connection.fail("host-unknown", "requested name is aliased")
-        connection.payload_ns = self.config.component_namespaces.get(name, NS_ACCEPT)
-        joined = self._join(connection, name, MULTI_FROM)
+        connection.payload_ns = router.config.component_namespaces.get(name, NS_ACCEPT)
+        joined = router.membership.join(connection, name, MULTI_FROM, now)
         if joined is None:
             connection.fail("conflict", f"all slots of '{name}' are taken")
-        self._online(connection, *joined)
-        self._advertise(name, connection, available=True)
-        self._bind_aliases(connection, name, MULTI_FROM)
+        membership = router.membership
+        membership.online(connection, *joined)
+        membership.advertise(name, connection, available=True)
+        membership.join_aliases(connection, name, MULTI_FROM, now)
 
-    def legacy_packet(self, connection, stanza):
+    def inbound(self, connection: Connection, stanza: Element, now: float) -> None:
         """A stanza from an XEP-0114 component: wrap it and route it."""
         if stanza.name == _STREAM_ERROR:
-            return connection._on_peer_stream_error(stanza)
+            return connection.peer_stream_error(stanza)
         attrs = stanza.attrs
+        to: Union[str, JID, None]           # the attribute, then its JID
+        from_: Union[str, JID, None]
         to = attrs.get("to")
         to = None if to is None else parse_jid(to)
         from_ = attrs.get("from")
@@ -77,50 +98,16 @@ class XepRouting:
             self.log.debug("invalid or missing address on legacy packet, dropping it")
             return
         route = self._wrap(connection, stanza, to.domain, from_.domain)
-        self._unicast(connection, route, None, to, from_, origin=stanza)
+        self.router.unicast(connection, route, None, to, from_, now)
 
-    def _wrap(self, connection, stanza, to_domain, from_domain):
-        """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
-        raw = stanza.raw
-        cut, tag_end = stanza._start_tag()
-        if (sender_key(connection, raw) is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
-                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
-            # Unprefixed, no declaration of its own: it inherited the stream's
-            # jabber:component:accept, and so did any child that declares nothing.
-            body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
-            as_sent = raw
-        else:
-            body = etree.tostring(self._client_view(stanza))
-            as_sent = None
-        heads = self._route_heads
-        head = heads.get((to_domain, from_domain))
-        if head is None:
-            if len(heads) > 10000:
-                heads.clear()
-            head = heads[(to_domain, from_domain)] = route_head(to_domain, from_domain)
-        # The payload is named as its bytes now read: in jabber:client.
-        name = stanza.name
-        if name.startswith(_ACCEPT_PREFIX):
-            name = NS_CLIENT + name[len(NS_ACCEPT):]
-        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain}, name, stanza.attrs,
-                            as_sent)
+    def outbound(self, target: Connection, route: Element, key: Optional[ContextKey]) -> bytes:
+        """Only the payload, in the namespace of the component's stream."""
+        return component_payload(route, key, target.payload_ns)
 
-    def _client_view(self, stanza):
-        """The stanza parsed as if its stream's jabber:component:accept were
-        jabber:client (what jabberd2 does to inherited names)."""
-        context = stanza.context
-        swap = {NS_ACCEPT: NS_CLIENT}
-        view = NamespaceContext(swap.get(context.default_ns, context.default_ns),
-                                {p: swap.get(u, u) for p, u in context.prefixes.items()})
-        tree = view.parse(stanza.raw)
-        if tree.tag.startswith("{%s}" % NS_ACCEPT):
-            tree.tag = "{%s}%s" % (NS_CLIENT, tree.tag.rpartition("}")[2])
-        return tree
-
-    def _stanza_error(self, element, code, namespace):
-        """A bounce for an XEP-0114 sender: the stanza as a stanza error
-        (protocol §5.5), in the namespace its stanzas are delivered in."""
-        stanza = etree.fromstring(component_payload(element, None, namespace))
+    def bounce(self, sender: Connection, route: Element, code: str) -> Optional[bytes]:
+        """The stanza as a stanza error (protocol §5.5), in the namespace its
+        stanzas are delivered in; None for a stanza that is an error already."""
+        stanza = etree.fromstring(component_payload(route, None, sender.payload_ns))
         if stanza.get("type") == "error":
             return None
         stanza.set("type", "error")
@@ -135,8 +122,57 @@ class XepRouting:
         stanza.insert(0, error)
         return etree.tostring(stanza)
 
+    @staticmethod
+    def identity(connection: Connection) -> Optional[str]:
+        """The stream header's 'from', if the instance gives one."""
+        return connection.stream_from
 
-def component_payload(element, sender_key, namespace=NS_ACCEPT):
+    def _wrap(self, connection: Connection, stanza: Element, to_domain: str,
+              from_domain: str) -> WrappedRoute:
+        """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
+        raw = stanza.raw
+        as_sent: Optional[bytes]
+        cut, tag_end = stanza._start_tag()
+        if (sender_key(connection, raw) is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
+                and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
+            # Unprefixed, no declaration of its own: it inherited the stream's
+            # jabber:component:accept, and so did any child that declares nothing.
+            body = b"".join((raw[:cut], b" xmlns='jabber:client'", raw[cut:]))
+            as_sent = raw
+        else:
+            body = etree.tostring(_client_view(stanza))
+            as_sent = None
+        heads = self._route_heads
+        head = heads.get((to_domain, from_domain))
+        if head is None:
+            if len(heads) > 10000:
+                heads.clear()
+            head = heads[(to_domain, from_domain)] = route_head(to_domain, from_domain)
+        # The payload is named as its bytes now read: in jabber:client.
+        name = stanza.name
+        if name.startswith(_ACCEPT_PREFIX):
+            name = NS_CLIENT + name[len(NS_ACCEPT):]
+        return WrappedRoute(head, body, {"to": to_domain, "from": from_domain}, name, stanza.attrs,
+                            as_sent)
+
+
+def _client_view(stanza: Element) -> etree._Element:
+    """The stanza parsed as if its stream's jabber:component:accept were
+    jabber:client (what jabberd2 does to inherited names)."""
+    context = stanza.context
+    swap: dict[Optional[str], str] = {NS_ACCEPT: NS_CLIENT}
+    view = NamespaceContext(swap.get(context.default_ns, context.default_ns),
+                            {p: swap.get(u, u) for p, u in context.prefixes.items()})
+    tree = view.parse(stanza.raw)
+    # Parsed, so its tag is a str (lxml's type also allows what may be set).
+    if tree.tag.startswith("{%s}" % NS_ACCEPT):  # type: ignore[union-attr, arg-type]
+        tree.tag = "{%s}%s" % (  # type: ignore[str-bytes-safe]
+            NS_CLIENT, tree.tag.rpartition("}")[2])  # type: ignore[union-attr, arg-type]
+    return tree
+
+
+def component_payload(element: Element, sender_key: Optional[ContextKey],
+                      namespace: str = NS_ACCEPT) -> bytes:
     """The bytes an XEP-0114 component receives for a route: its payload,
     moved from ``jabber:client`` (or ``jabber:server``) into ``namespace``.
 
@@ -162,7 +198,7 @@ def component_payload(element, sender_key, namespace=NS_ACCEPT):
     return etree.tostring(_rebuilt(element.tree()[0], namespace))
 
 
-def _redeclared(payload, namespace):
+def _redeclared(payload: bytes, namespace: str) -> Optional[bytes]:
     """``payload`` with its start tag's default namespace declaration set to
     ``namespace``; None unless the element itself is unprefixed and
     declares one of the client namespaces there."""
@@ -189,12 +225,13 @@ def _redeclared(payload, namespace):
 
 
 @functools.lru_cache(maxsize=8)
-def _declaration(namespace):
+def _declaration(namespace: str) -> bytes:
     """`` xmlns='namespace'`` as bytes (a handful of namespaces, built once)."""
     return f" xmlns={quoteattr(namespace)}".encode()
 
 
-def _rebuilt(element, namespace, parent=None):
+def _rebuilt(element: etree._Element, namespace: str,
+             parent: Optional[etree._Element] = None) -> etree._Element:
     """A copy of ``element`` with it and the descendants that inherited its
     client namespace moved into ``namespace``, written unprefixed (xmpp.js
     takes a prefixed stanza for something else). A child declaring a
@@ -221,7 +258,8 @@ class WrappedRoute(Element):
 
     __slots__ = ("payload", "as_sent")
 
-    def __init__(self, head, payload, attrs, child_name, child_attrs, as_sent=None):
+    def __init__(self, head: bytes, payload: bytes, attrs: dict[str, str], child_name: str,
+                 child_attrs: dict[str, str], as_sent: Optional[bytes] = None) -> None:
         # Every field set here, without Element.__init__: one per XEP-0114 packet.
         start = len(head)
         self.name = ROUTE
@@ -240,11 +278,11 @@ class WrappedRoute(Element):
         # and nothing else: another XEP-0114 component gets them as they are.
         self.as_sent = as_sent
 
-    def first_child(self):
+    def first_child(self) -> bytes:
         return self.payload
 
 
-def route_head(to_domain, from_domain):
+def route_head(to_domain: str, from_domain: str) -> bytes:
     """The start tag of a route built around an XEP-0114 stanza."""
     return (f"<route xmlns='{NS_COMPONENT}' to={quoteattr(to_domain)} "
             f"from={quoteattr(from_domain)}>").encode()

@@ -3,7 +3,7 @@
 Owns: the placement algorithms as small pure functions, and the small state
 kept per clustered name (pure classes, time passed in as `now`):
 
-  jabberd2_pick(n, jid, randint) -> index    jabberd2 2.7 bit for bit (protocol §6.3)
+  jabberd2_index(n, bare_jid) -> index       jabberd2 2.7's hash modulo n, bit for bit (protocol §6.3)
   rendezvous_pick(key, slot_ids) -> slot id  consistent (HRW) over stable slot ids
   rendezvous_order(key, slot_ids) -> [ids]   the same, every choice in order (failover)
   fixed_slot(key, slots) -> slot             a configured slot count (SAPO)
@@ -25,13 +25,13 @@ import struct
 from collections import OrderedDict, deque
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Callable, Hashable, Mapping, Optional, Sequence
+from typing import Hashable, Mapping, Optional, Sequence
 
 from jrouter.errors import MembershipError
 from jrouter.wire.jid import JID
 
-__all__ = ["jabberd2_hash", "jabberd2_pick", "jabberd2_index",
-           "rendezvous_pick", "rendezvous_order", "rendezvous_score", "fixed_slot", "node_less_key",
+__all__ = ["jabberd2_hash", "jabberd2_index",
+           "rendezvous_pick", "rendezvous_order", "fixed_slot", "node_less_key",
            "MAX_SLOT_ID", "SlotTable", "SlotBusy", "SlotsFull", "IqTracker", "HoldQueue"]
 
 _WORDS = struct.Struct("<5I")  # SHA-1 as five 32-bit words, little-endian (Debian amd64)
@@ -51,26 +51,6 @@ def jabberd2_hash(bare_jid: str) -> int:
 def jabberd2_index(member_count: int, bare_jid: str) -> int:
     """The member a bare JID maps to among `member_count` (plain modulo)."""
     return jabberd2_hash(bare_jid) % member_count
-
-
-def jabberd2_pick(member_count: int, key: Optional[JID],
-                  randint: Callable[[int], int]) -> int:
-    """jabberd2's member choice: hash of key's bare JID, random without a node.
-
-    A single member is chosen without consulting anything.  With no key, or a
-    key without a node (e.g. a bare domain, or an invalid JID the caller
-    turned into None — the C router would crash there), the index comes from
-    `randint(member_count)`; it should return an int in range(n) (e.g.
-    `random.randrange`), and any non-negative int is reduced mod n, so an
-    emulation of glibc's rand() also fits.
-    """
-    if member_count < 1:
-        raise ValueError("no members to pick from")
-    if member_count == 1:
-        return 0
-    if key is None or not key.node:
-        return randint(member_count) % member_count
-    return jabberd2_index(member_count, key.bare)
 
 
 # ---------------------------------------------------------------------------
@@ -112,11 +92,6 @@ def _scores(key: str, slot_ids: Sequence[int]) -> tuple[int, ...]:
         return _UNPACK[1](_blake2b(_PREFIXES[0] + data).digest())
     blocks = top // _SCORES_PER_BLOCK + 1
     return _UNPACK[blocks](b"".join([_blake2b(_PREFIXES[block] + data).digest() for block in range(blocks)]))
-
-
-def rendezvous_score(key: str, slot_id: int) -> int:
-    """The 64-bit score of one slot for `key` (what rendezvous_pick maximises)."""
-    return _scores(key, (slot_id,))[slot_id]
 
 
 def rendezvous_pick(key: str, slot_ids: Sequence[int]) -> int:
@@ -225,8 +200,8 @@ class SlotTable:
 
     def claim(self, identity: Optional[str] = None) -> int:
         """Give a connecting member a slot id; SlotBusy / SlotsFull say why not."""
-        slot = self._slot_of.get(identity) if identity is not None else None
-        if slot is not None:
+        if identity is not None and identity in self._slot_of:
+            slot = self._slot_of[identity]
             if slot in self._live:
                 raise SlotBusy(identity, slot)
         elif identity is None and self._anonymous:
@@ -260,10 +235,6 @@ class SlotTable:
     def known(self) -> tuple[int, ...]:
         """Live slots plus those reserved for absent identities, ascending."""
         return self._known
-
-    def owner(self, slot: int) -> Optional[str]:
-        """The identity that reserved `slot`, if any."""
-        return self._owner.get(slot)
 
     def slot_of(self, identity: str) -> Optional[int]:
         """The slot reserved for `identity`, if any."""
@@ -419,10 +390,6 @@ class HoldQueue:
             out.append((key[0], key[1], list(self._held.pop(key).packets)))
             self._gone.add(key)
         return out
-
-    def next_deadline(self) -> Optional[float]:
-        """When `expired` will next have something to say (for the shell's timer)."""
-        return min((held.deadline for held in self._held.values()), default=None)
 
     def __len__(self) -> int:
         """Packets held, all slots together."""

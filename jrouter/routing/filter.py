@@ -1,16 +1,16 @@
-"""router-filter.xml: loading the rule list and matching a unicast route against it.
+"""router-filter.xml's rules: matching a unicast route against them.
 
-Owns the semantics of jabberd2's ``router/filter.c`` (protocol §2.5): which
-rules load, how a rule matches, and what the first
-matching rule decides.  It must not know about connections or the route table,
-and it performs no I/O beyond reading the filter file in ``load_filter``:
-appending a matched stanza to a ``dump`` file and writing the log line are left
-to the caller, which gets both from the ``Verdict``.
+Owns the semantics of jabberd2's ``router/filter.c`` (protocol §2.5): how a
+rule matches, and what the first matching rule decides.  It must not know
+about connections or the route table, and it performs no I/O: the file is
+read by ``config/filter_xml.py``, and appending a matched stanza to a
+``dump`` file and writing the log line are left to the caller, which gets
+both from the ``Verdict``.
 
 Theory of operation
 -------------------
-``load_filter`` turns every ``<rule>`` child of the root into an immutable
-``Rule``.  ``FilterRules.match`` is then a pure function of the stanza's ``from``
+``config.filter_xml.load_filter`` turns every ``<rule>`` child of the root
+into an immutable ``Rule``.  ``FilterRules.match`` is then a pure function of the stanza's ``from``
 and ``to`` attributes (resource stripped, no case folding), plus, only when
 some candidate rule has a ``what`` path, the parsed ``<route>`` element, which
 the caller supplies lazily because building it costs a parse.
@@ -32,13 +32,11 @@ A rule's outcome follows ``filter_load`` exactly, including its corners:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from lxml import etree
 
-from jrouter.config import XMLProblem, parse_xml
-from jrouter.errors import ConfigurationError
 
 # util/stanza.c's _stanza_errors, in table order: (condition, legacy code).
 # The nameless 401 entry (stanza_err_OLD_UNAUTH) can never be selected by name.
@@ -70,22 +68,6 @@ STANZA_ERRORS: tuple[tuple[Optional[str], int], ...] = (
 ERROR_CODES: dict[str, int] = {name: code for name, code in STANZA_ERRORS if name}
 
 ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
-
-
-class FilterError(ConfigurationError):
-    """The filter file exists but cannot be used; jabberd2 logs ``str(self)`` and exits 1."""
-
-    def __init__(self, message: str, level: str = "error") -> None:
-        super().__init__(message)
-        self.level = level
-
-
-def condition_for(value: str) -> str:
-    """The stanza-error condition an ``error`` attribute selects (prefix lookup, protocol §2.5)."""
-    for name, _code in STANZA_ERRORS:
-        if name is not None and name.startswith(value):
-            return name
-    return "not-allowed"
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +215,7 @@ def _local(el: etree._Element) -> str:
     return etree.QName(el).localname
 
 
-def _children(el: etree._Element, name: str):
+def _children(el: etree._Element, name: str) -> Iterator[etree._Element]:
     """Child elements called ``name`` (local name, any namespace); ``''`` means any name."""
     return (c for c in el.iterchildren(etree.Element) if not name or _local(c) == name)
 
@@ -254,7 +236,7 @@ def _has_namespace(el: etree._Element, uri: Optional[str], top: etree._Element) 
     while node is not None:
         parent = node.getparent()
         inherited = parent.nsmap if parent is not None else {}
-        declared = {u for p, u in node.nsmap.items() if inherited.get(p) != u}
+        declared: set[Optional[str]] = {u for p, u in node.nsmap.items() if inherited.get(p) != u}
         declared.add(etree.QName(node).namespace)
         declared.update(etree.QName(k).namespace for k in node.attrib)
         if uri in declared:
@@ -368,6 +350,11 @@ class FilterRules:
     """The loaded rule list; empty means filtering is off (jabberd2 skips it)."""
 
     rules: tuple[Rule, ...] = ()
+    if TYPE_CHECKING:
+        # Set by __post_init__ (a cache, not a field): pattern -> compiled. A
+        # rule's pattern is looked up only when the stanza has that
+        # attribute, and then the rule has the pattern, so never with None.
+        _wildcards: dict[Optional[str], re.Pattern[bytes]] = field(init=False)
 
     def __post_init__(self) -> None:
         wildcards = {}
@@ -428,68 +415,3 @@ def _verdict(rule: Rule, index: int, sender: Optional[str], to: Optional[str]) -
         action = REDIRECT if rule.redirect is not None else ALLOW
         return Verdict(action, redirect=rule.redirect, log_line=log_line, dump=rule.dump, rule_index=index)
     return Verdict(DENY, ERROR_CODES[name], name, rule.redirect, log_line, rule.dump, index)
-
-
-# ---------------------------------------------------------------------------
-# Loading.
-
-
-@dataclass(frozen=True)
-class FilterResult:
-    """Loaded rules plus the log lines (level, text) jabberd2 would have written."""
-
-    rules: FilterRules
-    messages: list[tuple[str, str]]
-
-
-def _attr(el: etree._Element, name: str) -> Optional[str]:
-    # nad_find_attr matches the attribute's local name, whatever its namespace.
-    for key, value in el.attrib.items():
-        if etree.QName(key).localname == name:
-            return value
-    return None
-
-
-def _rule(el: etree._Element) -> Rule:
-    def nonempty(name: str) -> Optional[str]:
-        return _attr(el, name) or None
-
-    what = nonempty("what")
-    error = _attr(el, "error")
-    log = _attr(el, "log")
-    return Rule(
-        sender=nonempty("from"),
-        to=nonempty("to"),
-        what=None if what == "*" else what,
-        redirect=nonempty("redirect"),
-        error=None if error is None else condition_for(error),
-        log=log is not None and ("yes".startswith(log.lower()) or "on".startswith(log.lower())),
-        dump=nonempty("dump"),
-        line=el.sourceline or 0,
-    )
-
-
-def load_filter(path: str) -> FilterResult:
-    """Read router-filter.xml as ``filter_load`` does.
-
-    A file that cannot be opened is not fatal: no rules and a notice.  An
-    empty, unreadable or malformed file raises ``FilterError`` carrying
-    jabberd2's log line (the router then exits 1).
-    """
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:
-        return FilterResult(FilterRules(), [("notice", f"couldn't open filter file {path}: {exc.strerror}")])
-    try:
-        with handle:
-            data = handle.read()
-    except OSError as exc:
-        raise FilterError(f"couldn't read from filter file: {exc.strerror}") from None
-    if not data:
-        raise FilterError(f"empty filter file {path}", "notice")
-    try:
-        root = parse_xml(data)
-    except XMLProblem:
-        raise FilterError("couldn't parse filter file") from None
-    rules = tuple(_rule(el) for el in _children(root, "rule"))
-    return FilterResult(FilterRules(rules), [("notice", f"loaded filters ({len(rules)} rules)")])

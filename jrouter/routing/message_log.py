@@ -2,13 +2,13 @@
 
 Owns: which routed packets are logged and the exact line (``message_log_line``,
 pure), where the body comes from (``route_body``, pure), and the file itself
-(``MessageLog``: open, append, close per message, as jabberd2 does, so
-logrotate can move the file at any time).
+is the shell's (``ops/message_log_file.py``).
 
-Must not know: routing, sockets, the route table. The core calls
-``MessageLog.log_route(element)`` for each unicast route it delivers, after
-the target was chosen (a bounced packet is never logged) and only when
-``config.message_logging`` is on.
+Must not know: routing, sockets, files, the clock. The router asks
+``entry_for(element)`` for each unicast route it delivers, after the target
+was chosen (a bounced packet is never logged) and only when
+``config.message_logging`` is on, and hands the entry to the shell, which
+stamps it with local time (``format_line``) and appends it.
 
 What the real ``jabberd2-router`` (Debian 2.7.0) writes, checked on loopback
 with two components, TZ=Europe/Berlin::
@@ -40,12 +40,15 @@ and, from ``_router_process_route`` and ``message_log`` in router/router.c:
 
 from __future__ import annotations
 
-import errno
-import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Optional
 
 from jrouter.wire.jid import parse_jid
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+    from jrouter.wire.xmlstream import Element
 
 HEADER = (
     "# This message log is created by the jabberd router.\n"
@@ -68,11 +71,18 @@ def wanted(route_attrs: Mapping[str, str], child_name: Optional[str]) -> bool:
             and not to.startswith("c2s") and "from" in route_attrs)
 
 
-def message_log_line(route_attrs: Mapping[str, str], child_name: Optional[str],
-                     child_attrs: Optional[Mapping[str, str]], body_text: Optional[str],
-                     now_struct_time: time.struct_time) -> Optional[str]:
-    """The log line (with its ``\\n``) for a delivered route, or None when
-    jabberd2 would not log it. ``body_text`` is None when there is no body."""
+class Entry(NamedTuple):
+    """What one line of the message log says, bar the time the shell adds."""
+
+    sender: str                 # the message's from, a prepped full JID
+    receiver: str               # its to
+    body: str                   # the body's leading text
+
+
+def entry(route_attrs: Mapping[str, str], child_name: Optional[str],
+          child_attrs: Optional[Mapping[str, str]], body_text: Optional[str]) -> Optional[Entry]:
+    """The entry for a delivered route, or None when jabberd2 would not log
+    it. ``body_text`` is None when there is no body."""
     if body_text is None or not wanted(route_attrs, child_name):
         return None
     if parse_jid(route_attrs["from"]) is None or parse_jid(route_attrs["to"]) is None:
@@ -82,11 +92,32 @@ def message_log_line(route_attrs: Mapping[str, str], child_name: Optional[str],
     receiver = parse_jid(child_attrs.get("to"))
     if sender is None or receiver is None:
         return None
+    return Entry(sender.full, receiver.full, body_text)
+
+
+def entry_for(element: Element) -> Optional[Entry]:
+    """The entry for a delivered route (``xmlstream.Element``); parses the
+    packet only when the cheap checks pass."""
+    if not wanted(element.attrs, element.child_name):
+        return None
+    return entry(element.attrs, element.child_name, element.child_attrs, route_body(element.tree()))
+
+
+def format_line(logged: Entry, now_struct_time: time.struct_time) -> str:
+    """The line jabberd2 writes, with its ``\\n``, stamped with local time."""
     stamp = time.strftime(TIMESTAMP_FORMAT, now_struct_time)
-    return f"{stamp} {sender.full} {receiver.full} {body_text.replace(chr(10), chr(1))}\n"
+    return f"{stamp} {logged.sender} {logged.receiver} {logged.body.replace(chr(10), chr(1))}\n"
 
 
-def route_body(route_tree: Any) -> Optional[str]:
+def message_log_line(route_attrs: Mapping[str, str], child_name: Optional[str],
+                     child_attrs: Optional[Mapping[str, str]], body_text: Optional[str],
+                     now_struct_time: time.struct_time) -> Optional[str]:
+    """The log line for a delivered route, or None when jabberd2 would not log it."""
+    logged = entry(route_attrs, child_name, child_attrs, body_text)
+    return None if logged is None else format_line(logged, now_struct_time)
+
+
+def route_body(route_tree: etree._Element) -> Optional[str]:
     """The body text jabberd2 logs for a ``<route>`` (lxml tree), or None.
 
     nad keeps an element's text up to its first child element (comments
@@ -101,76 +132,17 @@ def route_body(route_tree: Any) -> Optional[str]:
     return None
 
 
-def _first_element(tree: Any) -> Any:
+def _first_element(tree: etree._Element) -> Optional[etree._Element]:
     for child in tree.iterchildren():
         if isinstance(child.tag, str):
             return child
     return None
 
 
-def _leading_text(element: Any) -> str:
+def _leading_text(element: etree._Element) -> str:
     parts = [element.text or ""]
     for child in element.iterchildren():
         if isinstance(child.tag, str):
             break
         parts.append(child.tail or "")      # a comment or PI splits the text; expat joins it
     return "".join(parts)
-
-
-class MessageLog:
-    """The message log file: appended to, one open and close per message.
-
-    ``log`` (anything with ``.error(text)``) hears about files that cannot be
-    written, with jabberd2's wording; routing goes on either way.
-    """
-
-    def __init__(self, path: str, log: Any = None,
-                 localtime: Callable[[], time.struct_time] = time.localtime) -> None:
-        self.path = path
-        self.log = log
-        self.localtime = localtime
-
-    def log_route(self, element: Any) -> bool:
-        """Log a delivered route (``xmlstream.Element``) if jabberd2 would;
-        return whether a line was written. Parses the packet only when the
-        cheap checks pass."""
-        attrs = element.attrs
-        if not wanted(attrs, element.child_name):
-            return False
-        line = message_log_line(attrs, element.child_name, element.child_attrs,
-                                route_body(element.tree()), self.localtime())
-        return line is not None and self.write(line)
-
-    def write(self, line: str) -> bool:
-        """Append ``line``; a new file gets the header and mode 0600 first."""
-        data = line.encode("utf-8")
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        try:
-            try:
-                # O_EXCL tells "we created it" without a stat() race.
-                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            except FileExistsError:
-                fd = os.open(self.path, flags)
-            else:
-                os.fchmod(fd, FILE_MODE)        # whatever the umask took away
-                data = HEADER.encode("ascii") + data
-        except OSError as exc:
-            self._error(f"Unable to open message log for writing: {exc.strerror}")
-            return False
-        try:
-            view = memoryview(data)
-            while view:                         # a regular file takes it all, bar a full disk
-                written = os.write(fd, view)
-                if written <= 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                view = view[written:]
-        except OSError as exc:
-            self._error(f"Unable to write to message log: {exc.strerror}")
-            return False
-        finally:
-            os.close(fd)
-        return True
-
-    def _error(self, text: str) -> None:
-        if self.log is not None:
-            self.log.error(text)

@@ -55,7 +55,7 @@ algorithm is not jabberd2, and share one `IqTracker` and one `HoldQueue`.
   name is remembered as (id, from, to) -> member; an `<iq type='result'|
   'error'>` for the name first tries `take(id, to, from)` and goes to that
   member if it is still connected.  Timer: `holds.expired(now)` (bounce
-  them), `iqs.expire(now)`; `holds.next_deadline()` says when.
+  them) and `iqs.expire(now)`.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _anywhere(key: Optional[str], live: Sequence[int], randint: Callable[[int], 
 
 def _home(policy: ClusterPolicy, key: str, known: Sequence[int]) -> int:
     """The slot `key` belongs to, alive or not."""
-    if policy.algorithm == "slots":
+    if policy.slots is not None:  # set exactly when algorithm='slots' (_policy_problems)
         return fixed_slot(key, policy.slots)
     return rendezvous_pick(key, known)
 

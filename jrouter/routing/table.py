@@ -7,7 +7,7 @@ holds which slot.
 Membership follows jabberd2 exactly by default (protocol §6.2): members are kept
 in bind order, the route's kind is fixed by its first binder, and removing
 a member moves the last member into its slot (swap-remove), because
-jabberd2's cluster placement (``balance.jabberd2_pick``) depends on that
+jabberd2's cluster placement (``policy.place``, protocol §6.3) depends on that
 order. A name whose policy uses slots (``consistent`` or ``slots``) instead
 gives each member a stable slot id from its identity, so placement does not
 depend on connection order; such a route outlives its last member while a
@@ -17,8 +17,16 @@ default route.
 It must not know about sockets, XML or how a member is chosen for a packet.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
 from jrouter.routing.balance import SlotTable
 from jrouter.routing.policy import DEFAULT_POLICY
+
+if TYPE_CHECKING:
+    from jrouter.routing.policy import ClusterPolicy, PolicyTable
+    from jrouter.wire.connection import Connection
 
 SINGLE = "single"
 MULTI_TO = "multi-to"          # jabberd2 components bound with multi: hash the stanza 'to'
@@ -30,49 +38,51 @@ class Route:
 
     __slots__ = ("name", "kind", "members", "alias_of", "policy", "slots", "by_slot")
 
-    def __init__(self, name, kind, alias_of=None, policy=DEFAULT_POLICY):
+    def __init__(self, name: str, kind: str, alias_of: Optional[str] = None,
+                 policy: ClusterPolicy = DEFAULT_POLICY) -> None:
         self.name = name
         self.kind = kind
-        self.members = []
+        self.members: list[Connection] = []
         self.alias_of = alias_of
         self.policy = policy
         # Slot algorithms only: slot ids by identity, and slot -> connection.
         self.slots = SlotTable(policy.slots) if policy.algorithm != "jabberd2" else None
-        self.by_slot = {}
+        self.by_slot: dict[int, Connection] = {}
 
-    def slot_of(self, connection):
+    def slot_of(self, connection: Connection) -> Optional[int]:
         for slot, member in self.by_slot.items():
             if member is connection:
                 return slot
         return None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Route({self.name!r}, {self.kind}, {len(self.members)} members)"
 
 
 class RouteTable:
     """Names to routes, plus the default route and the log sinks."""
 
-    def __init__(self, policies=None):
-        self.routes = {}
-        self.default_name = None
-        self.log_sinks = {}         # name -> connection
+    def __init__(self, policies: Optional[PolicyTable] = None) -> None:
+        self.routes: dict[str, Route] = {}
+        self.default_name: Optional[str] = None
+        self.log_sinks: dict[str, Connection] = {}  # name -> connection
         self.policies = policies    # policy.PolicyTable, or None: jabberd2's behaviour
 
-    def get(self, name):
+    def get(self, name: str) -> Optional[Route]:
         return self.routes.get(name)
 
-    def __contains__(self, name):
+    def __contains__(self, name: str) -> bool:
         """Whether anything serves ``name`` now (a kept route without
         members does not count)."""
         route = self.routes.get(name)
         return route is not None and bool(route.members)
 
-    def served(self):
+    def served(self) -> list[Route]:
         """The routes with at least one member."""
         return [route for route in self.routes.values() if route.members]
 
-    def add(self, name, connection, kind, alias_of=None, identity=None):
+    def add(self, name: str, connection: Connection, kind: str, alias_of: Optional[str] = None,
+            identity: Optional[str] = None) -> tuple[Route, bool, Optional[int]]:
         """Append ``connection`` to ``name``'s members; return (route, mixed,
         slot): ``mixed`` says the route already had another kind, ``slot`` is
         the member's slot under a slot policy (else None). Raises
@@ -92,7 +102,7 @@ class RouteTable:
         route.members.append(connection)
         return route, mixed, slot
 
-    def remove(self, name, connection):
+    def remove(self, name: str, connection: Connection) -> tuple[int, Optional[int]]:
         """Take ``connection`` out of ``name``; return (remaining members,
         the slot it held or None)."""
         route = self.routes.get(name)
@@ -114,7 +124,7 @@ class RouteTable:
         return len(members), slot
 
     @staticmethod
-    def _keep_empty(route):
+    def _keep_empty(route: Route) -> bool:
         # A dead slot's traffic is held or bounced by the policy, not sent
         # to the default route, while some identity may still come back.
         return route.slots is not None and route.policy.dead != "failover" \

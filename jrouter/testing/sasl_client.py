@@ -50,14 +50,16 @@ class DigestMD5Client:
         # Work on raw strings (one char per wire byte) so hashing sees the bytes sent.
         user, realm, uri = _raw(self.username), d.get("realm", ""), _raw(self.digest_uri)
         authzid = _raw(self.authzid) if self.authzid else None
-        args = dict(
-            username=user.encode("latin-1"), realm=realm.encode("latin-1"),
-            password=password_bytes(self._password),
-            nonce=d["nonce"], cnonce=self.cnonce, nc="00000001", qop="auth",
-            digest_uri=uri, authzid=authzid,
-        )
-        response = digest_response(initiator=True, **args)
-        self._rspauth = digest_response(initiator=False, **args)
+        password = password_bytes(self._password)
+
+        def digest(initiator: bool) -> str:
+            return digest_response(
+                username=user.encode("latin-1"), realm=realm.encode("latin-1"), password=password,
+                nonce=d["nonce"], cnonce=self.cnonce, nc="00000001", qop="auth",
+                digest_uri=uri, authzid=authzid, initiator=initiator)
+
+        response = digest(True)
+        self._rspauth = digest(False)
         self._password = ""  # no longer needed: keep the secret no longer than this
         parts = [
             f"username={quote(user)}", f"realm={quote(realm)}",

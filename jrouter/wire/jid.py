@@ -1,6 +1,6 @@
 """JIDs as jabberd2's util/jid.c parses them: split, then stringprep each part.
 
-Owns: `parse_jid` (str -> prepped `JID` or None), `domain_of`, and the three
+Owns: `parse_jid` (str -> prepped `JID` or None) and the three
 RFC 3920 profiles (nodeprep, nameprep, resourceprep) with libidn's settings.
 Must not know: routing, XML, where the string came from.
 
@@ -40,7 +40,7 @@ import unicodedata
 from functools import lru_cache
 from typing import Callable, NamedTuple, Optional
 
-__all__ = ["JID", "parse_jid", "domain_of", "nodeprep", "nameprep", "resourceprep",
+__all__ = ["JID", "parse_jid", "nodeprep", "nameprep", "resourceprep",
            "MAXLEN_PART", "MAXLEN_JID", "CACHE_SIZE"]
 
 MAXLEN_PART = 1023  # bytes, util/jid.h MAXLEN_JID_COMP
@@ -347,9 +347,3 @@ def parse_jid(s: str) -> Optional[JID]:
     if not isinstance(s, str):
         return None
     return _parse_ascii(s) if s.isascii() else _parse_unicode(s)
-
-
-def domain_of(s: str) -> Optional[str]:
-    """The prepped domain of a JID string, None if the JID is invalid (e.g. bind names)."""
-    j = parse_jid(s)
-    return j.domain if j is not None else None

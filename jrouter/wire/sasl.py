@@ -57,7 +57,7 @@ import enum
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, TypedDict, Union
 
 from jrouter.errors import JrouterError, ProtocolError
 
@@ -73,7 +73,6 @@ __all__ = [
     "b64decode",
     "b64encode",
     "digest_response",
-    "make_nonce",
     "parse_directives",
 ]
 
@@ -246,11 +245,6 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def make_nonce(random_bytes: bytes) -> str:
-    """A nonce like GNU SASL's: base64 of 16 random bytes (caller supplies them)."""
-    return b64encode(random_bytes)
-
-
 # --------------------------------------------------------------------------
 # Server.
 
@@ -342,21 +336,18 @@ class SaslServer:
     lookup_password(username) -> password or None (unknown user).
     nonce: a string used for every exchange, or a zero-argument callable
     called once per `<auth/>` (preferred: a fresh nonce per attempt).
+    The digest-uri is not checked, as jabberd2 does not check it.
     """
-
-    mechanisms: tuple[str, ...] = (MECHANISM,)
 
     def __init__(
         self,
         lookup_password: Callable[[str], Optional[str]],
         nonce: Union[str, Callable[[], str]],
         realm: str = "jabberd-router",
-        service: str = "jabberd-router",
     ) -> None:
         self._lookup = lookup_password
         self._nonce_source = nonce if callable(nonce) else (lambda: nonce)
         self.realm = realm
-        self.service = service  # informative: digest-uri is not checked (as jabberd2)
         self.state = State.IDLE
         self._nonce: Optional[str] = None
 
@@ -427,7 +418,7 @@ class SaslServer:
         password = self._lookup(username) if (username is not None and realm is not None) else None
         if password is None:
             raise _Reject("not-authorized", TEXT_NO_PASSWORD)
-        args = dict(
+        args: _DigestArgs = dict(
             username=d["username"].encode("latin-1"),
             realm=d["realm"].encode("latin-1"),
             password=password_bytes(password),
@@ -470,6 +461,20 @@ class SaslServer:
         if not ok:
             raise _Reject(*_PARSE_ERROR)
         return d
+
+
+class _DigestArgs(TypedDict):
+    """What ``digest_response`` takes, but ``initiator``: the same for both digests."""
+
+    username: bytes
+    realm: bytes
+    password: bytes
+    nonce: str
+    cnonce: str
+    nc: str
+    qop: str
+    digest_uri: str
+    authzid: Optional[str]
 
 
 def _check_nonce(nonce: str) -> str:

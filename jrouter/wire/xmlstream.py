@@ -32,10 +32,16 @@ element (or the header, or junk between elements) larger than
 This module must not know about routing, SASL, sockets or the clock.
 """
 
+from __future__ import annotations
+
 import pyexpat
 import re
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from jrouter.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 STREAMS_NS = "http://etherx.jabber.org/streams"
 STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
@@ -43,6 +49,16 @@ STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 # The start tag of an element that expat has already accepted: the name, then
 # anything up to '>' that is not inside a quoted attribute value.
 _START_TAG = re.compile(rb"<([^\s/>]+)[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
+
+if TYPE_CHECKING:
+    # Only ever applied where expat has just accepted a start tag, so it
+    # always matches: the type says so, at no cost at run time.
+    def _match_tag(raw: bytes, pos: int = 0) -> re.Match[bytes]: ...
+else:
+    _match_tag = _START_TAG.match
+
+#: What ``StreamReader.feed`` returns.
+StreamEvent = Union["StreamOpen", "Element", "StreamClose"]
 
 
 class StreamError(ProtocolError):
@@ -52,11 +68,11 @@ class StreamError(ProtocolError):
     optional human-readable explanation sent in ``<text/>``.
     """
 
-    def __init__(self, condition, text=None):
+    def __init__(self, condition: str, text: Optional[str] = None) -> None:
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
-        self.events = []        # what the reader completed before the error
+        self.events: list[StreamEvent] = []   # what the reader completed before the error
 
 
 class StreamOpen:
@@ -69,13 +85,14 @@ class StreamOpen:
 
     __slots__ = ("name", "attrs", "default_ns", "prefixes")
 
-    def __init__(self, name, attrs, default_ns, prefixes):
+    def __init__(self, name: str, attrs: dict[str, str], default_ns: Optional[str],
+                 prefixes: dict[str, str]) -> None:
         self.name = name
         self.attrs = attrs
         self.default_ns = default_ns
         self.prefixes = prefixes
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"StreamOpen({self.name!r}, {self.attrs!r}, default_ns={self.default_ns!r})"
 
 
@@ -84,7 +101,7 @@ class StreamClose:
 
     __slots__ = ()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "StreamClose()"
 
 
@@ -97,7 +114,7 @@ class NamespaceContext:
 
     __slots__ = ("default_ns", "prefixes", "_wrapper_open")
 
-    def __init__(self, default_ns, prefixes):
+    def __init__(self, default_ns: Optional[str], prefixes: Mapping[str, str]) -> None:
         self.default_ns = default_ns
         self.prefixes = dict(prefixes)
         decls = "".join(f" xmlns:{p}={quoteattr(u)}" for p, u in self.prefixes.items())
@@ -105,7 +122,7 @@ class NamespaceContext:
             decls += f" xmlns={quoteattr(default_ns)}"
         self._wrapper_open = f"<w{decls}>".encode()
 
-    def parse(self, raw):
+    def parse(self, raw: bytes) -> etree._Element:
         """Parse one top-level element's bytes into an lxml element."""
         from lxml import etree
 
@@ -113,10 +130,10 @@ class NamespaceContext:
         return wrapper[0]
 
 
-_LXML_PARSER = None
+_LXML_PARSER: Optional[etree.XMLParser] = None
 
 
-def _lxml_parser():
+def _lxml_parser() -> etree.XMLParser:
     global _LXML_PARSER
     if _LXML_PARSER is None:
         from lxml import etree
@@ -137,15 +154,16 @@ class Element:
     NamespaceContext (what unprefixed names and stream-level prefixes in
     ``raw`` mean). ``end``: absolute stream offset just after the element.
 
-    Offsets inside ``raw`` (``name_end``, ``inner_start``, ``inner_end``)
-    are worked out on demand: forwarding a packet needs none of them.
+    The offset of the end of the tag name inside ``raw`` (``name_end``) is
+    worked out on demand: forwarding a packet does not need it.
     """
 
     __slots__ = ("name", "attrs", "raw", "child_name", "child_attrs", "child_start",
                  "child_mark", "context", "end", "_tree", "_tag")
 
-    def __init__(self, name, attrs, raw, child_name, child_attrs, child_start, child_mark,
-                 context, end):
+    def __init__(self, name: str, attrs: dict[str, str], raw: bytes, child_name: Optional[str],
+                 child_attrs: Optional[dict[str, str]], child_start: int, child_mark: int,
+                 context: NamespaceContext, end: int) -> None:
         self.name = name
         self.attrs = attrs
         self.raw = raw
@@ -156,71 +174,56 @@ class Element:
         self.child_start = child_start
         self.child_mark = child_mark
         self.context = context
-        self.end = end
-        self._tree = None
-        self._tag = None
+        self.end: Optional[int] = end  # None only for routes the router built (accept.WrappedRoute)
+        self._tree: Optional[etree._Element] = None
+        self._tag: Optional[tuple[int, int]] = None
 
-    def _start_tag(self):
+    def _start_tag(self) -> tuple[int, int]:
+        """(offset just after the tag name, offset just after the start tag)."""
         tag = self._tag
         if tag is None:
-            match = _START_TAG.match(self.raw)
+            match = _match_tag(self.raw)
             tag = self._tag = (match.end(1), match.end())
         return tag
 
     @property
-    def name_end(self):
+    def name_end(self) -> int:
         """Offset just after the tag name: where an attribute can be spliced in."""
         return self._start_tag()[0]
 
     @property
-    def inner_start(self):
-        """Offset just after the start tag."""
-        return self._start_tag()[1]
-
-    @property
-    def inner_end(self):
-        """Offset of the end tag (= inner_start for an empty element)."""
-        start = self._start_tag()[1]
-        return start if start == len(self.raw) else self.raw.rfind(b"</")
-
-    @property
-    def local_name(self):
+    def local_name(self) -> str:
         return self.name.rpartition(" ")[2]
 
     @property
-    def namespace(self):
+    def namespace(self) -> Optional[str]:
         ns, sep, _ = self.name.rpartition(" ")
         return ns if sep else None
 
-    @property
-    def inner(self):
-        """The bytes between the start and end tags (the children)."""
-        return self.raw[self.inner_start:self.inner_end]
-
-    def first_child(self):
+    def first_child(self) -> bytes:
         """The bytes of the first child element, or b'' when there is none."""
         if self.child_name is None:
             return b""
         raw = self.raw
-        match = _START_TAG.match(raw, self.child_start)
+        match = _match_tag(raw, self.child_start)
         if raw[match.end() - 2] == 0x2F:     # an empty element: its start tag is all of it
             return raw[self.child_start:match.end()]
         return raw[self.child_start:raw.index(b">", self.child_mark) + 1]
 
-    def tree(self):
+    def tree(self) -> etree._Element:
         """The element as an lxml tree (parsed once, on demand)."""
         if self._tree is None:
             self._tree = self.context.parse(self.raw)
         return self._tree
 
-    def with_attribute(self, name, value):
+    def with_attribute(self, name: str, value: str) -> bytes:
         """The raw bytes with ``name='value'`` added first (jabberd2 puts added
         attributes first too). The attribute must not be present already."""
         raw = self.raw
         cut = self.name_end
         return b"".join((raw[:cut], b" ", name.encode(), b"=", quoteattr(value).encode(), raw[cut:]))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Element({self.raw[:80]!r})"
 
 
@@ -232,11 +235,11 @@ class StreamReader:
     (STARTTLS, SASL) call ``restart(offset)``.
     """
 
-    def __init__(self, max_element_size=0):
+    def __init__(self, max_element_size: int = 0) -> None:
         self.max_element_size = max_element_size
         self._new_parser()
 
-    def _new_parser(self):
+    def _new_parser(self) -> None:
         parser = pyexpat.ParserCreate(namespace_separator=" ")
         parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.StartDoctypeDeclHandler = self._refuse_doctype
@@ -249,28 +252,29 @@ class StreamReader:
         self._buffer = b""
         self._base = 0          # absolute offset of _buffer[0]
         self._keep_from = 0     # absolute offset where unconsumed bytes begin
-        self._events = []
-        self._header_default = None
-        self._header_prefixes = {}
-        self.context = None
-        # The top-level element being read.
+        self._events: list[StreamEvent] = []
+        self._header_default: Optional[str] = None
+        self._header_prefixes: dict[str, str] = {}
+        # None until the header is read (_open); every element comes after it.
+        self.context: NamespaceContext = None  # type: ignore[assignment]
+        # The top-level element being read (None until _start sees it).
         self._top_start = 0
-        self._top_name = None
-        self._top_attrs = None
-        self._child_name = None
-        self._child_attrs = None
+        self._top_name: str = None  # type: ignore[assignment]
+        self._top_attrs: dict[str, str] = None  # type: ignore[assignment]
+        self._child_name: Optional[str] = None
+        self._child_attrs: Optional[dict[str, str]] = None
         self._child_start = 0
-        self._child_mark = None
+        self._child_mark: Optional[int] = None
 
     # -- expat callbacks ---------------------------------------------------
 
-    def _refuse_doctype(self, *args):
+    def _refuse_doctype(self, *args: object) -> None:
         raise StreamError("restricted-xml", "DTDs are not allowed")
 
-    def _refuse_entity(self, *args):
+    def _refuse_entity(self, *args: object) -> None:
         raise StreamError("restricted-xml", "entity declarations are not allowed")
 
-    def _header_namespace(self, prefix, uri):
+    def _header_namespace(self, prefix: Optional[str], uri: str) -> None:
         if prefix is None:
             self._header_default = uri
         else:
@@ -278,7 +282,7 @@ class StreamReader:
 
     # These two run for every element of every stanza: keep them lean.
 
-    def _start(self, name, attrs):
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
         depth = self._depth
         self._depth = depth + 1
         if depth == 1:
@@ -293,7 +297,7 @@ class StreamReader:
         elif depth == 0:
             self._open(name, attrs)
 
-    def _end(self, name):
+    def _end(self, name: str) -> None:
         depth = self._depth - 1
         self._depth = depth
         if depth == 1:
@@ -320,26 +324,26 @@ class StreamReader:
         elif depth == 0:
             self._events.append(StreamClose())
 
-    def _childless_end(self, start):
+    def _childless_end(self, start: int) -> int:
         """Where an element without child elements ends: its start tag, if
         that is empty (``/>``), else its end tag, where expat points."""
         base = self._base
-        tag = _START_TAG.match(self._buffer, start - base)
+        tag = _match_tag(self._buffer, start - base)
         if self._buffer[tag.end() - 2] == 0x2F:
             return tag.end() + base
         return self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
 
-    def _open(self, name, attrs):
+    def _open(self, name: str, attrs: dict[str, str]) -> None:
         # Later declarations belong to stanzas, not to the stream context.
         self._parser.StartNamespaceDeclHandler = None
         self.context = NamespaceContext(self._header_default, self._header_prefixes)
         offset = self._parser.CurrentByteIndex - self._base
-        self._keep_from = self._base + _START_TAG.match(self._buffer, offset).end()
+        self._keep_from = self._base + _match_tag(self._buffer, offset).end()
         self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
 
     # -- public API --------------------------------------------------------
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[StreamEvent]:
         """Parse ``data``; return the events it completed."""
         # Keep only what an unfinished element still needs, usually nothing:
         # then the buffer is the chunk itself, and elements are cut from it
@@ -362,14 +366,14 @@ class StreamReader:
             self._events = []
         return events
 
-    def _fatal(self, error):
+    def _fatal(self, error: StreamError) -> StreamError:
         """Attach the elements completed before the error: they were sent
         before it, and are handled before the stream ends."""
         error.events = self._events
         self._events = []
         return error
 
-    def restart(self, offset):
+    def restart(self, offset: int) -> bytes:
         """Start a new stream after the element that ended at ``offset``.
 
         Returns the bytes the peer sent after that element (normally none:
@@ -381,7 +385,7 @@ class StreamReader:
         return leftover
 
 
-def _too_large(limit):
+def _too_large(limit: int) -> StreamError:
     return StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
 
 
@@ -390,16 +394,18 @@ def _too_large(limit):
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;"})
 
 
-def escape(text):
+def escape(text: str) -> str:
     """Escape text for element content or a single-quoted attribute value."""
     return text.translate(_ESCAPES)
 
 
-def quoteattr(value):
+def quoteattr(value: str) -> str:
     return "'" + value.translate(_ESCAPES) + "'"
 
 
-def stream_header(default_ns, stream_id=None, to=None, from_=None, version=None, declaration=True):
+def stream_header(default_ns: Optional[str], stream_id: Optional[str] = None, to: Optional[str] = None,
+                  from_: Optional[str] = None, version: Optional[str] = None,
+                  declaration: bool = True) -> bytes:
     """Our stream header, attribute for attribute as jabberd2 writes it (protocol §3.2)."""
     parts = ["<?xml version='1.0'?>" if declaration else "",
              "<stream:stream xmlns:stream='", STREAMS_NS, "'"]
@@ -417,7 +423,7 @@ def stream_header(default_ns, stream_id=None, to=None, from_=None, version=None,
     return "".join(parts).encode()
 
 
-def stream_error(condition, text=None, header_sent=True):
+def stream_error(condition: str, text: Optional[str] = None, header_sent: bool = True) -> bytes:
     """A stream error and the stream close (protocol §3.3); before our header was
     sent, jabberd2 prefixes a minimal header, and so do we."""
     parts = [] if header_sent else [
@@ -438,3 +444,15 @@ STREAM_PREFIXES = (("stream", STREAMS_NS),)
 # The context of elements the router built itself: they declare every
 # namespace they use, so their bytes mean the same in any stream.
 SELF_CONTAINED = NamespaceContext(None, dict(STREAM_PREFIXES))
+
+
+def standalone_element(raw: bytes) -> Element:
+    """An ``Element`` for the bytes of one element that declares every
+    namespace it uses (what lxml serialises), read outside any stream: the
+    router builds such a packet when it must change one (a filter redirect)."""
+    reader = StreamReader()
+    reader.feed(b"<s:stream xmlns:s='%s'>" % STREAMS_NS.encode())
+    (element,) = reader.feed(raw)
+    assert isinstance(element, Element)
+    element.context = SELF_CONTAINED
+    return element

@@ -1,15 +1,18 @@
 """The benchmark's components, on raw sockets.
 
-Owns: the client side of both component protocols up to the point where a
-component may route (XEP-0114 handshake, protocol §5.1; jabberd2 SASL DIGEST-MD5 +
-`<bind/>`, protocol §3.2, §3.6, §4.2), and the non-blocking engine that moves
-the measured traffic.  Knows nothing about processes or reporting.
+Owns: carrying each component's setup over a blocking socket (the protocol
+up to the point where a component may route is
+`jrouter.testing.component_client`'s: XEP-0114 handshake, protocol §5.1;
+jabberd2 SASL DIGEST-MD5 + `<bind/>`, protocol §3.2, §3.6, §4.2), and the
+non-blocking engine that moves the measured traffic.  Knows nothing about
+processes or reporting.
 
 Theory of operation
 -------------------
 Setup is blocking and sequential: a handful of round trips per component,
-outside the clock.  Then every socket turns non-blocking and one `selectors`
-loop drives them all.
+outside the clock, each one the client role's to say and to read.  Then the
+role hands over what it read past the last reply, every socket turns
+non-blocking and one `selectors` loop drives them all, on bytes alone.
 
 Topology: N components in a ring; component i sends to component (i+1) % N.
 Everything component j receives while the clock runs therefore comes from
@@ -35,8 +38,6 @@ time, and all its stanzas are formatted from one pre-built template.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import selectors
 import socket
@@ -44,20 +45,14 @@ import time
 from array import array
 from typing import Callable, Dict, List, Optional
 
-NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
-NS_STREAMS = "http://etherx.jabber.org/streams"
-NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
-NS_ACCEPT = "jabber:component:accept"
+from jrouter.testing.component_client import (NS_ACCEPT, ComponentClient, RemoteProtocolError,
+                                              State, header)
+from jrouter.wire.xmlstream import StreamError
 
 PROTOCOLS = ("jabberd2", "xep0114")
 RECV_SIZE = 256 * 1024
 
 MARK = re.compile(rb"BM(\d{16})")
-STREAM_ID = re.compile(rb"<stream:stream\b[^>]*?\sid=['\"]([^'\"]*)['\"][^>]*>")
-FEATURES = re.compile(rb"<stream:features\b[^>]*/>|</stream:features>")
-HANDSHAKE = re.compile(rb"<handshake\b[^>]*?(?:/>|>\s*</handshake>)")
-SASL = re.compile(rb"<(challenge|success|failure)\b[^>]*?(?:/>|>(.*?)</\1>)", re.S)
-BIND = re.compile(rb"<bind\b[^>]*?(?:/>|>.*?</bind>)", re.S)
 PRESENCE = re.compile(rb"<presence\b([^>]*)>")
 FROM = re.compile(rb"\sfrom=['\"]([^'\"]*)['\"]")
 
@@ -75,38 +70,38 @@ class PeerError(Exception):
 
 
 class Conn:
-    """One component connection: socket, setup buffer, and engine state."""
+    """One component connection: socket, client role (setup), and engine state."""
 
-    __slots__ = ("index", "name", "sock", "buf", "tail", "out", "writing", "seen")
+    __slots__ = ("index", "name", "sock", "client", "buf", "tail", "out", "writing", "seen")
 
     def __init__(self, index: int, sock: socket.socket) -> None:
         self.index = index
         self.name = comp_name(index)
         self.sock = sock
-        self.buf = b""  # setup: bytes received and not consumed yet
+        self.client = ComponentClient()  # setup: the protocol up to routing
+        self.buf = b""  # setup: bytes the client read past its last reply
         self.tail = b""  # engine: bytes after the last '>' of the previous chunk
         self.out = bytearray()  # engine: bytes the kernel did not take yet
         self.writing = False  # engine: registered for EVENT_WRITE
         self.seen: set = set()  # names advertised to this component
 
-    # ---- blocking helpers for setup
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def expect(self, pattern: "re.Pattern[bytes]", deadline: float, what: str) -> "re.Match[bytes]":
-        """Read until `pattern` matches the buffer; consume through the match."""
+    # ---- blocking setup: the client role talks, this carries its bytes
+    def converse(self, done: Callable[[], bool], deadline: float, what: str) -> None:
+        """Send what the client queued, and feed it what arrives, until `done()`."""
+        client = self.client
         while True:
-            m = pattern.search(self.buf)
-            if m:
-                self.buf = self.buf[m.end():]
-                return m
-            if b"<stream:error" in self.buf or b"</stream:stream>" in self.buf:
+            data = client.data_to_send()
+            if data:
+                self.sock.sendall(data)
+            if done():
+                return
+            if client.state is State.CLOSED:
                 raise PeerError(f"{self.name}: router ended the stream while waiting "
-                                f"for {what}: {_snippet(self.buf)}")
+                                f"for {what}: {client.stream_error}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerError(f"{self.name}: no {what} from the router in time "
-                                f"(have {_snippet(self.buf)})")
+                                f"(state: {client.state.value})")
             self.sock.settimeout(left)
             # Acknowledge at once: a router that writes one reply in several
             # small segments (Nagle) would otherwise wait for our delayed ACK
@@ -118,8 +113,11 @@ class Conn:
                 continue
             if not data:
                 raise PeerError(f"{self.name}: router closed the connection while waiting "
-                                f"for {what} (have {_snippet(self.buf)})")
-            self.buf += data
+                                f"for {what} (state: {client.state.value})")
+            try:
+                client.receive(data)
+            except (StreamError, RemoteProtocolError) as e:
+                raise PeerError(f"{self.name}: {e}") from None
 
 
 def _snippet(data: bytes, n: int = 300) -> str:
@@ -138,48 +136,28 @@ def connect(index: int, port: int, deadline: float) -> Conn:
 
 def setup_xep0114(conn: Conn, secret: str, deadline: float) -> None:
     """Stream header to our name, handshake sha1hex(id + secret) (XEP-0114 §3)."""
-    conn.send(f"<?xml version='1.0'?><stream:stream xmlns='{NS_ACCEPT}' "
-              f"xmlns:stream='{NS_STREAMS}' to='{conn.name}'>".encode())
-    sid = conn.expect(STREAM_ID, deadline, "stream header").group(1)
-    digest = hashlib.sha1(sid + secret.encode()).hexdigest()
-    conn.send(f"<handshake>{digest}</handshake>".encode())
-    conn.expect(HANDSHAKE, deadline, "<handshake/> reply")
+    client = conn.client
+    client.open(header(NS_ACCEPT, version=False, to=conn.name))
+    conn.converse(lambda: client.state is State.OPEN, deadline, "stream header")
+    client.handshake(secret)
+    conn.converse(lambda: client.authenticated, deadline, "<handshake/> reply")
 
 
 def setup_jabberd2(conn: Conn, user: str, password: str, deadline: float) -> None:
     """Header, SASL DIGEST-MD5, header again, `<bind name='compN.bench'/>`."""
-    from jrouter.testing.sasl_client import DigestMD5Client  # also used by tests
-
-    header = (f"<?xml version='1.0'?><stream:stream xmlns='{NS_C}' "
-              f"xmlns:stream='{NS_STREAMS}' version='1.0'>").encode()
-    conn.send(header)
-    conn.expect(FEATURES, deadline, "stream features")
-    client = DigestMD5Client(user, password)
-    conn.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>".encode())
-    for _ in range(3):  # challenge, maybe an rspauth challenge, success
-        m = conn.expect(SASL, deadline, "SASL reply")
-        kind, payload = m.group(1), base64.b64decode(m.group(2) or b"")
-        if kind == b"failure":
-            raise PeerError(f"{conn.name}: SASL failure {_snippet(m.group(0))}")
-        if kind == b"success":
-            if payload and not client.verify(payload):
-                raise PeerError(f"{conn.name}: SASL success with a wrong rspauth")
-            break
-        if b"rspauth=" in payload:
-            if not client.verify(payload):
-                raise PeerError(f"{conn.name}: SASL challenge with a wrong rspauth")
-            conn.send(f"<response xmlns='{NS_SASL}'/>".encode())
-        else:
-            answer = base64.b64encode(client.respond(payload)).decode()
-            conn.send(f"<response xmlns='{NS_SASL}'>{answer}</response>".encode())
-    else:
-        raise PeerError(f"{conn.name}: SASL did not end")
-    conn.send(header)
-    conn.expect(FEATURES, deadline, "stream features after SASL")
-    conn.send(f"<bind name='{conn.name}'/>".encode())
-    reply = conn.expect(BIND, deadline, "bind reply").group(0)
-    if b"error=" in reply:
-        raise PeerError(f"{conn.name}: bind refused: {_snippet(reply)}")
+    client, name = conn.client, conn.name
+    client.open()
+    conn.converse(lambda: client.state is State.READY, deadline, "stream features")
+    client.authenticate(user, password)
+    conn.converse(lambda: client.state is State.ONLINE or client.failure is not None,
+                  deadline, "SASL success and stream features")
+    if client.failure:
+        raise PeerError(f"{name}: SASL failure {client.failure}")
+    client.bind(name)
+    conn.converse(lambda: name in client.bound or name in client.refused, deadline, "bind reply")
+    if name in client.refused:
+        raise PeerError(f"{name}: bind refused: error {client.refused[name]}")
+    conn.buf = client.hand_over()  # advertisements that came behind the reply
 
 
 def setup_all(protocol: str, n: int, port: int, deadline: float, *,

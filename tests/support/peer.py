@@ -1,28 +1,20 @@
 """A blocking jabberd2-protocol / XEP-0114 test peer for process-level tests.
 
-Speaks to a router process on loopback with plain sockets and bounded
-timeouts; parses what it receives with jrouter's own stream reader so tests
-can look at elements (lxml) rather than bytes.
+Owns: one loopback socket to a router process, with bounded timeouts, and a
+queue of what arrived.  The protocol is ``jrouter.testing.component_client``'s:
+it parses what arrives (so tests look at lxml elements rather than bytes) and
+answers the negotiation; this module only carries its bytes.
+Must not know: the protocol's bytes.
 """
 
-import base64
-import hashlib
 import socket
 import ssl
 import time
 
-from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen, StreamReader
-
-NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
-NS_ACCEPT = "jabber:component:accept"
-NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
-STREAMS = "http://etherx.jabber.org/streams"
-
-
-def header(ns=NS_C, version=True, to=None):
-    attrs = f" xmlns='{ns}'" + (" version='1.0'" if version else "") + (f" to='{to}'" if to else "")
-    return f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAMS}'{attrs}>".encode()
+from jrouter.testing.component_client import (
+    NS_ACCEPT, AuthFailed, Authenticated, BindRefused, Bound, ComponentClient, Event,
+    ProceedToTls, header)
+from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen
 
 
 class PeerClosed(Exception):
@@ -35,10 +27,13 @@ class Peer:
     def __init__(self, host, port, timeout=5.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.timeout = timeout
-        self.reader = StreamReader()
-        self.events = []
-        self.stream_id = None
+        self.client = ComponentClient()
+        self.events = []        # what arrived and nobody took yet, the client's readings included
         self.eof = False
+
+    @property
+    def stream_id(self):
+        return self.client.stream_id
 
     def close(self):
         try:
@@ -48,6 +43,11 @@ class Peer:
 
     def send(self, data):
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def _flush(self):
+        data = self.client.data_to_send()
+        if data:
+            self.send(data)
 
     def _pump(self, deadline):
         self.sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -60,14 +60,11 @@ class Peer:
         if not data:
             self.eof = True
             return
-        for event in self.reader.feed(data):
-            if isinstance(event, StreamOpen):
-                self.stream_id = event.attrs.get("id")
-            self.events.append(event)
+        self.events += self.client.receive(data)
+        self._flush()           # the client's answers (SASL response, restarted header)
 
-    def next(self, timeout=None):
-        """The next event (StreamOpen, lxml element or StreamClose); raises
-        PeerClosed on EOF and TimeoutError when nothing comes in time."""
+    def _pop(self, timeout):
+        """The next thing that arrived, the client's readings included."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while not self.events:
             if self.eof:
@@ -75,8 +72,22 @@ class Peer:
             if time.monotonic() >= deadline:
                 raise TimeoutError("nothing received")
             self._pump(deadline)
-        event = self.events.pop(0)
-        return event.tree() if isinstance(event, Element) else event
+        return self.events.pop(0)
+
+    def _outcome(self, *kinds):
+        """Skip what arrives up to the client's reading of one of ``kinds``; return it."""
+        while True:
+            event = self._pop(None)
+            if isinstance(event, kinds):
+                return event
+
+    def next(self, timeout=None):
+        """The next event (StreamOpen, lxml element or StreamClose); raises
+        PeerClosed on EOF and TimeoutError when nothing comes in time."""
+        while True:
+            event = self._pop(timeout)
+            if not isinstance(event, Event):
+                return event.tree() if isinstance(event, Element) else event
 
     def stanza(self, timeout=None):
         """The next top-level element, skipping stream headers."""
@@ -109,56 +120,55 @@ class Peer:
         except PeerClosed:
             return events
 
+    def _open(self, stream_header=None):
+        """Our header; the router's header and features."""
+        self.client.open(stream_header)
+        self._flush()
+        self.next()
+        return self.stanza()
+
     def starttls(self):
         """Open a stream, ask for STARTTLS and finish the TLS handshake;
         returns the features that offered it."""
-        self.send(header())
-        self.next()
-        features = self.stanza()
-        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        proceed = self.stanza()
-        if not proceed.tag.endswith("}proceed"):
-            raise AssertionError(f"no <proceed/>: {proceed.tag}")
+        features = self._open()
+        self.client.starttls()
+        self._flush()
+        self._outcome(ProceedToTls)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
-        self.reader = StreamReader()
         return features
 
-    def authenticate(self, user="jabberd", password="secret", opened=False):
+    def authenticate(self, user="jabberd", password="secret", opened=False, stream_header=None):
+        """SASL DIGEST-MD5 and the restarted stream (``stream_header``: what to
+        open with, and again after SASL)."""
         if not opened:
-            self.send(header())
-            self.next()                  # header
-            self.stanza()                # features
-        self.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
-        challenge = self.stanza()
-        client = DigestMD5Client(user, password)
-        answer = client.respond(base64.b64decode(challenge.text))
-        self.send(f"<response xmlns='{NS_SASL}'>{base64.b64encode(answer).decode()}</response>")
-        result = self.stanza()
-        if not result.tag.endswith("}success"):
-            raise AssertionError(f"SASL failed: {result.tag}")
-        self.reader = StreamReader()
-        self.send(header())
-        self.next()
-        self.stanza()                    # empty features
+            self._open(stream_header)
+        self.client.authenticate(user, password)
+        self._flush()
+        outcome = self._outcome(Authenticated, AuthFailed)
+        if isinstance(outcome, AuthFailed):
+            raise AssertionError(f"SASL failed: {outcome}")
+        self.next()                  # the new stream's header
+        self.stanza()                # empty features
         return self
 
     def bind(self, name, extra=""):
-        self.send(f"<bind name='{name}'{extra}/>")
-        reply = self.stanza()
-        if reply.get("error"):
-            raise AssertionError(f"bind {name} refused: {reply.get('error')}")
+        self.client.bind(name, extra=extra)
+        self._flush()
+        outcome = self._outcome(Bound, BindRefused)
+        if isinstance(outcome, BindRefused):
+            raise AssertionError(f"bind {name} refused: {outcome.error}")
         return self
 
     def handshake(self, name, secret="secret"):
-        self.send(header(NS_ACCEPT, version=False, to=name))
+        self.client.open(header(NS_ACCEPT, version=False, to=name))
+        self._flush()
         self.next()
-        digest = hashlib.sha1((self.stream_id + secret).encode()).hexdigest()
-        self.send(f"<handshake>{digest}</handshake>")
-        reply = self.stanza()
-        if not reply.tag.endswith("handshake"):
+        self.client.handshake(secret)
+        self._flush()
+        if isinstance(self._outcome(Authenticated, AuthFailed), AuthFailed):
             raise AssertionError("handshake refused")
         return self
 

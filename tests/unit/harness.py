@@ -1,33 +1,26 @@
 """An in-memory router and scripted peers: the whole router without a socket.
 
 ``Network`` builds a ``core.Router`` with a ``Config``; ``Peer`` feeds bytes
-into a ``Connection`` and reads back what the router queued for it, parsed
-with a client-side stream reader so tests compare XML by meaning.
+into a ``Connection`` and hands what the router queued for it to a
+``ComponentClient`` (jrouter.testing.component_client), which answers the
+negotiation and parses the rest, so tests compare XML by meaning.
 """
 
-import base64
 import itertools
 
 from lxml import etree
 
-from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, ConnectionClosed
+from jrouter.wire.connection import ConnectionClosed
 from jrouter.config import Alias, Config
 from jrouter.routing.router import Router
 from jrouter.ops.logs import MemoryLog
-from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen, StreamReader
+from jrouter.testing.component_client import (NS_ACCEPT, NS_COMPONENT, NS_SASL, AuthFailed,
+                                              Authenticated, ComponentClient, Event, header)
+from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamOpen
 
 NS_C = NS_COMPONENT
-STREAMS = "http://etherx.jabber.org/streams"
-NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
-
-
-def header(ns=NS_C, version=True, to=None, from_=None):
-    attrs = f" xmlns='{ns}'" if ns else ""
-    attrs += " version='1.0'" if version else ""
-    attrs += f" to='{to}'" if to else ""
-    attrs += f" from='{from_}'" if from_ else ""
-    return f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAMS}'{attrs}>".encode()
+STREAMS = STREAMS_NS
+__all__ = ["NS_ACCEPT", "NS_C", "NS_SASL", "STREAMS", "header", "same", "Network", "Peer"]
 
 
 def canonical(el):
@@ -62,9 +55,9 @@ class Network:
         self.log = MemoryLog()
         counter = itertools.count(1)
         self.router = Router(self.config, users or {"jabberd": "secret", "logger": "pwl"},
-                             self.log, lambda: f"{next(counter):040d}", randint=lambda n: 0,
-                             **({}))
+                             self.log, lambda: f"{next(counter):040d}", randint=lambda n: 0)
         self._ports = itertools.count(40000)
+        self.now = 0.0          # the network's clock: what every peer's bytes arrive at
 
     def peer(self):
         return Peer(self, next(self._ports))
@@ -89,78 +82,96 @@ class Network:
 
 
 class Peer:
+    """One component on the in-memory network; ``client`` speaks its side of the protocol."""
+
     def __init__(self, network, port):
         self.network = network
         self.connection = network.router.connect("127.0.0.1", port)
-        self.reader = StreamReader()
+        self.client = ComponentClient()
         self.closed = False
-        self.stream_id = None
+
+    @property
+    def reader(self):
+        return self.client.reader
+
+    @property
+    def stream_id(self):
+        return self.client.stream_id
 
     def send(self, data):
         if isinstance(data, str):
             data = data.encode()
         try:
-            self.connection.receive(data)
+            self.connection.receive(data, self.network.now)
         except ConnectionClosed:
             self.closed = True
         if self.connection.closing:
             self.closed = True
 
     def hang_up(self):
-        self.network.router.disconnect(self.connection)
+        self.network.router.disconnect(self.connection, self.network.now)
         self.closed = True
 
     def raw(self):
         """The bytes the router queued for this peer since the last look."""
         return self.connection.data_to_send()
 
+    def flush(self):
+        """Send what the client has queued."""
+        data = self.client.data_to_send()
+        if data:
+            self.send(data)
+
+    def converse(self):
+        """Send what the client queued, and what it queued in answer, until it
+        has nothing more to say; every event that came back, in order."""
+        events = []
+        while (data := self.client.data_to_send()):
+            self.send(data)
+            events += self.client.receive(self.raw())
+        return events
+
     def take(self):
         """What the router sent since the last look, as stream events; stanzas
         come as lxml elements."""
-        events = []
-        for event in self.reader.feed(self.raw()):
-            if isinstance(event, StreamOpen):
-                self.stream_id = event.attrs.get("id")
-                events.append(event)
-            elif isinstance(event, Element):
-                events.append(event.tree())
-            else:
-                events.append(event)
-        return events
+        return stream_events(self.client.receive(self.raw()))
 
     def stanzas(self):
         return [e for e in self.take() if not isinstance(e, (StreamOpen, StreamClose))]
 
     def restart_reader(self):
-        self.reader = StreamReader()
+        self.client.restart()
 
     # -- scripted conversations ------------------------------------------------
 
     def authenticate(self, user="jabberd", password="secret", opened=False, stream_header=None):
-        stream_header = stream_header or header()
+        """SASL, then the restarted stream; its events (header, features)."""
+        client = self.client
+        client.stream_header = stream_header or client.stream_header
         if not opened:
-            self.send(stream_header)
-            self.take()
-        self.send(f"<auth xmlns='{NS_SASL}' mechanism='DIGEST-MD5'/>")
-        (challenge,) = self.stanzas()
-        client = DigestMD5Client(user, password, cnonce="0123456789abcdef")
-        answer = client.respond(base64.b64decode(challenge.text))
-        self.send(f"<response xmlns='{NS_SASL}'>{base64.b64encode(answer).decode()}</response>")
-        (result,) = self.stanzas()
-        assert result.tag == "{%s}success" % NS_SASL, etree.tostring(result)
-        self.restart_reader()
-        self.send(stream_header)
-        return self.take()
+            client.open()
+            self.converse()
+        client.authenticate(user, password, cnonce="0123456789abcdef")
+        events = self.converse()
+        outcome = next(e for e in events if isinstance(e, (Authenticated, AuthFailed)))
+        if isinstance(outcome, AuthFailed):
+            raise AssertionError(f"SASL failed: {outcome}")
+        return stream_events(events[events.index(outcome) + 1:])
 
     def bind(self, name, multi=None, default=False, log=False):
-        children = ("<default/>" if default else "") + ("<log/>" if log else "")
-        multi_attr = f" multi='{multi}'" if multi is not None else ""
-        self.send(f"<bind name='{name}'{multi_attr}>{children}</bind>")
+        """Ask for ``name``; the reply is left for the test to take."""
+        self.client.bind(name, multi=multi, default=default, log=log)
+        self.flush()
 
     def handshake(self, name, secret="secret", instance=None):
-        import hashlib
-
-        self.send(header(NS_ACCEPT, version=False, to=name, from_=instance))
+        """XEP-0114 header and handshake; the reply is left for the test to take."""
+        self.client.open(header(NS_ACCEPT, version=False, to=name, from_=instance))
+        self.flush()
         self.take()
-        digest = hashlib.sha1((self.stream_id + secret).encode()).hexdigest()
-        self.send(f"<handshake>{digest}</handshake>")
+        self.client.handshake(secret)
+        self.flush()
+
+
+def stream_events(events):
+    """The stream's own events (stanzas as lxml elements), without the client's readings."""
+    return [e.tree() if isinstance(e, Element) else e for e in events if not isinstance(e, Event)]

@@ -1,5 +1,5 @@
-"""Clustering policies inside the router (policy.py + balance.py wired into
-core.Router), without sockets."""
+"""Clustering policies inside the router (policy.py + balance.py through
+routing.placement), without sockets."""
 
 import pytest
 
@@ -84,7 +84,7 @@ def test_hold_expires_into_bounces():
     first, second = sm(net, "sm0"), sm(net, "sm1")
     c2s = net.component("c2s")
     second.hang_up()
-    c2s.connection.last_activity = 100.0
+    net.now = 100.0
     for user in USERS:
         c2s.send(f"<route to='example.com' from='c2s'><message to='{user}'/></route>")
     first.take()

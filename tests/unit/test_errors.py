@@ -6,7 +6,7 @@ from jrouter import errors
 from jrouter.routing.balance import SlotBusy, SlotsFull
 from jrouter.wire.connection import ConnectionClosed
 from jrouter.config import ConfigError, XMLProblem
-from jrouter.routing.filter import FilterError
+from jrouter.config.filter_xml import FilterError
 from jrouter.routing.policy import PolicyError
 from jrouter.wire.sasl import SaslEncodingError, SaslError, SaslStateError
 from jrouter.ops.server import ListenError

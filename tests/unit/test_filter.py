@@ -11,17 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from jrouter.routing.filter import (
-    FilterError,
-    FilterRules,
-    Rule,
-    Verdict,
-    compile_wildcard,
-    condition_for,
-    find_path,
-    load_filter,
-    strip_resource,
-)
+from jrouter.config.filter_xml import FilterError, condition_for, load_filter
+from jrouter.routing.filter import FilterRules, Rule, Verdict, compile_wildcard, find_path, strip_resource
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
 

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from jrouter.ops import logs
-from jrouter.ops.logs import MAX_LINE, MemoryLog, RouterLog, mask_secret, syslog_facility
+from jrouter.ops.logs import MAX_LINE, MemoryLog, RouterLog, syslog_facility
 
 # Wed Nov 25 04:56:26 2026 UTC, the timestamp of the example log in protocol §1.6.
 T0 = calendar.timegm((2026, 11, 25, 4, 56, 26, 0, 0, 0))
@@ -337,29 +337,7 @@ def test_real_syslog_works_without_a_daemon():
     log.close()
 
 
-# -- secrets and MemoryLog ---------------------------------------------------------------
-
-def test_mask_secret_blanks_sasl_and_handshake_text():
-    """SASL payloads, handshake digests and secret elements become ***, other XML is untouched."""
-    xml = ("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>dXNlcg==</auth>"
-           "<sasl:response xmlns:sasl='urn:ietf:params:xml:ns:xmpp-sasl'>cmVzcG9uc2U=</sasl:response>"
-           "<handshake>0123456789abcdef0123456789abcdef01234567</handshake>"
-           "<user><name>jabberd</name><secret>secret</secret></user>"
-           "<route to='sm'><message><body>hi</body></message></route>")
-    assert mask_secret(xml) == (
-        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>***</auth>"
-        "<sasl:response xmlns:sasl='urn:ietf:params:xml:ns:xmpp-sasl'>***</sasl:response>"
-        "<handshake>***</handshake>"
-        "<user><name>jabberd</name><secret>***</secret></user>"
-        "<route to='sm'><message><body>hi</body></message></route>")
-
-
-def test_mask_secret_handles_fragments_bytes_and_empty_elements():
-    """A chunk ending inside a payload is masked, bytes are accepted, and `<auth/>` keeps what follows."""
-    assert mask_secret(b"<response xmlns='x'>cmVzcG9u") == "<response xmlns='x'>***"
-    assert mask_secret("<auth mechanism='X'/> <authx>keep</authx>") == (
-        "<auth mechanism='X'/> <authx>keep</authx>")
-
+# -- MemoryLog ---------------------------------------------------------------
 
 def test_memory_log_records_levels_and_reopen():
     """MemoryLog keeps (level, message) tuples, debug included by default, and the SIGHUP lines."""

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from jrouter.routing.message_log import HEADER, MessageLog, message_log_line, route_body, wanted
+from jrouter.ops.message_log_file import MessageLog
+from jrouter.routing.message_log import HEADER, message_log_line, route_body, wanted
 from jrouter.wire.xmlstream import StreamReader
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"

@@ -405,6 +405,35 @@ def test_21_legacy_stream_errors(settings, to, condition):
     assert legacy.closed
 
 
+def test_21_handshake_after_the_secret_was_reloaded_away():
+    """A SIGHUP that removes <secret> between a component's header and its
+    handshake ends that stream with an error instead of raising."""
+    import hashlib
+    from dataclasses import replace
+
+    net = Network()
+    legacy = net.peer()
+    legacy.send(header(NS_ACCEPT, version=False, to="legacy.example.com"))
+    legacy.take()
+    net.router.reconfigure(replace(net.config, secret=None))
+    legacy.send("<handshake>%s</handshake>" %
+                hashlib.sha1((legacy.stream_id + "secret").encode()).hexdigest())
+    assert stream_error_condition(legacy.take())[0] == "not-authorized"
+    assert legacy.closed
+
+
+def test_21_peer_stream_error_with_a_comment_is_logged():
+    """A peer's <stream:error/> with a comment among its children is logged
+    with its text and ends the stream quietly (no exception)."""
+    net = Network()
+    peer = net.component("d.example.com")
+    peer.send(f"<stream:error xmlns:stream='{STREAMS}'><!-- why --><conflict "
+              "xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text "
+              "xmlns='urn:ietf:params:xml:ns:xmpp-streams'>gone</text></stream:error>")
+    assert peer.closed and not peer.connection.authenticated
+    assert net.logged("error: Stream error (gone)")
+
+
 def test_22_xep0114_wrap_and_unwrap(net):
     """Stanzas are wrapped into jabber:client routes and unwrapped into the
     component's own jabber:component:accept on the way back (XEP-0114 section 3)."""

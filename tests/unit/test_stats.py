@@ -5,7 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from jrouter.wire.connection import State
+from jrouter.wire.connection import JABBERD2, XEP0114, State
+from jrouter.wire.outbox import Outbox
 from jrouter.routing.table import MULTI_FROM, MULTI_TO, SINGLE, RouteTable
 from jrouter.wire.counters import FIELDS, Counters, fold
 from jrouter.ops.stats import snapshot, which_instance
@@ -23,8 +24,9 @@ class FakeConnection(SimpleNamespace):
 def conn(port, *names, user="jabberd", state=State.ONLINE, legacy=False, counters=True, **extra):
     """A stand-in for component.Connection with the attributes stats reads."""
     c = FakeConnection(ip="127.0.0.1", port=port, label=f"[127.0.0.1, port={port}]", state=state,
-                        user=user, legacy=legacy, names=dict.fromkeys(names), throttle_queue=None,
-                        out=[], last_activity=0.0, **extra)
+                        user=user, protocol=XEP0114 if legacy else JABBERD2, legacy=legacy,
+                        names=dict.fromkeys(names), outbox=Outbox(Counters()), last_activity=0.0,
+                        **extra)
     if counters:
         c.counters = Counters()
     return c
@@ -42,7 +44,7 @@ class FakeRouter:
             for name in c.names:
                 self.table.add(name, c, MULTI_FROM if c.legacy else (MULTI_TO if name == "sm" else SINGLE))
 
-    def placement(self, name, jid):
+    def member_for(self, name, jid):
         self.asked.append((name, jid))
         return self.picks.get((name, jid))
 
@@ -87,8 +89,8 @@ def test_connection_entry():
     """Each connection shows who it is, its counters, queue and age."""
     a = conn(5347, "sm", "example.com", connected_at=40.0)
     a.counters.packets_out = 9
-    a.out = [b"abc", b"de"]
-    a.throttle_queue = [b"x", b"y", b"z"]
+    a.outbox.out[:] = [b"abc", b"de"]
+    a.outbox.held = [b"x", b"y", b"z"]
     a.last_activity = 90.0
     (entry,) = snapshot(FakeRouter(a), 100.0)["connections"]
     assert entry == {

@@ -1,0 +1,162 @@
+"""Names joining and leaving: who serves which name, and who hears of it.
+
+Owns: making a connection a member of a name (``join``: slots by instance
+identity, a returning instance replacing its half-open connection, aliases
+following their target), taking it out (``leave``), the "online"/"offline"
+log lines operators grep for, and the name advertisements jabberd2
+components get (protocol §4.3).
+
+Must not know: sockets, the clock (``now`` is handed in), which protocol
+asked (a port calls ``join``; the port's ``identity`` and ``advertised``
+say what differs), or how a member is chosen for a packet (placement.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+from jrouter.routing.balance import SlotBusy, SlotsFull
+from jrouter.wire.connection import NS_COMPONENT
+from jrouter.wire.xmlstream import quoteattr
+
+if TYPE_CHECKING:
+    from jrouter.routing.router import Router
+    from jrouter.routing.table import Route
+    from jrouter.wire.connection import Connection
+
+
+class Membership:
+    """Joins and leaves on the router's route table."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.table = router.table
+        self.log = router.log
+
+    # -- joining -------------------------------------------------------------
+
+    def join(self, connection: Connection, name: str, kind: str, now: float,
+             alias_of: Optional[str] = None) -> Optional[tuple[Route, Optional[int]]]:
+        """Make ``connection`` a member of ``name``; returns (route, slot),
+        or None when a slot policy has no slot left for it."""
+        identity = connection.protocol_port.identity(connection)
+        try:
+            route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity)
+        except SlotBusy as busy:
+            route = self.table.routes[name]
+            old = route.by_slot.get(busy.slot)
+            if route.policy.replace == "half-open" and old is not None:
+                # The same instance is back: its old connection is half-open.
+                self.log.notice(f"[{name}] {connection.label} replaces {old.label} "
+                                f"(instance '{busy.identity}')")
+                self._replace(old, now)
+            else:
+                identity = None            # an extra member, as jabberd2 allows
+            try:
+                route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity)
+            except SlotsFull:
+                return self._refuse_full(connection, name)
+        except SlotsFull:
+            return self._refuse_full(connection, name)
+        if mixed:
+            self.log.error(f"Mixed route types for '{name}' bind request")
+        connection.names[name] = kind
+        if slot is not None:
+            self.router.deliver_held(route, slot, connection)
+        return route, slot
+
+    def replace_instance(self, name: str, connection: Connection, now: float) -> bool:
+        """A cluster instance reconnects while its old connection still holds
+        its own name (an sm's <id>): under replace='half-open' the old
+        connection is ended and the name is free again."""
+        holder = self.table.routes[name].members[0]
+        if holder is connection or holder.user != connection.user \
+                or holder.protocol_port.identity(holder) != name:
+            return False
+        if not any(holder in route.members and route.policy.replace == "half-open"
+                   for route in self.table.served()):
+            return False
+        self.log.notice(f"[{name}] {connection.label} replaces {holder.label} (instance '{name}')")
+        self._replace(holder, now)
+        return True
+
+    def _replace(self, old: Connection, now: float) -> None:
+        old.kick("conflict", "replaced by a new connection of the same instance")
+        self.router.disconnect(old, now)
+
+    def _refuse_full(self, connection: Connection, name: str) -> Optional[tuple[Route, Optional[int]]]:
+        # The answer join gives for a full route: None.
+        self.log.notice(f"{connection.label} tried to bind '{name}', but all its slots are taken")
+        return None
+
+    def online(self, connection: Connection, route: Route, slot: Optional[int],
+               alias_of: Optional[str] = None) -> None:
+        """jabberd2's "online" line, with the member count and slot."""
+        where = f"bound to {connection.ip}, port {connection.port}"
+        name = route.name
+        count = len(route.members)
+        if alias_of is not None:
+            self.log.notice(f"[{name}] online (alias of '{alias_of}', {where})")
+        elif slot is not None:
+            self.log.notice(f"[{name}]:{count} online ({where}, slot {slot})")
+        elif count > 1:
+            self.log.notice(f"[{name}]:{count} online ({where})")
+        else:
+            self.log.notice(f"[{name}] online ({where})")
+
+    def join_aliases(self, connection: Connection, name: str, kind: str, now: float) -> None:
+        """Aliases of a bound name become routes to the same peer (protocol §4.11;
+        jabberd2 gets this wrong for jabberd2-protocol components)."""
+        for alias, target in self.router.aliases.items():
+            if target == name and alias not in connection.names:
+                joined = self.join(connection, alias, kind, now, alias_of=name)
+                if joined is not None:
+                    self.online(connection, *joined, alias_of=name)
+                    self.advertise(alias, connection, available=True)
+
+    # -- leaving -------------------------------------------------------------
+
+    def leave(self, connection: Connection, name: str, now: float,
+              reply: Optional[Callable[[], None]] = None) -> None:
+        """Take ``connection`` out of ``name`` (unbind, or its socket is gone)."""
+        table = self.table
+        if table.log_sinks.get(name) is connection:
+            del table.log_sinks[name]
+        route = table.routes.get(name)
+        remaining, slot = table.remove(name, connection)
+        if route is not None:
+            self.router.placement.member_left(route, slot, now)
+        connection.names.pop(name, None)
+        if table.default_name == name:
+            table.default_name = None
+            self.log.notice(f"[{name}] default route offline")
+        self.log.notice(f"[{name}] offline")
+        if reply is not None:
+            reply()
+        if remaining == 0:
+            self.advertise(name, connection, available=False)
+
+    def leave_with_aliases(self, connection: Connection, name: str, now: float,
+                           reply: Optional[Callable[[], None]] = None) -> None:
+        self.leave(connection, name, now, reply)
+        for alias, target in self.router.aliases.items():
+            if target == name and alias in connection.names:
+                self.leave(connection, alias, now)
+
+    # -- advertisements (protocol §4.3) --------------------------------------
+
+    def advertise(self, name: str, source: Connection, available: bool) -> None:
+        """Tell every bound jabberd2 component that ``name`` came or went.
+        jabberd2 sends one copy per name the receiver has bound; one is enough."""
+        kind = "" if available else " type='unavailable'"
+        data = f"<presence xmlns='{NS_COMPONENT}'{kind} from={quoteattr(name)}/>".encode()
+        for connection in self.router.connections:
+            if connection is not source and connection.names and connection.protocol_port.advertised:
+                connection.send(data)
+
+    def advertise_reverse(self, connection: Connection) -> None:
+        """Tell a binder about every name it does not serve itself."""
+        parts = [f"<presence xmlns='{NS_COMPONENT}' from={quoteattr(route.name)}/>"
+                 for route in self.table.served() if connection not in route.members]
+        if parts:
+            connection.send("".join(parts).encode())

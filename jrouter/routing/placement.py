@@ -1,0 +1,189 @@
+"""The one place that decides which member of a name gets a packet.
+
+Owns: the per-name clustering policies (``policy.PolicyTable``), the packets
+held for dead slots (``balance.HoldQueue``), IQ tracking
+(``balance.IqTracker``) and the random function jabberd2's placement needs.
+Routing a packet (``target``) and the operator's ``/placement`` question
+(``member_for``) go through the same ``decide``, so the two cannot drift.
+
+Must not know: sockets, the clock (``now`` is handed in), how a packet is
+delivered, held packets' contents or how a bounce looks (the router does
+that with what ``target`` and ``expire`` return).
+
+How a packet is placed (protocol §6.3, and policy.py for the policies):
+
+1. An IQ result or error for a name with ``track-iq`` goes to the member
+   that sent the request, if it is still a member.
+2. The address that is hashed (``address``): under jabberd2's behaviour the
+   payload's ``to`` (or ``target``) on a name bound with ``multi``, its
+   ``from`` on an XEP-0114 cluster, and the route's ``to`` otherwise (which
+   jabberd2 logs as an error); under a policy, the policy's attribute.
+3. ``decide``: the policy's algorithm over the live (and reserved) slots.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Union
+
+from jrouter.routing.balance import HoldQueue, IqTracker
+from jrouter.routing.policy import (BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, key_attribute, place,
+                                    placement_key)
+from jrouter.routing.table import MULTI_FROM, MULTI_TO
+from jrouter.wire.jid import parse_jid
+
+if TYPE_CHECKING:
+    from jrouter.routing.policy import PolicyTable
+    from jrouter.routing.router import HeldPacket, Log
+    from jrouter.routing.table import Route, RouteTable
+    from jrouter.wire.connection import Connection
+    from jrouter.wire.jid import JID
+    from jrouter.wire.xmlstream import Element
+
+__all__ = ["Placement", "Choice", "DELIVER", "HOLD", "BOUNCE"]
+
+
+class Placement:
+    """Policies, holds and IQ tracking for every clustered name."""
+
+    def __init__(self, policies: Optional[PolicyTable], randint: Callable[[int], int], log: Log) -> None:
+        self.policies = policies          # policy.PolicyTable or None (jabberd2's behaviour)
+        self.randint = randint
+        self.log = log
+        self.holds = HoldQueue()
+        self.iqs = IqTracker()
+        self.tracking = _any_tracking(policies)
+
+    def reconfigure(self, policies: Optional[PolicyTable]) -> None:
+        """New policies (SIGHUP); they apply to names bound from now on."""
+        self.policies = policies
+        self.tracking = _any_tracking(policies)
+
+    # -- routing -------------------------------------------------------------
+
+    def target(self, route: Route, element: Element, route_to: Optional[JID],
+               now: float) -> Union[Connection, Choice]:
+        """The member that gets ``element`` (a ``<route/>`` for ``route_to``),
+        or a ``Choice`` to HOLD or BOUNCE it for a dead slot."""
+        members = route.members
+        if route.slots is None and len(members) == 1:
+            return members[0]             # jabberd2 asks neither hash nor rand() then
+        child = element.child_attrs or {}
+        if route.policy.track_iq:
+            waiting = self._tracked_reply(route, element, child, now)
+            if waiting is not None:
+                return waiting
+        choice = self.decide(route, placement_key(route.policy, self.address(route, element, route_to)))
+        if choice.action != DELIVER:
+            return choice
+        # A DELIVER choice always names its slot (policy.place).
+        return members[choice.slot] if route.slots is None else route.by_slot[choice.slot]  # type: ignore[index]
+
+    def address(self, route: Route, element: Element, route_to: Optional[JID]) -> Optional[str]:
+        """The address whose JID places ``element`` on ``route``."""
+        child = element.child_attrs or {}
+        policy = route.policy
+        if policy is DEFAULT_POLICY:
+            return self._jabberd2_address(route, element, child, route_to)
+        attribute = key_attribute(policy, route.kind == MULTI_FROM)
+        address = child.get(attribute)
+        if address is None and attribute == "to":
+            address = child.get("target")       # c2s -> sm session starts
+        if address is None and route_to is not None:
+            address = route_to.full
+        return address
+
+    def _jabberd2_address(self, route: Route, element: Element, child: Mapping[str, str],
+                          route_to: Optional[JID]) -> Optional[str]:
+        """What jabberd2 2.7 hashes, with its error lines (protocol §6.3)."""
+        if route.kind == MULTI_TO:
+            address = child.get("to") or child.get("target")
+            if address is not None:
+                return address
+            self.log.error("Cannot get destination for multiple route: "
+                           + element.raw.decode("utf-8", "replace"))
+        elif route.kind == MULTI_FROM:
+            address = child.get("from")
+            if address is not None:
+                return address
+            self.log.error("Cannot get source for multiple route: "
+                           + element.raw.decode("utf-8", "replace"))
+        else:
+            self.log.error(f"Multiple components bound to single component route '{route.name}'")
+        return None if route_to is None else route_to.full
+
+    def decide(self, route: Route, key: Optional[str]) -> Choice:
+        """Where a packet with placement key ``key`` goes on ``route`` now
+        (a random member for a key of None, as jabberd2)."""
+        if route.slots is None:
+            indices = range(len(route.members))
+            return place(route.policy, key, indices, indices, self.randint)
+        return place(route.policy, key, route.slots.live(), route.slots.known(), self.randint)
+
+    # -- the operator's question ---------------------------------------------
+
+    def member_for(self, route: Route, address: str) -> Optional[Connection]:
+        """The member a stanza for (on a from-hashed name, from) ``address``
+        goes to now; None when the choice would be random or nobody gets it."""
+        if route.slots is None and len(route.members) == 1:
+            return route.members[0]
+        key = placement_key(route.policy, address)
+        if key is None:
+            return None
+        choice = self.decide(route, key)
+        if choice.action != DELIVER:
+            return None
+        # As in target: a DELIVER choice names its slot.
+        return route.members[choice.slot] if route.slots is None else route.by_slot[choice.slot]  # type: ignore[index]
+
+    # -- holds ---------------------------------------------------------------
+
+    def hold(self, route: Route, slot: int, packet: HeldPacket, now: float) -> list[HeldPacket]:
+        """Keep ``packet`` for a dead slot; returns what no longer fits (bounce it)."""
+        return self.holds.hold(route.name, slot, packet, now)
+
+    def member_left(self, route: Route, slot: Optional[int], now: float) -> None:
+        """A member gave its slot up: under dead='hold' its packets wait."""
+        if slot is not None and route.policy.dead == "hold":
+            self.holds.down(route.name, slot, now, route.policy.hold_seconds)
+
+    def member_back(self, route: Route, slot: int) -> list[HeldPacket]:
+        """An instance took its slot back: the packets held for it."""
+        return self.holds.release(route.name, slot)
+
+    def expire(self, now: float) -> list[tuple[Hashable, int, list[HeldPacket]]]:
+        """Forget old IQs; return (name, slot, packets) held past their grace."""
+        self.iqs.expire(now)
+        return self.holds.expired(now)
+
+    # -- IQ tracking (policy track-iq) ---------------------------------------
+
+    def remember_request(self, table: RouteTable, sender: Connection, element: Element, from_: JID,
+                         now: float) -> None:
+        """Remember which member of a tracked cluster sent an IQ request."""
+        if not self.tracking or element.child_name is None or not element.child_name.endswith(" iq"):
+            return
+        child: dict[str, str] = element.child_attrs  # type: ignore[assignment]  # it has a child
+        if child.get("type") not in ("get", "set") or child.get("id") is None:
+            return
+        route = table.routes.get(from_.domain)
+        if route is None or not route.policy.track_iq or len(route.members) < 2:
+            return
+        self.iqs.remember(child["id"], _full(child.get("from")), _full(child.get("to")), sender, now)
+
+    def _tracked_reply(self, route: Route, element: Element, child: Mapping[str, str],
+                       now: float) -> Optional[Connection]:
+        if element.child_name is None or not element.child_name.endswith(" iq") \
+                or child.get("type") not in ("result", "error") or child.get("id") is None:
+            return None
+        member = self.iqs.take(child["id"], _full(child.get("to")), _full(child.get("from")), now)
+        return member if member is not None and member in route.members else None
+
+
+def _any_tracking(policies: Optional[PolicyTable]) -> bool:
+    return policies is not None and any(p.track_iq for p in policies.policies())
+
+
+def _full(address: Optional[str]) -> str:
+    """An address as IQ tracking compares it: the prepped full JID."""
+    jid = None if address is None else parse_jid(address)
+    return jid.full if jid is not None else (address or "")
