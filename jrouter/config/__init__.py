@@ -12,8 +12,7 @@ Modules:
   router_xml  router.xml -> ``Config`` (jabberd2's keys, ``<components>``)
   sections    our sections: ``<status>``, ``<clustering>``
   users       router-users.xml -> name -> secret
-
-router-filter.xml is read by ``jrouter.routing.filter`` with this package's XML parser.
+  filter_xml  router-filter.xml -> ``routing.filter.FilterRules``
 """
 
 from .router_xml import (CONFIG_DIR, COMPONENT_NAMESPACES, DEFAULT_CIPHERS, DEFAULT_CONFIG_FILE,
