@@ -36,6 +36,7 @@ from lxml import etree
 
 from jrouter.routing.access import ALLOW_DENY, DENY_ALLOW, AccessRule, AccessRules, RateLimit, parse_mask
 from jrouter.errors import ConfigurationError
+from jrouter.routing.guard import AuthLimits
 from jrouter.routing.policy import PolicyTable
 
 from . import grammar
@@ -48,6 +49,9 @@ DEFAULT_CONFIG_FILE = CONFIG_DIR + "/router.xml"
 # sx/ssl.c: "!aNULL:!eNULL:!EXP:" SSL_DEFAULT_CIPHER_LIST; DEFAULT names that list.
 DEFAULT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!EXP"  # OpenSSL takes DEFAULT only first
 DEFAULT_STANZA_SIZE = 1048576
+# Bytes queued for one peer (output not yet taken by its socket, and what a
+# throttle holds back) before it counts as not reading (docs/jabberd2-router.md §3.9).
+DEFAULT_QUEUE_LIMIT = 16 * 1024 * 1024
 
 # util/log.c _log_facilities; anything else, or none, means local7.
 SYSLOG_FACILITIES = tuple(f"local{n}" for n in range(8)) + ("log_user",)
@@ -102,7 +106,9 @@ class Config:
     max_fds: int = 1024
     bytes_limit: RateLimit = field(default_factory=RateLimit)
     connects_limit: RateLimit = field(default_factory=RateLimit)
+    auth_limits: AuthLimits = field(default_factory=AuthLimits)  # ours: <io><limits> before authentication
     stanza_size_limit: int = DEFAULT_STANZA_SIZE  # ours: <io><limits><stanzasize>, 0 = unlimited
+    queue_limit: int = DEFAULT_QUEUE_LIMIT  # ours: <io><limits><queue>, bytes queued per peer, 0 = unlimited
     access: AccessRules = field(default_factory=AccessRules)
     check_interval: int = 60
     keepalive: int = 0
@@ -141,6 +147,7 @@ _SETTINGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("ciphers", "local.ciphers", grammar.text),
     ("max_fds", "io.max_fds", grammar.positive),
     ("stanza_size_limit", "io.limits.stanzasize", grammar.non_negative),
+    ("queue_limit", "io.limits.queue", grammar.non_negative),
     ("check_interval", "check.interval", grammar.non_negative),
     ("keepalive", "check.keepalive", grammar.non_negative),
     ("filter_file", "aci.filter", grammar.text),
@@ -243,20 +250,34 @@ def _log(r: _Reader) -> LogSettings:
     )
 
 
-def _rate(r: _Reader, key: str) -> RateLimit:
+def _rate(r: _Reader, key: str, default: RateLimit = RateLimit()) -> RateLimit:
+    """A ``<bytes>``-shaped limit: the count as text, ``seconds`` and
+    ``throttle`` attributes; ``default`` when the element is absent."""
     entry = r.first(key)
     if entry is None or entry.failed:
-        return RateLimit()
+        return default
     total = r.check(entry.value, entry.line, key, 0, grammar.non_negative)
     if total == 0:
         return RateLimit()  # jabberd2 does not even read the attributes then
 
     def attr(name: str) -> int:
         value = entry.attrs.get(name)
-        default = getattr(RateLimit, name)
-        return default if value is None else r.check(value, entry.line, f"{key}@{name}", default, grammar.non_negative)
+        fallback = getattr(default, name)
+        return fallback if value is None else r.check(value, entry.line, f"{key}@{name}", fallback, grammar.non_negative)
 
     return RateLimit(total, attr("seconds"), attr("throttle"))
+
+
+def _auth_limits(r: _Reader) -> AuthLimits:
+    """Ours: the limits on peers that have not authenticated (protocol §3.10)."""
+    def get(name: str, key: str) -> int:
+        return r.get(f"io.limits.{key}", getattr(AuthLimits, name), grammar.non_negative)
+
+    return AuthLimits(timeout=get("timeout", "authtimeout"),
+                      stanza_size=get("stanza_size", "authstanzasize"),
+                      unauthenticated=get("unauthenticated", "unauthenticated"),
+                      attempts=get("attempts", "authattempts"),
+                      failures=_rate(r, "io.limits.authfailures", AuthLimits().failures))
 
 
 def _access(r: _Reader) -> AccessRules:
@@ -379,6 +400,7 @@ def _build(r: _Reader, source: str) -> Config:
         log=_log(r),
         bytes_limit=_rate(r, "io.limits.bytes"),
         connects_limit=_rate(r, "io.limits.connects"),
+        auth_limits=_auth_limits(r),
         access=_access(r),
         aliases=_aliases(r),
         component_namespaces=_component_namespaces(r),

@@ -50,6 +50,8 @@ class RouterServer:
     shutdown_grace = 2.0
     #: seconds the TLS handshake may take
     tls_timeout = 30.0
+    #: packets of a dead peer routed again before the other greenlets get a turn
+    redelivery_slice = 256
 
     def __init__(self, config: Config, router: Router, log: Log, access: Optional[AccessRules] = None,
                  connect_limiter: Optional[ConnectLimiter] = None,
@@ -70,6 +72,7 @@ class RouterServer:
         self._pool = Pool()
         self._marked: list[_Peer] = []  # peers with output since the last flush
         self._flush_scheduled = False
+        self._redelivering = False    # a greenlet is routing packets of dead peers again
         self._server: Optional[StreamServer] = None
         self._timer: Optional[Greenlet] = None
         self._sockets: dict[int, socket.socket] = {}
@@ -156,7 +159,8 @@ class RouterServer:
             gevent.get_hub().loop.run_callback(self.flush)
 
     def flush(self) -> None:
-        """Send what is queued for every marked peer; write the router's files."""
+        """Send what is queued for every marked peer; write the router's files;
+        start routing again what dead peers left, if there is any."""
         self._flush_scheduled = False
         if self.router.effects:
             self.effects.write()
@@ -165,22 +169,51 @@ class RouterServer:
             peer = marked.pop()
             peer.marked = False
             peer.push()
+        if self.router.redelivery.pending and not self._redelivering:
+            self._redelivering = True
+            gevent.spawn(self._redeliver)
+
+    def _redeliver(self) -> None:
+        """Route again what dead peers never got, a slice at a time, letting
+        every other greenlet run between slices (issue 10, #2)."""
+        try:
+            while self.router.redeliver(self.clock(), self.redelivery_slice):
+                self.flush()
+                gevent.sleep(0)
+        finally:
+            self._redelivering = False
+        self.flush()
+
+    def overflow(self, peer: _Peer) -> None:
+        """A peer's queue passed its bound: the router ends it, and its socket
+        is shut at once (a peer that does not read would never take a goodbye)."""
+        self.router.overflowed(peer.connection, self.clock())
+        _shutdown(peer.sock)
 
     def _admit(self, sock: socket.socket, ip: str) -> bool:
-        """The accept checks (protocol §3.1): access rules, connect rate, max_fds."""
+        """The accept checks (protocol §3.1): access rules, connect rate,
+        failed authentications, max_fds (where an unauthenticated peer makes
+        room, protocol §3.10)."""
         if self.access is not None and not self.access.allows(ip):
             self.log.notice(f"[{sock.fileno()}] [{ip}] access denied by configuration")
             return False
+        now = self.clock()
         limiter = self.connect_limiter
         if limiter is not None:
-            now = self.clock()
             if len(limiter.counters) > 1024:
                 limiter.prune(now)
             if not limiter.admit(ip, now):
                 self.log.notice(f"[{sock.fileno()}] [{ip}] is being rate limited")
                 return False
+        guard = self.router.guard
+        if guard.refuses(ip, now):
+            self.log.notice(f"[{sock.fileno()}] [{ip}] refused: too many failed authentications")
+            return False
         max_fds = self.config.max_fds
-        if max_fds > 0 and len(self._pool) > max_fds:      # this handler counts too
+        # Counted in connections, not handlers: a burst of accepts spawns
+        # handlers faster than they connect (or are refused).
+        connections = self.router.connections
+        if max_fds > 0 and len(connections) >= max_fds and not guard.make_room(connections, max_fds):
             self.log.notice(f"[{sock.fileno()}] [{ip}] refused: {max_fds} connections "
                             "already (io.max_fds)")
             return False
@@ -218,6 +251,9 @@ class _Peer:
         (no greenlet switch, no hub callback); the writer greenlet, the one
         that may wait on this socket, sends whatever is left."""
         connection = self.connection
+        if connection.outbox.overflowed and not connection.closing:
+            self.server.overflow(self)
+            return
         if self.busy or self.pending or self.raw is None or connection.closing:
             self._start_writer()
             return
@@ -232,6 +268,7 @@ class _Peer:
             connection.forget()
             self._start_writer()
             return
+        connection.outbox.sent(sent)
         connection.last_activity = self.server.clock()
         if sent < len(data):
             self.pending = data[sent:]
@@ -286,7 +323,7 @@ class _Peer:
                 data = self.pending + connection.data_to_send()
                 self.pending = b""
                 if data:
-                    self.sock.sendall(data)
+                    self._send_all(data)
                     connection.last_activity = self.server.clock()
                 self.busy = False
                 if connection.outbox.out:
@@ -298,6 +335,16 @@ class _Peer:
             self.busy = False
             connection.forget()
         _shutdown(self.sock)
+
+    def _send_all(self, data: bytes) -> None:
+        """Write ``data``, waiting on the socket as needed, telling the outbox
+        how far it got (what a peer cut off meanwhile never got is routed again)."""
+        outbox = self.connection.outbox
+        view = memoryview(data)
+        while view:
+            sent = self.sock.send(view)
+            outbox.sent(sent)
+            view = view[sent:]
 
     def _start_tls(self) -> None:
         """Send <proceed/>, then turn the socket into a TLS server socket."""
@@ -319,8 +366,10 @@ class _Peer:
             raise ConnectionClosed()
 
     def finish(self) -> None:
-        """Let the writer flush what is queued (bounded), then close."""
+        """Let the writer flush what is queued (bounded), then close. What the
+        socket had not taken was routed again by the router: it is not sent."""
         self.connection.forget()
+        self.pending = b""
         self._start_writer()            # so there is a writer (the type cannot tell)
         self.writer.join(timeout=self.server.shutdown_grace)  # type: ignore[union-attr]
         self.writer.kill(block=False)  # type: ignore[union-attr]

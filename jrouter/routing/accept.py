@@ -184,8 +184,12 @@ def component_payload(element: Element, sender_key: Optional[ContextKey],
         return element.as_sent        # from one XEP-0114 component to another
     if sender_key is None or sender_key[1] == STREAM_PREFIXES:
         payload = element.first_child()
+        if _more_after(element, payload):
+            return _every_payload(element.tree(), namespace)
     else:
         tree = element.tree()
+        if len(tree) > 1:
+            return _every_payload(tree, namespace)
         payload = etree.tostring(tree[0]) if len(tree) else b""
     child = element.child_name
     if namespace == NS_CLIENT or child is None or not child.startswith(_CLIENT_PREFIXES):
@@ -196,6 +200,26 @@ def component_payload(element: Element, sender_key: Optional[ContextKey],
     # <c:message xmlns:c='jabber:client'>: the tree was parsed in the
     # sender's context, so every prefix it uses is bound.
     return etree.tostring(_rebuilt(element.tree()[0], namespace))
+
+
+def _more_after(element: Element, payload: bytes) -> bool:
+    """Whether the route holds anything after its first payload (another
+    stanza, a comment): a search through the few bytes before ``</route>``."""
+    raw = element.raw
+    return raw.find(b"<", element.child_start + len(payload), raw.rfind(b"</")) >= 0
+
+
+def _every_payload(route: etree._Element, namespace: str) -> bytes:
+    """Each element a route carries, in order, as the component reads them
+    (jabberd2 delivers every child of the route, not only the first)."""
+    parts = []
+    for child in route:
+        if not isinstance(child.tag, str):
+            continue                    # comments and processing instructions
+        if namespace != NS_CLIENT and etree.QName(child).namespace in _CLIENT_NAMESPACES:
+            child = _rebuilt(child, namespace)
+        parts.append(etree.tostring(child, with_tail=False))
+    return b"".join(parts)
 
 
 def _redeclared(payload: bytes, namespace: str) -> Optional[bytes]:

@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Optional, Proto
 
 from jrouter.routing import message_log
 from jrouter.routing.accept import AcceptPort
+from jrouter.routing.guard import AuthGuard
 from jrouter.routing.membership import Membership
 from jrouter.routing.placement import Choice, HOLD, Placement
 from jrouter.routing.ports import ComponentPort
+from jrouter.routing.redelivery import Redelivery
 from jrouter.routing.table import RouteTable
 from jrouter.wire.connection import JABBERD2, XEP0114, Connection, State, sender_key
 from jrouter.wire.counters import Counters, fold
@@ -97,10 +99,13 @@ class Router:
         self.filter_rules = filter_rules
         self._dumps_off: set[int] = set()   # rules whose dump file could not be written
         self.effects: list[Effect] = []     # LogMessage / DumpPacket for the shell
-        self.on_effects: Callable[[], None] = _nothing  # the shell's wake-up when effects appear
+        self.on_effects: Callable[[], None] = _nothing  # wakes the shell: effects or redelivery to do
         self.table = RouteTable(config.clustering)
         self.placement = Placement(config.clustering, randint, log)
         self.membership = Membership(self)
+        # Limits before authentication (protocol §3.10); like all limits, kept from startup.
+        self.guard = AuthGuard(config.auth_limits, config.stanza_size_limit, log)
+        self.redelivery = Redelivery(self)
         self.connections: dict[Connection, None] = {}  # Connection -> None, in connect order
         self.closed_counters = Counters() # what connections that closed had counted
         self.started_at = 0.0             # set by the shell, from its clock
@@ -125,6 +130,7 @@ class Router:
     def connect(self, ip: str, port: int) -> Connection:
         """A new peer: log it and return its Connection."""
         self.log.notice(f"[{ip}, port={port}] connect")
+        self.guard.arriving(self.connections)   # at the cap, an unauthenticated one goes
         connection = Connection(self, ip, port)
         self.connections[connection] = None
         return connection
@@ -141,15 +147,29 @@ class Router:
         del self.connections[connection]
         fold(self.closed_counters, connection.counters)
         self.log.notice(f"{connection.label} disconnect")
-        names = list(connection.names)
-        # Queued routes for one of its names go to another member; nothing is parsed again.
-        unsent = [(element, key) for element, key in connection.outbox.take_unsent()
-                  if _domain(element.attrs.get("to")) in names] if names else []
-        for name in names:
+        unsent = connection.outbox.take_unsent()
+        for name in list(connection.names):
             self.membership.leave(connection, name, now)
         connection.forget()
-        for element, key in unsent:
-            self._redeliver(element, key, connection, now)
+        if unsent:
+            # Routed again in slices the shell asks for (redeliver), never all at once.
+            self.redelivery.add(connection.label, unsent)
+            self.on_effects()
+
+    def redeliver(self, now: float, budget: int = 256) -> bool:
+        """Route again up to ``budget`` packets that dead peers never got
+        (redelivery.py); True while some are left."""
+        return self.redelivery.run(now, budget)
+
+    def overflowed(self, connection: Connection, now: float) -> None:
+        """A peer's queue passed ``<io><limits><queue>``: it is not reading.
+        Its stream ends, and what was queued for it is routed again."""
+        if connection not in self.connections:
+            return
+        self.log.notice(f"{connection.label} is not reading: more than {self.config.queue_limit} "
+                        "bytes queued for it (io.limits.queue), closing")
+        connection.kick("resource-constraint", "too much output queued: the peer is not reading")
+        self.disconnect(connection, now)
 
     def shutdown(self) -> None:
         """Say goodbye to every peer (protocol §1.5)."""
@@ -169,7 +189,9 @@ class Router:
                 connection.send(b" ")
 
     def expire(self, now: float) -> None:
-        """Timers: bounce what a dead slot held too long; forget old IQs."""
+        """Timers: bounce what a dead slot held too long; forget old IQs;
+        end connections that did not authenticate in time."""
+        self.guard.expire(self.connections, now)
         for name, slot, packets in self.placement.expire(now):
             self.log.notice(f"[{name}] slot {slot} did not come back in time: "
                             f"bouncing {len(packets)} held packets")
@@ -209,14 +231,9 @@ class Router:
                 if verdict.action == "deny":
                     return self.bounce(sender, element, str(verdict.error_code))
         table = self.table
-        route = table.routes.get(to.domain)
+        route = table.routes.get(to.domain) or self.route_for(to.domain, from_.domain)
         if route is None:
-            default = table.default_name
-            if default is None or default == from_.domain:
-                return self.bounce(sender, element, "404")
-            route = table.routes.get(default)
-            if route is None:
-                return self.bounce(sender, element, "404")
+            return self.bounce(sender, element, "404")
         if table.log_sinks:
             self._copy_to_log_sinks(element, key)
         placement = self.placement
@@ -229,18 +246,33 @@ class Router:
             self._log_message(element)
         # Not a Choice, so a Connection (mypy narrows `__class__ is` only where it holds).
         target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr, arg-type]
-                       element, key)
+                       element, key, sender)
+
+    def route_for(self, to_domain: str, from_domain: Optional[str]) -> Optional[Route]:
+        """The route a packet for ``to_domain`` takes: its name's, else the
+        default route (never back to the name it came from, protocol §4.5)."""
+        table = self.table
+        route = table.routes.get(to_domain)
+        if route is None:
+            default = table.default_name
+            if default is None or default == from_domain:
+                return None
+            route = table.routes.get(default)
+        return route
 
     def _undeliverable(self, sender: Optional[Connection], route: Route, element: Element,
                        key: Optional[ContextKey], choice: Choice, now: float) -> None:
         """A packet for a dead slot: held for it, or bounced (503)."""
         if choice.action == HOLD:
-            # A HOLD choice always names its slot (policy.place).
-            for packet in self.placement.hold(route, choice.slot,  # type: ignore[arg-type]
-                                              (sender, element, key), now):
-                self._bounce_held(packet)
+            self.hold(route, choice, (sender, element, key), now)
         elif sender is not None:
             self.bounce(sender, element, "503")
+
+    def hold(self, route: Route, choice: Choice, packet: HeldPacket, now: float) -> None:
+        """Keep a packet for a dead slot; what no longer fits bounces."""
+        # A HOLD choice always names its slot (policy.place).
+        for overflow in self.placement.hold(route, choice.slot, packet, now):  # type: ignore[arg-type]
+            self._bounce_held(overflow)
 
     def bounce(self, sender: Connection, element: Element, code: str) -> None:
         """Send a packet back to its sender with an error (never an error twice)."""
@@ -266,29 +298,14 @@ class Router:
 
     def deliver_held(self, route: Route, slot: int, connection: Connection) -> None:
         """An instance took its slot back: what was held for it is delivered."""
-        for _sender, element, key in self.placement.member_back(route, slot):
-            connection.deliver(connection.protocol_port.outbound(connection, element, key), element, key)
+        for sender, element, key in self.placement.member_back(route, slot):
+            connection.deliver(connection.protocol_port.outbound(connection, element, key),
+                               element, key, sender)
 
     def _bounce_held(self, packet: HeldPacket) -> None:
         sender, element, _key = packet
         if sender is not None and sender in self.connections:
             self.bounce(sender, element, "503")
-
-    def _redeliver(self, element: Element, key: Optional[ContextKey], dead: Connection,
-                   now: float) -> None:
-        """Route again a packet a dead member never got (no sender checks:
-        they were made when it first came in)."""
-        to = parse_jid(element.attrs.get("to") or "")
-        route = self.table.routes.get(to.domain) if to is not None else None
-        if route is None or (not route.members and route.slots is None):
-            self.log.notice(f"[{dead.ip}, port={dead.port}] lost a queued packet for "
-                            f"'{element.attrs.get('to')}': nobody serves it now")
-            return
-        target = self.placement.target(route, element, to, now)
-        if target.__class__ is Choice:
-            return self._undeliverable(None, route, element, key, target, now)
-        target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr, arg-type]
-                       element, key)
 
     def _copy_to_log_sinks(self, element: Element, key: Optional[ContextKey]) -> None:
         for sink in self.table.log_sinks.values():
@@ -365,11 +382,6 @@ def _nothing() -> None:
 
 def _jid_or_none(text: Optional[str]) -> Optional[JID]:
     return None if text is None else parse_jid(text)
-
-
-def _domain(address: Optional[str]) -> Optional[str]:
-    jid = None if address is None else parse_jid(address)
-    return None if jid is None else jid.domain
 
 
 def _with_route_to(element: Element, to: str) -> Element:

@@ -99,7 +99,7 @@ class Connection:
         self.ip = ip
         self.port = port
         self.label = f"[{ip}, port={port}]"
-        self.reader = StreamReader(router.config.stanza_size_limit)
+        self.reader = StreamReader(router.guard.element_limit)  # small until authenticated (§3.10)
         self.state = State.HEADER
         self.stream_id: Optional[str] = None
         self.header_sent = False
@@ -111,6 +111,8 @@ class Connection:
         self.input_key: Optional[ContextKey] = None  # key of the namespace context of the peer's stream
         self.plain_key: Optional[ContextKey] = None  # the same without prefixes beyond xmlns:stream
         self.extra_prefixes: tuple[bytes, ...] = ()  # b"p:" for each of those prefixes
+        # The last stream header's default namespace and prefixes, until they are interned.
+        self._header_namespaces: tuple[Optional[str], dict[str, str]] = (None, {})
         self.requested_name: Optional[str] = None    # XEP-0114: the header's 'to'
         self.stream_from: Optional[str] = None       # XEP-0114: the header's 'from'
         self.payload_ns = NS_ACCEPT  # XEP-0114: the namespace its stanzas are delivered in
@@ -121,12 +123,13 @@ class Connection:
         self.auth_id: Optional[str] = None
         self.realm: Optional[str] = None
         self.tls_active = False
+        self.auth_failures = 0   # failed SASL exchanges and handshakes (routing.guard)
         self.names: dict[str, str] = {}  # names bound by this connection (ordered set) -> bind kind
         self.closing = False
         self.last_activity = 0.0     # set by the shell, from its clock (keepalive, status)
         self.connected_at = 0.0      # set by the shell, from its clock
         self.counters = Counters()
-        self.outbox = Outbox(self.counters)
+        self.outbox = Outbox(self.counters, router.config.queue_limit)
         # The output buffer's own methods, bound once: one call per packet.
         self.send = self.outbox.send
         self.deliver = self.outbox.deliver
@@ -158,7 +161,8 @@ class Connection:
             leftover = self._handle(exc.events, now)
             if leftover is not None:
                 return leftover
-            self._log_error(exc.condition, exc.text)
+            self.router.log.notice(f"{self.label} error: {_error_kind(exc.condition)} "
+                                   f"({exc.text or exc.condition})")
             self.fail(exc.condition, exc.text)
         return self._handle(events, now) or b""
 
@@ -234,10 +238,6 @@ class Connection:
         """The socket is gone: nothing more is said or sent."""
         self._end()
 
-    def _log_error(self, condition: str, text: Optional[str]) -> None:
-        generic = "XML parse error" if condition == "xml-not-well-formed" else "Stream error"
-        self.router.log.notice(f"{self.label} error: {generic} ({text or condition})")
-
     # -- stream header (protocol §3.2) -------------------------------------
 
     def _on_header(self, header: StreamOpen, now: float) -> None:
@@ -257,14 +257,7 @@ class Connection:
         self.send(stream_header(header.default_ns, self.stream_id, to=header.attrs.get("from"),
                                 from_=header.attrs.get("to"), version=version))
         self.header_sent = True
-        self.context = self.router.output_context(header.default_ns)
-        self.input_key = self.router.context_key(header.default_ns, header.prefixes)
-        # Real jabberd2 components declare more on their header (xmlns:ack);
-        # a packet that uses none of those means what it would on a plain stream.
-        self.plain_key = self.router.output_context(header.default_ns)
-        self.extra_prefixes = tuple(
-            f"{prefix}:".encode() for prefix, uri in header.prefixes.items()
-            if (prefix, uri) != ("stream", STREAMS_NS))
+        self._header_namespaces = (header.default_ns, header.prefixes)
         if self.user is not None:
             self._open_authenticated(header, version, now)
             return
@@ -276,6 +269,17 @@ class Connection:
         if version is not None:
             self.send(self._features())
 
+    def _authenticated(self, state: State, protocol: str, now: float) -> None:
+        """The peer proved who it is: the router's namespace keys for its
+        stream (only now: the router keeps every key it hands out), its
+        protocol's port, and the port takes it from here."""
+        self._move(state)
+        self.context, self.input_key, self.plain_key, self.extra_prefixes = \
+            _namespace_keys(self.router, *self._header_namespaces)
+        self.router.log.notice(f"{self.label} authenticated as {self.auth_id}")
+        self.protocol_port = self.router.protocol_port(protocol)
+        self.protocol_port.online(self, now)
+
     def _features(self) -> bytes:
         negotiating = self.state is State.NEGOTIATING or self.state is State.HANDSHAKE
         return stream_features(negotiating, self.router.tls_available and not self.tls_active)
@@ -284,12 +288,9 @@ class Connection:
         if not self.realm:
             self.realm = header.attrs.get("to") or ""
         self.auth_id = f"{self.user}@{self.realm}"
-        self._move(State.ONLINE)
-        self.router.log.notice(f"{self.label} authenticated as {self.auth_id}")
         if version is not None:
-            self.send(self._features())
-        self.protocol_port = self.router.protocol_port(JABBERD2)
-        self.protocol_port.online(self, now)
+            self.send(stream_features(False, False))
+        self._authenticated(State.ONLINE, JABBERD2, now)
 
     def _open_xep0114(self, header: StreamOpen) -> None:
         self._move(State.HANDSHAKE)
@@ -311,7 +312,7 @@ class Connection:
         if name == NS_TLS + " starttls":
             self._on_starttls(element)
         elif name.startswith(NS_SASL):
-            self._on_sasl(element)
+            self._on_sasl(element, now)
         elif name == STREAM_ERROR:
             self.peer_stream_error(element)
         # Anything else before authentication is dropped (protocol §3.7).
@@ -336,7 +337,7 @@ class Connection:
         self.header_sent = False
         self._move(State.HEADER)
 
-    def _on_sasl(self, element: Element) -> None:
+    def _on_sasl(self, element: Element, now: float) -> None:
         from jrouter.wire.sasl import SaslServer
 
         kind = element.local_name
@@ -351,8 +352,11 @@ class Connection:
             self.user = reply.username
             self.realm = reply.realm
             self.sasl = None
+            self.reader.max_element_size = self.router.config.stanza_size_limit
             self._restart_leftover = self.reader.restart(element.end)  # type: ignore[arg-type]  # as above
             self._restart_stream()
+        elif reply.kind == "failure" and self.router.guard.failed(self, now):
+            self.fail("policy-violation", "too many failed authentications")   # protocol §3.10
 
     def peer_stream_error(self, element: Element) -> None:
         """The peer sent <stream:error/>: log it and end without a word."""
@@ -368,24 +372,19 @@ class Connection:
                 self.peer_stream_error(element)
             return      # anything else before the handshake is dropped
         tree = element.tree()
-        offered = tree.text or ""
-        if len(offered) != 40:
-            self.fail("not-authorized", "handshake isn't long enough to be a sha1 hash")
         # The secret is read now: a SIGHUP since the header may have removed it.
-        secret = self.router.config.secret
-        if secret is None:
-            self.fail("not-authorized", "support for legacy components not available")
-        if not handshake_matches(offered, self.stream_id, secret):  # type: ignore[arg-type]
-            self.fail("not-authorized", "hash didn't match, auth failed")
+        refusal = handshake_refusal(tree.text or "", self.stream_id or "", self.router.config.secret)
+        if refusal is not None:
+            if refusal != NO_SECRET:        # the peer's failure: counted (protocol §3.10)
+                self.router.guard.failed(self, now)
+            self.fail("not-authorized", refusal)
+        self.reader.max_element_size = self.router.config.stanza_size_limit
         tree.text = None
         from lxml import etree
 
         self.send(etree.tostring(tree))
         self.user = self.auth_id = self.requested_name
-        self.router.log.notice(f"{self.label} authenticated as {self.auth_id}")
-        self._move(State.LEGACY)
-        self.protocol_port = self.router.protocol_port(XEP0114)
-        self.protocol_port.online(self, now)
+        self._authenticated(State.LEGACY, XEP0114, now)
 
     # -- after authentication ----------------------------------------------------
 
@@ -406,6 +405,22 @@ _HANDLERS: dict[State, dict[type[StreamEvent], _Handler]] = {
 assert set(_HANDLERS) == set(_MOVES) == set(State)
 
 
+def _error_kind(condition: str) -> str:
+    """How jabberd2's log line names a stream error we raise."""
+    return "XML parse error" if condition == "xml-not-well-formed" else "Stream error"
+
+
+def _namespace_keys(router: Any, default_ns: Optional[str], prefixes: dict[str, str]
+                    ) -> tuple[ContextKey, ContextKey, ContextKey, tuple[bytes, ...]]:
+    """(output key, input key, plain input key, extra prefixes) of a stream:
+    real jabberd2 components declare more on their header (xmlns:ack), and a
+    packet that uses none of those means what it would on a plain stream."""
+    extra = tuple(f"{prefix}:".encode() for prefix, uri in prefixes.items()
+                  if (prefix, uri) != ("stream", STREAMS_NS))
+    return (router.output_context(default_ns), router.context_key(default_ns, prefixes),
+            router.output_context(default_ns), extra)
+
+
 def stream_features(negotiating: bool, offer_tls: bool) -> bytes:
     """<stream:features/>: STARTTLS and SASL while negotiating, else nothing."""
     parts = [f"<stream:features xmlns:stream='{STREAMS_NS}'>"]
@@ -417,10 +432,21 @@ def stream_features(negotiating: bool, offer_tls: bool) -> bytes:
     return "".join(parts).encode()
 
 
-def handshake_matches(offered: str, stream_id: str, secret: str) -> bool:
-    """XEP-0114's check: the hex SHA-1 of the stream id and the secret."""
+#: Why a handshake is refused when the secret is gone (a SIGHUP removed it): not the peer's fault.
+NO_SECRET = "support for legacy components not available"
+
+
+def handshake_refusal(offered: str, stream_id: str, secret: Optional[str]) -> Optional[str]:
+    """XEP-0114's check, the hex SHA-1 of the stream id and the secret:
+    None when ``offered`` is that, else the stream error's text (protocol §5.1)."""
+    if len(offered) != 40:
+        return "handshake isn't long enough to be a sha1 hash"
+    if secret is None:
+        return NO_SECRET
     expected = hashlib.sha1((stream_id + secret).encode()).hexdigest()
-    return hmac.compare_digest(offered.encode(), expected.encode())
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        return "hash didn't match, auth failed"
+    return None
 
 
 def _stream_error_text(element: Element) -> str:

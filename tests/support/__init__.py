@@ -5,4 +5,6 @@ process   ManagedProcess: a foreground daemon with captured output, SIGTERM then
 routers   write_router_config(), RouterProcess(kind) for 'jabberd2' | 'jrouter'
 jabberd2  Debian's jabberd2 sm and c2s (sqlite, in-band registration): Jabberd2Stack
 xmpp      slixmpp clients that register, log in and wait (bounded) for stanzas
+peer      Peer: a blocking component (jabberd2 protocol or XEP-0114) on jrouter.testing's client role
+faults    components to SIGKILL (half a stanza, never reading, echoing), bystander probes, RSS
 """

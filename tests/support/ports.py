@@ -42,9 +42,8 @@ def free_ports(count, host="127.0.0.1"):
     return [free_port(host) for _ in range(count)]
 
 
-def _listening_inodes(port):
-    """Socket inodes of every TCP socket listening on `port` (any address)."""
-    inodes = set()
+def tcp_sockets():
+    """The fields of every row of /proc/net/tcp and /proc/net/tcp6 (IPv4 and IPv6 sockets)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, encoding="ascii") as f:
@@ -52,11 +51,13 @@ def _listening_inodes(port):
         except OSError:
             continue
         for line in lines:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == _LISTEN:
-                inodes.add(fields[9])
-    return inodes
+            yield line.split()
+
+
+def _listening_inodes(port):
+    """Socket inodes of every TCP socket listening on `port` (any address)."""
+    return {fields[9] for fields in tcp_sockets()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _LISTEN}
 
 
 def _socket_inodes(pid):

@@ -77,6 +77,16 @@ class Network:
         peer.take()
         return peer
 
+    def settle(self):
+        """What the shell does after each read: route again what dead peers
+        left, and end the streams of peers that stopped reading."""
+        router = self.router
+        for connection in list(router.connections):
+            if connection.outbox.overflowed:
+                router.overflowed(connection, self.now)
+        while router.redeliver(self.now):
+            pass
+
     def logged(self, text):
         return [m for level, m in self.log.records if text in m]
 
@@ -87,6 +97,7 @@ class Peer:
     def __init__(self, network, port):
         self.network = network
         self.connection = network.router.connect("127.0.0.1", port)
+        self.connection.connected_at = network.now     # the shell's stamp
         self.client = ComponentClient()
         self.closed = False
 
@@ -107,14 +118,21 @@ class Peer:
             self.closed = True
         if self.connection.closing:
             self.closed = True
+        self.network.settle()
 
     def hang_up(self):
+        """The socket is gone: the router forgets the peer, and routes again
+        what was queued for it, slice by slice as the shell would ask."""
         self.network.router.disconnect(self.connection, self.network.now)
+        self.network.settle()
         self.closed = True
 
     def raw(self):
-        """The bytes the router queued for this peer since the last look."""
-        return self.connection.data_to_send()
+        """The bytes the router queued for this peer since the last look,
+        written to the peer as the shell does (``outbox.sent``)."""
+        data = self.connection.data_to_send()
+        self.connection.outbox.sent(len(data))
+        return data
 
     def flush(self):
         """Send what the client has queued."""

@@ -316,6 +316,7 @@ def test_external_entity_not_resolved(tmp_path):
         ("<local><ip>example.com</ip></local>", "local.ip"),
         ("<io><max_fds>0</max_fds></io>", "io.max_fds"),
         ("<io><limits><stanzasize>-1</stanzasize></limits></io>", "io.limits.stanzasize"),
+        ("<io><limits><queue>-1</queue></limits></io>", "io.limits.queue"),
         ("<io><limits><connects>-3</connects></limits></io>", "io.limits.connects"),
         ("<io><limits><connects throttle='-1'>3</connects></limits></io>", "io.limits.connects@throttle"),
         ("<check><keepalive>-5</keepalive></check>", "check.keepalive"),
@@ -556,3 +557,10 @@ def test_components_section_problems_name_line_and_element(tmp_path):
     assert any(":4: components.component: unknown attribute 'mode'" in p for p in found)
     assert any(":6: components.component@name: component 'c.example' is already listed on line 5" in p
                for p in found)
+
+
+def test_queue_bound_default_value_and_zero(tmp_path):
+    """<io><limits><queue>: 16 MiB by default, any byte count, 0 for unbounded."""
+    assert load(tmp_path, "<r/>").queue_limit == 16 * 1024 * 1024
+    assert load(tmp_path, "<r><io><limits><queue>1048576</queue></limits></io></r>").queue_limit == 1048576
+    assert load(tmp_path, "<r><io><limits><queue>0</queue></limits></io></r>").queue_limit == 0

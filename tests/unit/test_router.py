@@ -455,6 +455,22 @@ def test_22_xep0114_wrap_and_unwrap(net):
                             b"from='u@example.com/r'  ><body>yo</body></message>")
 
 
+@pytest.mark.parametrize("separator", ["", " ", "<!-- between -->"])
+def test_22_every_payload_of_a_route_reaches_an_xep0114_component(net, separator):
+    """A route carrying several stanzas delivers each, in order, to an XEP-0114
+    component, as jabberd2 does (not only the first)."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    sm.send("<route to='legacy.example.com' from='example.com'>"
+            "<message xmlns='jabber:client' to='bot@legacy.example.com' id='1'/>" + separator +
+            "<presence xmlns='jabber:client' to='bot@legacy.example.com' id='2'/>"
+            "<iq xmlns='jabber:client' type='get' to='bot@legacy.example.com' id='3'/></route>")
+    got = legacy.stanzas()
+    assert [(s.tag, s.get("id")) for s in got] == [
+        ("{%s}message" % NS_ACCEPT, "1"), ("{%s}presence" % NS_ACCEPT, "2"), ("{%s}iq" % NS_ACCEPT, "3")]
+
+
 @pytest.mark.parametrize("payload, expected", [
     # A forwarded message keeps the namespace it declares itself.
     ("<message xmlns='jabber:client' to='bot@legacy.example.com' from='u@example.com/r'>"
