@@ -26,6 +26,8 @@ setup(
             "slixmpp>=1.8.4,<2",
             "mypy>=1.8,<2",
             "types-lxml>=2026.2,<2027",
+            # scripts/jrouter-fuzz only (binary wheels for Linux; no CI test needs it)
+            "atheris>=3.0,<4; platform_system == 'Linux'",
         ],
     },
     entry_points={"console_scripts": [

@@ -107,7 +107,8 @@ class AcceptPort:
     def bounce(self, sender: Connection, route: Element, code: str) -> Optional[bytes]:
         """The stanza as a stanza error (protocol §5.5), in the namespace its
         stanzas are delivered in; None for a stanza that is an error already."""
-        stanza = etree.fromstring(component_payload(route, None, sender.payload_ns))
+        # Parsed as the reader would (its lxml parser, the stream: prefix bound).
+        stanza = SELF_CONTAINED.parse(component_payload(route, None, sender.payload_ns))
         if stanza.get("type") == "error":
             return None
         stanza.set("type", "error")

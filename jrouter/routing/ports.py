@@ -182,6 +182,9 @@ class ComponentPort:
             self.log.notice(f"{label} tried to bind '{name}', but their username ({user}) "
                             "is not permitted to bind other names")
             return "403"
+        if name in connection.names:
+            self.log.notice(f"{label} tried to bind '{name}', but it's already bound to this component")
+            return "409"
         if name in router.table and not multi \
                 and not router.membership.replace_instance(name, connection, now):
             self.log.notice(f"{label} tried to bind '{name}', but it's already bound")

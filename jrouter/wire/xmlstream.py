@@ -27,7 +27,21 @@ with a quote-aware regular expression (an attribute value may contain ``>``).
 Hardening: a DOCTYPE is refused before expat can read any declaration, so no
 entity is ever defined or expanded, and nothing is fetched. A top-level
 element (or the header, or junk between elements) larger than
-``max_element_size`` ends the stream with ``policy-violation``.
+``max_element_size`` ends the stream with ``policy-violation``, and so does
+one nested deeper than ``MAX_DEPTH`` levels. A stream is read as UTF-8 only
+(RFC 6120 section 11.6): one that declares another encoding, or is UTF-16,
+ends with ``unsupported-encoding``.
+
+The same limits on every parse path: whatever this reader accepts, lxml can
+parse later, on its own (``Element.tree()``) or wrapped once more by the
+router (an XEP-0114 stanza inside a ``<route/>``). lxml refuses more than 256
+levels, and without ``huge_tree`` names over 50,000 characters and text over
+10 MB; ``MAX_DEPTH`` is well under the first, our lxml parser lifts the
+others (safe here: no DTD, no entity, and the size is ours to bound), and the
+rare element over ``_PARSEABLE_SIZE`` (only when ``max_element_size`` allows
+one) is parsed once on arrival so that it fails here, as a stream error.
+libxml2 also wants every namespace name to be an RFC 3986 URI, where expat
+takes any string: each new one is shown to lxml once (``_vet_uri``).
 
 This module must not know about routing, SASL, sockets or the clock.
 """
@@ -45,6 +59,17 @@ if TYPE_CHECKING:
 
 STREAMS_NS = "http://etherx.jabber.org/streams"
 STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
+
+#: The deepest nesting a top-level element may have, itself counted as level
+#: 1 (``<message><body/></message>`` has 2). Deeper ends the stream with
+#: ``policy-violation``. lxml refuses more than 256 levels; the router's
+#: ``<route/>`` around an XEP-0114 stanza and ``NamespaceContext``'s wrapper
+#: add two, so anything accepted here parses. Real stanzas rarely pass 10.
+MAX_DEPTH = 128
+
+#: Elements larger than this are parsed with lxml as they arrive (see the
+#: module docstring): below it no name or text can reach lxml's limits.
+_PARSEABLE_SIZE = 10_000_000
 
 # The start tag of an element that expat has already accepted: the name, then
 # anything up to '>' that is not inside a quoted attribute value.
@@ -126,20 +151,24 @@ class NamespaceContext:
         """Parse one top-level element's bytes into an lxml element."""
         from lxml import etree
 
-        wrapper = etree.fromstring(self._wrapper_open + raw + b"</w>", _lxml_parser())
+        wrapper = etree.fromstring(self._wrapper_open + raw + b"</w>", lxml_parser())
         return wrapper[0]
 
 
 _LXML_PARSER: Optional[etree.XMLParser] = None
 
 
-def _lxml_parser() -> etree.XMLParser:
+def lxml_parser() -> etree.XMLParser:
+    """The lxml parser for bytes this reader accepted: no entities, no
+    network, and ``huge_tree`` so that lxml's name and text limits (50,000
+    characters, 10 MB) do not refuse what the reader let through; its depth
+    and size limits are the reader's (module docstring)."""
     global _LXML_PARSER
     if _LXML_PARSER is None:
         from lxml import etree
 
         _LXML_PARSER = etree.XMLParser(
-            resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False
+            resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True
         )
     return _LXML_PARSER
 
@@ -233,15 +262,33 @@ class StreamReader:
     Raises ``StreamError`` for anything that must end the stream; its
     ``events`` are those completed before the error. After a stream restart
     (STARTTLS, SASL) call ``restart(offset)``.
+
+    ``max_element_size`` (bytes, 0 = unlimited) may be changed at any time
+    (a peer that authenticates gets a larger one); ``max_depth`` is
+    ``MAX_DEPTH`` unless a test asks for another.
     """
 
-    def __init__(self, max_element_size: int = 0) -> None:
+    def __init__(self, max_element_size: int = 0, max_depth: int = MAX_DEPTH) -> None:
         self.max_element_size = max_element_size
+        self.max_depth = max_depth
         self._new_parser()
 
+    @property
+    def max_element_size(self) -> int:
+        return self._limit
+
+    @max_element_size.setter
+    def max_element_size(self, limit: int) -> None:
+        self._limit = limit
+        # _end compares each element's size with this one number.
+        self._check_above = limit if 0 < limit < _PARSEABLE_SIZE else _PARSEABLE_SIZE
+
     def _new_parser(self) -> None:
-        parser = pyexpat.ParserCreate(namespace_separator=" ")
+        # Always UTF-8, whatever the XML declaration says: the raw bytes are
+        # forwarded and parsed by lxml as UTF-8 (_refuse_encoding).
+        parser = pyexpat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
         parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
+        parser.XmlDeclHandler = self._refuse_encoding
         parser.StartDoctypeDeclHandler = self._refuse_doctype
         parser.EntityDeclHandler = self._refuse_entity
         parser.StartNamespaceDeclHandler = self._header_namespace
@@ -268,19 +315,26 @@ class StreamReader:
 
     # -- expat callbacks ---------------------------------------------------
 
+    def _refuse_encoding(self, version: str, encoding: Optional[str], standalone: int) -> None:
+        if encoding is not None and encoding.upper() not in ("UTF-8", "UTF8"):
+            raise StreamError("unsupported-encoding", "only UTF-8 is supported")
+
     def _refuse_doctype(self, *args: object) -> None:
         raise StreamError("restricted-xml", "DTDs are not allowed")
 
     def _refuse_entity(self, *args: object) -> None:
         raise StreamError("restricted-xml", "entity declarations are not allowed")
 
-    def _header_namespace(self, prefix: Optional[str], uri: str) -> None:
+    def _header_namespace(self, prefix: Optional[str], uri: Optional[str]) -> None:
+        if uri not in _URIS:
+            _vet_uri(uri)
         if prefix is None:
             self._header_default = uri
         else:
-            self._header_prefixes[prefix] = uri
+            self._header_prefixes[prefix] = uri or ""   # never None: expat refuses xmlns:p=''
 
-    # These two run for every element of every stanza: keep them lean.
+    # These run for every element (and declaration) of every stanza: keep them lean.
+
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
         depth = self._depth
@@ -296,6 +350,8 @@ class StreamReader:
                 self._child_start = self._parser.CurrentByteIndex
         elif depth == 0:
             self._open(name, attrs)
+        elif depth > self.max_depth:        # depth is the new element's level
+            raise _too_deep(self.max_depth)
 
     def _end(self, name: str) -> None:
         depth = self._depth - 1
@@ -308,9 +364,8 @@ class StreamReader:
                 end = self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
             else:
                 end = self._childless_end(start)
-            limit = self.max_element_size
-            if limit and end - start > limit:
-                raise _too_large(limit)
+            if end - start > self._check_above:
+                self._check_large(start, end)
             mark = self._child_mark
             self._events.append(Element(
                 self._top_name, self._top_attrs, self._buffer[start - base:end - base],
@@ -324,6 +379,20 @@ class StreamReader:
         elif depth == 0:
             self._events.append(StreamClose())
 
+    def _check_large(self, start: int, end: int) -> None:
+        """An element over the size limit, or so large (the limit allows it)
+        that a name or text in it may pass lxml's limits: it is parsed now, so
+        that it fails here, and not where the router asks for its tree."""
+        limit = self._limit
+        if limit and end - start > limit:
+            raise _too_large(limit)
+        from lxml import etree
+
+        try:
+            self.context.parse(self._buffer[start - self._base:end - self._base])
+        except etree.XMLSyntaxError as exc:
+            raise StreamError("policy-violation", f"stanza beyond the XML parser's limits ({exc})") from None
+
     def _childless_end(self, start: int) -> int:
         """Where an element without child elements ends: its start tag, if
         that is empty (``/>``), else its end tag, where expat points."""
@@ -335,9 +404,13 @@ class StreamReader:
 
     def _open(self, name: str, attrs: dict[str, str]) -> None:
         # Later declarations belong to stanzas, not to the stream context.
-        self._parser.StartNamespaceDeclHandler = None
+        self._parser.StartNamespaceDeclHandler = _vet_declaration
         self.context = NamespaceContext(self._header_default, self._header_prefixes)
         offset = self._parser.CurrentByteIndex - self._base
+        # No NUL is ever UTF-8 XML: a NUL beside the header's '<' means
+        # UTF-16, which expat detects on its own even when told UTF-8.
+        if b"\x00" in self._buffer[:offset + 2]:
+            raise StreamError("unsupported-encoding", "only UTF-8 is supported")
         self._keep_from = self._base + _match_tag(self._buffer, offset).end()
         self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
 
@@ -354,7 +427,7 @@ class StreamReader:
         self._buffer = buffer = data if keep >= len(old) else old[keep:] + data
         try:
             self._parser.Parse(data)
-            limit = self.max_element_size
+            limit = self._limit
             if limit and self._base + len(buffer) - self._keep_from > limit:
                 raise _too_large(limit)
         except pyexpat.ExpatError as exc:
@@ -387,6 +460,40 @@ class StreamReader:
 
 def _too_large(limit: int) -> StreamError:
     return StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
+
+
+#: Namespace names lxml has taken. libxml2 refuses one that is not an RFC 3986
+#: URI reference ('a{b}', 'caf\u00e9', 'http://h:99999999999/'); expat takes any
+#: string, so each new one is shown to lxml once. Bounded: past the limit a new
+#: name is checked every time it comes (only an odd peer uses that many).
+#: None is how expat reports ``xmlns=''``.
+_URIS: set[Optional[str]] = {None, "", STREAMS_NS, STREAM_ERRORS_NS, "jabber:client", "jabber:server",
+                             "jabber:component:accept", "http://jabberd.jabberstudio.org/ns/component/1.0"}
+_URIS_LIMIT = 4096
+
+
+def _vet_uri(uri: Optional[str]) -> None:
+    """Raise the stream error lxml's refusal of ``uri`` as a namespace name means."""
+    from lxml import etree
+
+    try:
+        etree.fromstring(f"<a xmlns={quoteattr(uri or '')}/>".encode(), lxml_parser())
+    except etree.XMLSyntaxError:
+        raise StreamError("xml-not-well-formed", "namespace name is not a URI") from None
+    if len(_URIS) < _URIS_LIMIT:
+        _URIS.add(uri)
+
+
+def _vet_declaration(prefix: Optional[str], uri: Optional[str],
+                     known: set[Optional[str]] = _URIS) -> None:
+    """expat's handler for every declaration after the header (a function,
+    ``known`` a local: it runs for nearly every packet)."""
+    if uri not in known:
+        _vet_uri(uri)
+
+
+def _too_deep(limit: int) -> StreamError:
+    return StreamError("policy-violation", f"stanza nested too deeply (limit {limit} levels)")
 
 
 # -- writing ---------------------------------------------------------------
