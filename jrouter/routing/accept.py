@@ -33,8 +33,8 @@ from jrouter.routing.ports import ROUTE
 from jrouter.wire.connection import NS_ACCEPT, NS_COMPONENT, sender_key
 from jrouter.wire.jid import parse_jid
 from jrouter.routing.table import MULTI_FROM
-from jrouter.wire.xmlstream import (_START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element,
-                        NamespaceContext, quoteattr)
+from jrouter.wire.xmlstream import _START_TAG, SELF_CONTAINED, STREAM_PREFIXES, STREAMS_NS, Element, NamespaceContext
+from jrouter.wire.xmlwrite import quoteattr
 
 if TYPE_CHECKING:
     from jrouter.routing.router import Router

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from jrouter.routing.balance import SlotBusy, SlotsFull
 from jrouter.wire.connection import NS_COMPONENT
-from jrouter.wire.xmlstream import quoteattr
+from jrouter.wire.xmlwrite import quoteattr
 
 if TYPE_CHECKING:
     from jrouter.routing.router import Router

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.wire.xmlstream import (STREAMS_NS, Element, StreamClose, StreamError, StreamOpen,
-                                   StreamReader, quoteattr)
+from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader
+from jrouter.wire.xmlwrite import quoteattr
 
 NS_COMPONENT = "http://jabberd.jabberstudio.org/ns/component/1.0"
 NS_ACCEPT = "jabber:component:accept"

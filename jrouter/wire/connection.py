@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeAlias
 from jrouter.errors import ConnectionClosed
 from jrouter.wire.counters import Counters
 from jrouter.wire.outbox import Outbox
-from jrouter.wire.xmlstream import (STREAM_CLOSE, STREAMS_NS, Element, StreamClose, StreamError,
-                        StreamOpen, StreamReader, stream_error, stream_header)
+from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader
+from jrouter.wire.xmlwrite import STREAM_CLOSE, stream_error, stream_header
 
 if TYPE_CHECKING:
     from jrouter.routing.ports import Port

@@ -41,7 +41,7 @@ others (safe here: no DTD, no entity, and the size is ours to bound), and the
 rare element over ``_PARSEABLE_SIZE`` (only when ``max_element_size`` allows
 one) is parsed once on arrival so that it fails here, as a stream error.
 libxml2 also wants every namespace name to be an RFC 3986 URI, where expat
-takes any string: each new one is shown to lxml once (``_vet_uri``).
+takes any string: each new one is shown to lxml once (``lxml_side.py``).
 
 This module must not know about routing, SASL, sockets or the clock.
 """
@@ -53,12 +53,12 @@ import re
 from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from jrouter.errors import ProtocolError
+from jrouter.wire.lxml_side import KNOWN_URIS, lxml_parser, uri_refused
+from jrouter.wire.xmlwrite import STREAM_PREFIXES, STREAMS_NS, quoteattr
 
 if TYPE_CHECKING:
     from lxml import etree
 
-STREAMS_NS = "http://etherx.jabber.org/streams"
-STREAM_ERRORS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 
 #: The deepest nesting a top-level element may have, itself counted as level
 #: 1 (``<message><body/></message>`` has 2). Deeper ends the stream with
@@ -155,22 +155,6 @@ class NamespaceContext:
         return wrapper[0]
 
 
-_LXML_PARSER: Optional[etree.XMLParser] = None
-
-
-def lxml_parser() -> etree.XMLParser:
-    """The lxml parser for bytes this reader accepted: no entities, no
-    network, and ``huge_tree`` so that lxml's name and text limits (50,000
-    characters, 10 MB) do not refuse what the reader let through; its depth
-    and size limits are the reader's (module docstring)."""
-    global _LXML_PARSER
-    if _LXML_PARSER is None:
-        from lxml import etree
-
-        _LXML_PARSER = etree.XMLParser(
-            resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True
-        )
-    return _LXML_PARSER
 
 
 class Element:
@@ -326,7 +310,7 @@ class StreamReader:
         raise StreamError("restricted-xml", "entity declarations are not allowed")
 
     def _header_namespace(self, prefix: Optional[str], uri: Optional[str]) -> None:
-        if uri not in _URIS:
+        if uri not in KNOWN_URIS:
             _vet_uri(uri)
         if prefix is None:
             self._header_default = uri
@@ -462,30 +446,14 @@ def _too_large(limit: int) -> StreamError:
     return StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
 
 
-#: Namespace names lxml has taken. libxml2 refuses one that is not an RFC 3986
-#: URI reference ('a{b}', 'caf\u00e9', 'http://h:99999999999/'); expat takes any
-#: string, so each new one is shown to lxml once. Bounded: past the limit a new
-#: name is checked every time it comes (only an odd peer uses that many).
-#: None is how expat reports ``xmlns=''``.
-_URIS: set[Optional[str]] = {None, "", STREAMS_NS, STREAM_ERRORS_NS, "jabber:client", "jabber:server",
-                             "jabber:component:accept", "http://jabberd.jabberstudio.org/ns/component/1.0"}
-_URIS_LIMIT = 4096
-
-
 def _vet_uri(uri: Optional[str]) -> None:
-    """Raise the stream error lxml's refusal of ``uri`` as a namespace name means."""
-    from lxml import etree
-
-    try:
-        etree.fromstring(f"<a xmlns={quoteattr(uri or '')}/>".encode(), lxml_parser())
-    except etree.XMLSyntaxError:
-        raise StreamError("xml-not-well-formed", "namespace name is not a URI") from None
-    if len(_URIS) < _URIS_LIMIT:
-        _URIS.add(uri)
+    """The stream error lxml's refusal of ``uri`` as a namespace name means (lxml_side.py)."""
+    if uri_refused(uri):
+        raise StreamError("xml-not-well-formed", "namespace name is not a URI")
 
 
 def _vet_declaration(prefix: Optional[str], uri: Optional[str],
-                     known: set[Optional[str]] = _URIS) -> None:
+                     known: set[Optional[str]] = KNOWN_URIS) -> None:
     """expat's handler for every declaration after the header (a function,
     ``known`` a local: it runs for nearly every packet)."""
     if uri not in known:
@@ -496,57 +464,6 @@ def _too_deep(limit: int) -> StreamError:
     return StreamError("policy-violation", f"stanza nested too deeply (limit {limit} levels)")
 
 
-# -- writing ---------------------------------------------------------------
-
-_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&apos;", '"': "&quot;"})
-
-
-def escape(text: str) -> str:
-    """Escape text for element content or a single-quoted attribute value."""
-    return text.translate(_ESCAPES)
-
-
-def quoteattr(value: str) -> str:
-    return "'" + value.translate(_ESCAPES) + "'"
-
-
-def stream_header(default_ns: Optional[str], stream_id: Optional[str] = None, to: Optional[str] = None,
-                  from_: Optional[str] = None, version: Optional[str] = None,
-                  declaration: bool = True) -> bytes:
-    """Our stream header, attribute for attribute as jabberd2 writes it (protocol §3.2)."""
-    parts = ["<?xml version='1.0'?>" if declaration else "",
-             "<stream:stream xmlns:stream='", STREAMS_NS, "'"]
-    if default_ns:
-        parts.append(" xmlns=" + quoteattr(default_ns))
-    if to is not None:
-        parts.append(" to=" + quoteattr(to))
-    if from_ is not None:
-        parts.append(" from=" + quoteattr(from_))
-    if version is not None:
-        parts.append(" version=" + quoteattr(version))
-    if stream_id is not None:
-        parts.append(" id=" + quoteattr(stream_id))
-    parts.append(">")
-    return "".join(parts).encode()
-
-
-def stream_error(condition: str, text: Optional[str] = None, header_sent: bool = True) -> bytes:
-    """A stream error and the stream close (protocol §3.3); before our header was
-    sent, jabberd2 prefixes a minimal header, and so do we."""
-    parts = [] if header_sent else [
-        "<stream:stream xmlns:stream='", STREAMS_NS, "' version='1.0'>"]
-    parts += ["<stream:error xmlns:stream='", STREAMS_NS, "'><", condition,
-              " xmlns='", STREAM_ERRORS_NS, "'/>"]
-    if text:
-        parts += ["<text xmlns='", STREAM_ERRORS_NS, "'>", escape(text), "</text>"]
-    parts.append("</stream:error></stream:stream>")
-    return "".join(parts).encode()
-
-
-STREAM_CLOSE = b"</stream:stream>"
-
-# The declarations our own stream headers make, besides the default namespace.
-STREAM_PREFIXES = (("stream", STREAMS_NS),)
 
 # The context of elements the router built itself: they declare every
 # namespace they use, so their bytes mean the same in any stream.

@@ -12,7 +12,9 @@ the bounce of an XEP-0114 stanza is parsed with the reader's own lxml parser.
 import pytest
 from lxml import etree
 
-from jrouter.wire.xmlstream import MAX_DEPTH, StreamClose, StreamError, StreamOpen, StreamReader, quoteattr
+from jrouter.wire.xmlstream import MAX_DEPTH, StreamClose, StreamError, StreamOpen, StreamReader
+
+from jrouter.wire.xmlwrite import quoteattr
 
 from .harness import NS_ACCEPT, NS_C, STREAMS, Network, header
 

@@ -39,7 +39,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from jrouter.errors import ConnectionClosed
 from jrouter.testing.sasl_client import DigestMD5Client
-from jrouter.wire.xmlstream import MAX_DEPTH, STREAM_CLOSE, STREAMS_NS, Element, StreamReader, quoteattr
+from jrouter.wire.xmlstream import MAX_DEPTH, STREAMS_NS, Element, StreamReader
+from jrouter.wire.xmlwrite import STREAM_CLOSE, quoteattr
 
 from .harness import NS_ACCEPT, NS_C, NS_SASL, Network, header
 

@@ -3,8 +3,9 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jrouter.wire.xmlstream import (STREAMS_NS, Element, StreamClose, StreamError, StreamOpen,
-                               StreamReader, stream_error, stream_header)
+from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader
+
+from jrouter.wire.xmlwrite import stream_error, stream_header
 
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='" + NS_C.encode() +
