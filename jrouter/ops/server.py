@@ -200,8 +200,6 @@ class RouterServer:
         now = self.clock()
         limiter = self.connect_limiter
         if limiter is not None:
-            if len(limiter.counters) > 1024:
-                limiter.prune(now)
             if not limiter.admit(ip, now):
                 self.log.notice(f"[{sock.fileno()}] [{ip}] is being rate limited")
                 return False

@@ -210,31 +210,75 @@ class RateCounter:
         return now - self.start >= self.seconds
 
 
-@dataclass
-class ConnectLimiter:
-    """Per-source-IP connect counters for ``<limits><connects>`` (``_router_accept_check``).
+#: Counters kept before the idle ones are forgotten.
+PRUNE_AT = 1024
+#: Counters kept at most: past it the oldest still counting are forgotten too.
+MAX_COUNTERS = 16384
 
-    jabberd2 keeps one counter per IP string forever; ``prune`` lets the caller
-    drop the idle ones so a scan from many addresses cannot grow memory without
-    bound.  Pruning never changes a verdict.
+
+class AddressCounters:
+    """One ``RateCounter`` per source address, in memory bounded whatever
+    the addresses (ours: jabberd2 keeps one per IP string forever).
+
+    At ``PRUNE_AT`` counters the idle ones go, which never changes a
+    verdict. Past ``max_size`` (a scan from a whole IPv6 prefix) the
+    oldest counters that are not refusing yet go too: such an address
+    starts counting afresh. A refusing counter goes last, and only when
+    every counter is refusing.
     """
 
+    __slots__ = ("limit", "counters", "max_size")
+
+    def __init__(self, limit: RateLimit, max_size: int = MAX_COUNTERS) -> None:
+        self.limit = limit
+        self.counters: dict[str, RateCounter] = {}   # in the order first counted
+        self.max_size = max_size
+
+    def __len__(self) -> int:
+        return len(self.counters)
+
+    def get(self, ip: str) -> Optional[RateCounter]:
+        """The counter of ``ip``, or None when it has none."""
+        return self.counters.get(ip)
+
+    def counter(self, ip: str, now: float) -> RateCounter:
+        """The counter of ``ip``, made (and room made for it) if it has none."""
+        counter = self.counters.get(ip)
+        if counter is None:
+            if len(self.counters) >= PRUNE_AT:
+                self._prune(now)
+            counter = self.counters[ip] = RateCounter(self.limit)
+        return counter
+
+    def _prune(self, now: float) -> None:
+        counters = self.counters
+        for ip in [ip for ip, c in counters.items() if c.idle(now)]:
+            del counters[ip]
+        excess = len(counters) - self.max_size + 1
+        if excess <= 0:
+            return
+        counting = [ip for ip, c in counters.items() if c.bad_since is None]
+        refusing = [ip for ip, c in counters.items() if c.bad_since is not None]
+        for ip in (counting + refusing)[:excess]:
+            del counters[ip]
+
+
+@dataclass
+class ConnectLimiter:
+    """Per-source-IP connect counters for ``<limits><connects>`` (``_router_accept_check``)."""
+
     limit: RateLimit
-    counters: dict[str, RateCounter] = field(default_factory=dict)
+    counters: AddressCounters = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counters = AddressCounters(self.limit)
 
     def admit(self, ip: str, now: float) -> bool:
         """Count a connect from ``ip`` at ``now``; False if it must be refused."""
         if not self.limit.enabled:
             return True
-        counter = self.counters.get(ip)
-        if counter is None:
-            counter = self.counters[ip] = RateCounter(self.limit)
+        counter = self.counters.counter(ip, now)
         if not counter.check(now):
             return False
         counter.add(now)
         return True
-
-    def prune(self, now: float) -> None:
-        """Forget counters that no longer hold any state that matters."""
-        for ip in [ip for ip, c in self.counters.items() if c.idle(now)]:
-            del self.counters[ip]

@@ -37,15 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from jrouter.routing.access import RateCounter, RateLimit
+from jrouter.routing.access import AddressCounters, RateLimit
 
 if TYPE_CHECKING:
     from jrouter.routing.router import Log
     from jrouter.wire.connection import Connection
-
-#: Per-address counters kept before idle ones are forgotten (as ConnectLimiter).
-_PRUNE_AT = 1024
-
 
 @dataclass(frozen=True)
 class AuthLimits:
@@ -71,7 +67,7 @@ class AuthGuard:
         self.log = log
         #: What a connection's reader allows until the peer authenticates.
         self.element_limit = smaller_limit(limits.stanza_size, stanza_size)
-        self.failures: dict[str, RateCounter] = {}   # ip -> failed authentications
+        self.failures = AddressCounters(limits.failures)   # ip -> failed authentications
 
     # -- a newcomer ------------------------------------------------------------
 
@@ -140,11 +136,7 @@ class AuthGuard:
         limit = self.limits.failures
         if not limit.enabled:
             return False
-        counter = self.failures.get(ip)
-        if counter is None:
-            if len(self.failures) >= _PRUNE_AT:
-                self._prune(now)
-            counter = self.failures[ip] = RateCounter(limit)
+        counter = self.failures.counter(ip, now)
         if not counter.check(now):
             return True          # blocked already, and logged when it began
         counter.add(now)
@@ -153,10 +145,6 @@ class AuthGuard:
         self.log.notice(f"[{ip}] too many failed authentications ({limit.total} in "
                         f"{limit.seconds} s), refusing connections for {limit.throttle} s")
         return True
-
-    def _prune(self, now: float) -> None:
-        for ip in [ip for ip, counter in self.failures.items() if counter.idle(now)]:
-            del self.failures[ip]
 
 
 def _unauthenticated(connections: Iterable[Connection]) -> list[Connection]:

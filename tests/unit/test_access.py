@@ -11,6 +11,8 @@ from jrouter.routing.access import (
     DENY_ALLOW,
     AccessRule,
     AccessRules,
+    PRUNE_AT,
+    AddressCounters,
     ConnectLimiter,
     RateCounter,
     RateLimit,
@@ -250,5 +252,29 @@ def test_pruning_never_changes_verdicts(steps):
     now = 0.0
     for ip, gap in steps:
         now += gap
-        pruned.prune(now)
+        pruned.counters._prune(now)
         assert kept.admit(ip, now) == pruned.admit(ip, now)
+
+
+def test_counters_stay_bounded_under_an_address_scan():
+    """100,000 addresses failing within one window: never more than
+    max_size counters, the refusing ones kept over those still counting."""
+    counters = AddressCounters(RateLimit(2, 60, 300), max_size=PRUNE_AT + 10)
+    refusing = [f"10.0.0.{n}" for n in range(5)]
+    for ip in refusing:
+        counters.counter(ip, 0).add(0, 2)
+    sizes = set()
+    for n in range(100_000):
+        counters.counter(f"2001:db8::{n:x}", 1 + n / 1e6).add(1)
+        sizes.add(len(counters))
+    assert max(sizes) <= PRUNE_AT + 10
+    assert all(not counters.get(ip).check(2) for ip in refusing)
+
+
+def test_refusing_counters_go_last_and_oldest_first():
+    """Every counter refusing and no room: the oldest refusing one goes."""
+    counters = AddressCounters(RateLimit(1, 60, 300), max_size=PRUNE_AT)
+    for n in range(PRUNE_AT + 1):
+        counters.counter(f"a{n}", 0).add(0)
+    assert len(counters) == PRUNE_AT
+    assert counters.get("a0") is None and counters.get("a1") is not None
