@@ -325,11 +325,13 @@ class IqTracker:
 
 
 class _Held:
-    __slots__ = ("deadline", "packets")
+    __slots__ = ("deadline", "packets", "sizes", "size")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.packets: deque = deque()
+        self.sizes: deque[int] = deque()   # each packet's, as given to hold
+        self.size = 0                      # their sum
 
 
 class HoldQueue:
@@ -342,13 +344,15 @@ class HoldQueue:
     period, `expired` hands them over for bouncing and the slot is *gone*:
     further packets bounce at once (`hold` returns them) until the instance
     returns, so clients are not kept waiting for an instance that is not
-    coming back.  At most `limit` packets per slot: when full, the oldest is
-    bounced to make room.  Packets are opaque.
+    coming back.  At most `limit` packets and `limit_bytes` bytes per slot
+    (0: no byte bound): when full, the oldest are bounced to make room, the
+    newest always kept.  Packets are opaque; their size comes with them.
     """
 
-    def __init__(self, seconds: float = 30.0, limit: int = 1000) -> None:
+    def __init__(self, seconds: float = 30.0, limit: int = 10000, limit_bytes: int = 0) -> None:
         self.seconds = seconds
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self._held: dict[tuple[Hashable, int], _Held] = {}
         self._gone: set[tuple[Hashable, int]] = set()
 
@@ -360,10 +364,11 @@ class HoldQueue:
             self._held[key] = _Held(now + (self.seconds if seconds is None else seconds))
 
     def hold(self, name: Hashable, slot: int, packet: object, now: float,
-             seconds: Optional[float] = None) -> list:
-        """Keep `packet` for the slot; returns the packets to bounce now (usually none).
+             seconds: Optional[float] = None, size: int = 0) -> list:
+        """Keep `packet` (`size` bytes) for the slot; returns the packets to
+        bounce now (usually none).
 
-        That is the oldest held packet when the slot's queue is full, or
+        That is the oldest held packets when the slot's queue is full, or
         `packet` itself when the slot's grace period is over.
         """
         key = (name, slot)
@@ -371,9 +376,16 @@ class HoldQueue:
             return [packet]
         if key not in self._held:
             self.down(name, slot, now, seconds)
-        queue = self._held[key].packets
-        queue.append(packet)
-        return [queue.popleft()] if len(queue) > self.limit else []
+        held = self._held[key]
+        held.packets.append(packet)
+        held.sizes.append(size)
+        held.size += size
+        out = []
+        while len(held.packets) > 1 and (len(held.packets) > self.limit or
+                                         0 < self.limit_bytes < held.size):
+            out.append(held.packets.popleft())
+            held.size -= held.sizes.popleft()
+        return out
 
     def release(self, name: Hashable, slot: int) -> list:
         """The instance is back: its held packets, oldest first, to deliver."""
@@ -394,3 +406,7 @@ class HoldQueue:
     def __len__(self) -> int:
         """Packets held, all slots together."""
         return sum(len(held.packets) for held in self._held.values())
+
+    def size(self) -> int:
+        """Bytes held, all slots together."""
+        return sum(held.size for held in self._held.values())

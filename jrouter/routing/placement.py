@@ -45,11 +45,12 @@ __all__ = ["Placement", "Choice", "DELIVER", "HOLD", "BOUNCE"]
 class Placement:
     """Policies, holds and IQ tracking for every clustered name."""
 
-    def __init__(self, policies: Optional[PolicyTable], randint: Callable[[int], int], log: Log) -> None:
+    def __init__(self, policies: Optional[PolicyTable], randint: Callable[[int], int], log: Log,
+                 hold_bytes: int = 0) -> None:
         self.policies = policies          # policy.PolicyTable or None (jabberd2's behaviour)
         self.randint = randint
         self.log = log
-        self.holds = HoldQueue()
+        self.holds = HoldQueue(limit_bytes=hold_bytes)   # io.limits.queue per slot
         self.iqs = IqTracker()
         self.tracking = _any_tracking(policies)
 
@@ -139,7 +140,7 @@ class Placement:
 
     def hold(self, route: Route, slot: int, packet: HeldPacket, now: float) -> list[HeldPacket]:
         """Keep ``packet`` for a dead slot; returns what no longer fits (bounce it)."""
-        return self.holds.hold(route.name, slot, packet, now)
+        return self.holds.hold(route.name, slot, packet, now, size=_held_size(packet))
 
     def member_left(self, route: Route, slot: Optional[int], now: float) -> None:
         """A member gave its slot up: under dead='hold' its packets wait."""
@@ -187,3 +188,11 @@ def _full(address: Optional[str]) -> str:
     """An address as IQ tracking compares it: the prepped full JID."""
     jid = None if address is None else parse_jid(address)
     return jid.full if jid is not None else (address or "")
+
+
+#: What a held packet costs beyond its bytes: its Element and the queue's entry.
+HELD_OVERHEAD = 512
+
+
+def _held_size(packet: HeldPacket) -> int:
+    return len(packet[1].raw) + HELD_OVERHEAD

@@ -101,7 +101,7 @@ class Router:
         self.effects: list[Effect] = []     # LogMessage / DumpPacket for the shell
         self.on_effects: Callable[[], None] = _nothing  # wakes the shell: effects or redelivery to do
         self.table = RouteTable(config.clustering)
-        self.placement = Placement(config.clustering, randint, log)
+        self.placement = Placement(config.clustering, randint, log, config.queue_limit)
         self.membership = Membership(self)
         # Limits before authentication (protocol §3.10); like all limits, kept from startup.
         self.guard = AuthGuard(config.auth_limits, config.stanza_size_limit, log)

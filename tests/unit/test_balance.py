@@ -523,6 +523,20 @@ def test_hold_full_bounces_oldest():
     assert holds.release("sm", 0) == ["p2", "p3"]
 
 
+def test_hold_bounded_in_bytes_bounces_oldest_keeps_newest():
+    """Past limit_bytes per slot the oldest go, however few; a packet
+    bigger than the bound alone is still kept (the newest always is)."""
+    holds = HoldQueue(seconds=30, limit=100, limit_bytes=1000)
+    assert holds.hold("sm", 0, "a", now=0, size=400) == []
+    assert holds.hold("sm", 0, "b", now=0, size=400) == []
+    assert holds.hold("sm", 0, "c", now=0, size=400) == ["a"]
+    assert holds.size() == 800
+    assert holds.hold("sm", 0, "big", now=0, size=5000) == ["b", "c"]
+    assert holds.size() == 5000
+    assert holds.release("sm", 0) == ["big"]
+    assert holds.size() == 0
+
+
 def test_hold_names_are_separate():
     """The same slot number of two names are two queues."""
     holds = HoldQueue(seconds=10)

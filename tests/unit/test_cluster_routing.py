@@ -93,6 +93,30 @@ def test_hold_expires_into_bounces():
     assert bounces and all(b.get("error") == "503" for b in bounces)
 
 
+def test_hold_bounded_by_the_queue_limit_bounces_the_oldest():
+    """A slot's held packets stay under io.limits.queue bytes: the oldest
+    bounce (503) as new ones arrive, the newest wait for the instance."""
+    net = Network(queue_limit=8000, clustering=PolicyTable([ClusterPolicy(
+        match="example.com", algorithm="slots", slots=2, dead="hold", hold_seconds=30)]))
+    first, second = sm(net, "sm0"), sm(net, "sm1")
+    c2s = net.component("c2s")
+    second.hang_up()
+    bounced = []
+    for user in USERS:
+        c2s.send(f"<route to='example.com' from='c2s'><message to='{user}'><body>{'x' * 1000}"
+                 "</body></message></route>")
+        first.take()          # the live member reads: only the hold queue fills
+        for bounce in routes(c2s):
+            assert bounce.get("error") == "503"
+            bounced.append(bounce[0].get("to"))
+        assert net.router.placement.holds.size() <= 8000
+    back = sm(net, "sm1", take=False)
+    held = [r[0].get("to") for r in routes(back)]
+    assert 0 < len(held) <= 8000 // 1000 and len(bounced) > len(held)
+    theirs = [u for u in USERS if u in held or u in bounced]
+    assert theirs == bounced + held       # the oldest bounced, the newest delivered, in order
+
+
 def test_dead_bounce_answers_503_at_once():
     """slots + dead='bounce': packets for a dead slot bounce with 503 right away."""
     net = network(algorithm="slots", slots=2, dead="bounce")
