@@ -281,9 +281,10 @@ class _Peer:
         try:
             while True:
                 size = read_size if budget is None else self._allowance(budget)
-                data = self.sock.recv(size)
-                if not data:
+                received = self.sock.recv_into(_READ_BUFFER, size)
+                if not received:
                     return
+                data = bytes(_READ_VIEW[:received])
                 connection.last_activity = now = clock()
                 if budget is not None:
                     budget.add(now, len(data))
@@ -375,6 +376,15 @@ class _Peer:
             self.sock.close()
         except OSError:
             pass
+
+
+#: Every peer's reads land here first (one greenlet runs at a time, and a
+#: read copies out before it yields): ``recv(65536)`` would allocate 64 KiB
+#: and shrink it to what came, leaving a hole in the C heap next to a chunk
+#: the stream reader keeps, and under connection churn those holes grew the
+#: router by ~60 KiB per reconnect (docs/architecture.md, memory).
+_READ_BUFFER = bytearray(RouterServer.read_size)
+_READ_VIEW = memoryview(_READ_BUFFER)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -235,8 +235,12 @@ class Connection:
         self._end(STREAM_CLOSE)
 
     def forget(self) -> None:
-        """The socket is gone: nothing more is said or sent."""
+        """The socket is gone: nothing more is said or sent. The reader and
+        the shell's output hook are let go, so that reference counting alone
+        frees the connection (no cycle waits for the garbage collector)."""
         self._end()
+        self.reader.release()
+        self.outbox.unhook()
 
     # -- stream header (protocol §3.2) -------------------------------------
 

@@ -64,6 +64,11 @@ class Outbox:
     def throttled(self) -> bool:
         return self.held is not None
 
+    def unhook(self) -> None:
+        """The shell is done with this queue: ``on_output`` calls nothing
+        (it was the shell's, and held the shell's peer alive)."""
+        self.on_output = _nothing
+
     def send(self, data: bytes) -> None:
         """Queue bytes for the peer, bypassing the throttle."""
         out = self.out

@@ -240,6 +240,11 @@ class Element:
         return f"Element({self.raw[:80]!r})"
 
 
+#: Every expat handler ``StreamReader`` sets (``release`` unsets them).
+_HANDLERS = ("XmlDeclHandler", "StartDoctypeDeclHandler", "EntityDeclHandler",
+             "StartNamespaceDeclHandler", "StartElementHandler", "EndElementHandler")
+
+
 class StreamReader:
     """Incremental parser for one XML stream: ``feed(bytes) -> [events]``.
 
@@ -296,6 +301,18 @@ class StreamReader:
         self._child_attrs: Optional[dict[str, str]] = None
         self._child_start = 0
         self._child_mark: Optional[int] = None
+
+    def release(self) -> None:
+        """The stream is over: let go of the parser and what was read. The
+        parser's handlers are this reader's methods, a cycle that only the
+        garbage collector would otherwise break, long after the connection
+        (docs/architecture.md, memory). ``feed`` must not be called again."""
+        parser = self._parser
+        for handler in _HANDLERS:
+            setattr(parser, handler, None)
+        self._buffer = b""
+        self._events = []
+        self.context = None  # type: ignore[assignment]
 
     # -- expat callbacks ---------------------------------------------------
 

@@ -1,0 +1,74 @@
+"""A closed connection is freed by reference counting alone (issue 10,
+finding 4): no cycle through the stream reader's expat handlers or the
+shell's output hook waits for the garbage collector, which under connection
+churn let closed connections pile up between collections."""
+
+import gc
+import weakref
+
+import pytest
+
+from jrouter.wire.xmlstream import StreamReader
+
+from .harness import Network
+
+
+@pytest.fixture
+def no_collector():
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if was_enabled:
+        gc.enable()
+
+
+def test_a_released_reader_is_freed_without_the_collector(no_collector):
+    reader = StreamReader()
+    reader.feed(b"<stream:stream xmlns='jabber:component:accept' "
+                b"xmlns:stream='http://etherx.jabber.org/streams'><message to='a'><body>hi")
+    gone = weakref.ref(reader)
+    reader.release()
+    del reader
+    assert gone() is None
+
+
+def test_an_unreleased_reader_waits_for_the_collector(no_collector):
+    """What release() is for: without it the reader lives on in a cycle."""
+    reader = StreamReader()
+    gone = weakref.ref(reader)
+    del reader
+    assert gone() is not None
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("protocol", ["jabberd2", "xep0114"])
+def test_a_closed_connection_is_freed_without_the_collector(no_collector, protocol):
+    net = Network()
+    other = net.component("other.example.com")
+    if protocol == "jabberd2":
+        peer = net.component("leaving.example.com")
+        peer.send("<route to='other.example.com' from='leaving.example.com'>"
+                  "<message to='x@other.example.com'/></route>")
+    else:
+        peer = net.legacy("leaving.example.com")
+        peer.send("<message to='x@other.example.com' from='leaving.example.com'/>")
+    other.take()
+    connection = peer.connection
+    connection.outbox.on_output = _ShellPeer(connection).mark    # a cycle, as in ops.server
+    gone, reader_gone = weakref.ref(connection), weakref.ref(connection.reader)
+    peer.hang_up()
+    del peer, connection
+    assert gone() is None
+    assert reader_gone() is None
+
+
+class _ShellPeer:
+    """As ``ops.server._Peer``: it holds its connection, whose output hook is its method."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def mark(self):
+        pass
