@@ -43,6 +43,10 @@ one) is parsed once on arrival so that it fails here, as a stream error.
 libxml2 also wants every namespace name to be an RFC 3986 URI, where expat
 takes any string: each new one is shown to lxml once (``lxml_side.py``).
 
+Memory stays with the stanza: the reader keeps no stanza's attributes
+after handing it over, and expat's tables of every name it has seen (which
+only grow) go with a fresh parser every ``RENEW_AFTER`` bytes (``_renew``).
+
 This module must not know about routing, SASL, sockets or the clock.
 """
 
@@ -137,7 +141,7 @@ class NamespaceContext:
     needs to parse a raw element on its own.
     """
 
-    __slots__ = ("default_ns", "prefixes", "_wrapper_open")
+    __slots__ = ("default_ns", "prefixes", "declarations", "opening")
 
     def __init__(self, default_ns: Optional[str], prefixes: Mapping[str, str]) -> None:
         self.default_ns = default_ns
@@ -145,13 +149,16 @@ class NamespaceContext:
         decls = "".join(f" xmlns:{p}={quoteattr(u)}" for p, u in self.prefixes.items())
         if default_ns:
             decls += f" xmlns={quoteattr(default_ns)}"
-        self._wrapper_open = f"<w{decls}>".encode()
+        #: Their declarations as attributes, and a start tag with them all:
+        #: what an element's bytes need before them.
+        self.declarations = decls.encode()
+        self.opening = b"<w" + self.declarations + b">"
 
     def parse(self, raw: bytes) -> etree._Element:
         """Parse one top-level element's bytes into an lxml element."""
         from lxml import etree
 
-        wrapper = etree.fromstring(self._wrapper_open + raw + b"</w>", lxml_parser())
+        wrapper = etree.fromstring(self.opening + raw + b"</w>", lxml_parser())
         return wrapper[0]
 
 
@@ -240,6 +247,9 @@ class Element:
         return f"Element({self.raw[:80]!r})"
 
 
+#: Bytes a stream reader's expat parser reads before it is renewed (``_renew``).
+RENEW_AFTER = 1 << 18
+
 #: Every expat handler ``StreamReader`` sets (``release`` unsets them).
 _HANDLERS = ("XmlDeclHandler", "StartDoctypeDeclHandler", "EntityDeclHandler",
              "StartNamespaceDeclHandler", "StartElementHandler", "EndElementHandler")
@@ -257,9 +267,11 @@ class StreamReader:
     ``MAX_DEPTH`` unless a test asks for another.
     """
 
-    def __init__(self, max_element_size: int = 0, max_depth: int = MAX_DEPTH) -> None:
+    def __init__(self, max_element_size: int = 0, max_depth: int = MAX_DEPTH,
+                 renew_after: int = RENEW_AFTER) -> None:
         self.max_element_size = max_element_size
         self.max_depth = max_depth
+        self.renew_after = renew_after
         self._new_parser()
 
     @property
@@ -272,18 +284,24 @@ class StreamReader:
         # _end compares each element's size with this one number.
         self._check_above = limit if 0 < limit < _PARSEABLE_SIZE else _PARSEABLE_SIZE
 
-    def _new_parser(self) -> None:
+    def _expat(self) -> pyexpat.XMLParserType:
         # Always UTF-8, whatever the XML declaration says: the raw bytes are
-        # forwarded and parsed by lxml as UTF-8 (_refuse_encoding).
-        parser = pyexpat.ParserCreate(encoding="UTF-8", namespace_separator=" ")
+        # forwarded and parsed by lxml as UTF-8 (_refuse_encoding). No name
+        # interning: the table would keep every name the peer ever sent.
+        parser = pyexpat.ParserCreate(encoding="UTF-8", namespace_separator=" ", intern=None)
         parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
         parser.XmlDeclHandler = self._refuse_encoding
         parser.StartDoctypeDeclHandler = self._refuse_doctype
         parser.EntityDeclHandler = self._refuse_entity
+        return parser
+
+    def _new_parser(self) -> None:
+        parser = self._expat()
         parser.StartNamespaceDeclHandler = self._header_namespace
         parser.StartElementHandler = self._start
         parser.EndElementHandler = self._end
         self._parser = parser
+        self._parsed = 0        # bytes fed to this parser
         self._depth = 0
         self._buffer = b""
         self._base = 0          # absolute offset of _buffer[0]
@@ -373,7 +391,10 @@ class StreamReader:
                 child_name, self._child_attrs, self._child_start - start,
                 0 if mark is None else mark - start, self.context, end))
             self._keep_from = end
-            self._child_name = self._child_mark = None
+            # The element has them now: held here too, a stanza of 70k
+            # attributes kept ~20 MiB per connection until the next one.
+            self._child_name = self._child_mark = self._child_attrs = None
+            self._top_attrs = None  # type: ignore[assignment]
         elif depth == 2:
             if self._child_mark is None:
                 self._child_mark = self._parser.CurrentByteIndex
@@ -412,7 +433,9 @@ class StreamReader:
         # UTF-16, which expat detects on its own even when told UTF-8.
         if b"\x00" in self._buffer[:offset + 2]:
             raise StreamError("unsupported-encoding", "only UTF-8 is supported")
-        self._keep_from = self._base + _match_tag(self._buffer, offset).end()
+        tag = _match_tag(self._buffer, offset)
+        self._keep_from = self._base + tag.end()
+        self._root_name = tag.group(1)      # _renew reopens the stream with it
         self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
 
     # -- public API --------------------------------------------------------
@@ -422,6 +445,9 @@ class StreamReader:
         # Keep only what an unfinished element still needs, usually nothing:
         # then the buffer is the chunk itself, and elements are cut from it
         # with one copy.
+        self._parsed += len(data)
+        if self._parsed > self.renew_after and self._depth:
+            data = self._renew(data)
         old = self._buffer
         keep = self._keep_from - self._base
         self._base = self._keep_from
@@ -446,6 +472,31 @@ class StreamReader:
         error.events = self._events
         self._events = []
         return error
+
+    def _renew(self, data: bytes) -> bytes:
+        """A new expat parser in the middle of the stream; returns what to
+        feed it. expat remembers every attribute and element name it has
+        seen until the parser goes (its DTD tables): a peer sending names it
+        never repeats would grow them by ~9 MiB per MiB. So every
+        ``renew_after`` bytes the reader starts a parser afresh: the header's
+        declarations again (the context's wrapper), then the unfinished
+        element's bytes read again, so no event changes. Offsets from here
+        on are the new parser's, as after ``restart``."""
+        pending = self._buffer[self._keep_from - self._base:]
+        parser = self._expat()
+        # The root's own name, so that </stream:stream> still closes it.
+        opening = b"<" + self._root_name + self.context.declarations + b">"
+        parser.Parse(opening)                       # no handler: no event
+        parser.StartNamespaceDeclHandler = _vet_declaration
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        self._parser = parser
+        self._parsed = len(data)
+        self._depth = 1
+        self._child_name = self._child_mark = self._child_attrs = None
+        self._buffer = b""
+        self._base = self._keep_from = len(opening)
+        return pending + data
 
     def restart(self, offset: int) -> bytes:
         """Start a new stream after the element that ended at ``offset``.
