@@ -23,6 +23,7 @@ from jrouter.config import ConfigError, load_config, load_users
 from jrouter.routing.router import Router
 from jrouter.config.filter_xml import FilterError, load_filter
 from jrouter.ops.logs import RouterLog
+from jrouter.ops.listener import raise_fd_limit
 from jrouter.ops.server import ListenError, RouterServer
 from jrouter.ops.status import StatusListenError, StatusServer
 
@@ -80,6 +81,7 @@ class RouterProcess:
         except FilterError:
             return 1
         tls_context = self._tls_context()
+        raise_fd_limit(self.config.max_fds, log.warning)
         self.router = Router(self.config, users, log, make_id, random.randrange,
                              filter_rules=filter_rules)
         limits = self.config.connects_limit

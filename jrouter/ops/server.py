@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 import gevent
 from gevent import socket
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from jrouter.ops.effects import EffectWriter
+from jrouter.ops.listener import Listener
+from jrouter.ops.memory import HeapTrimmer
 from jrouter.routing.access import RateCounter
 from jrouter.wire.connection import ConnectionClosed
 from jrouter.errors import ListenError
@@ -73,9 +74,10 @@ class RouterServer:
         self._marked: list[_Peer] = []  # peers with output since the last flush
         self._flush_scheduled = False
         self._redelivering = False    # a greenlet is routing packets of dead peers again
-        self._server: Optional[StreamServer] = None
+        self._server: Optional[Listener] = None
         self._timer: Optional[Greenlet] = None
         self._sockets: dict[int, socket.socket] = {}
+        self.heap = HeapTrimmer()     # freed memory goes back to the system
 
     @property
     def address(self) -> Optional[tuple[str, int]]:
@@ -95,14 +97,14 @@ class RouterServer:
         except OSError as exc:
             raise ListenError(f"[{ip}, port={port}] unable to listen ({exc.strerror})") from None
         self.router.started_at = self.clock()
-        self._server = StreamServer(listener, self._handle, spawn=self._pool)
+        self._server = Listener(listener, self._handle, self._pool.spawn, self.log.notice)
         self._server.start()
         self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
         self._timer = gevent.spawn(self._time_checks)
 
     def _time_checks(self) -> None:
         """jabberd2's checks every <check><interval> (keepalive), and every
-        second the clustering timers (held packets, IQ tracking)."""
+        second the clustering timers (held packets, IQ tracking) and the heap."""
         interval = self.config.check_interval
         next_check = self.clock()
         while True:
@@ -111,6 +113,7 @@ class RouterServer:
                 self.router.tick(now)
                 next_check = now + interval
             self.router.expire(now)
+            self.heap.check()
             gevent.sleep(1.0)
 
     def stop(self) -> None:
