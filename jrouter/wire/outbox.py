@@ -39,7 +39,7 @@ class Outbox:
     """Bytes for one peer, and what is known of the routed packets among them."""
 
     __slots__ = ("out", "routed", "held", "counters", "on_output", "size", "limit", "overflowed",
-                 "unacked", "handed", "acked")
+                 "unacked", "batches", "handed", "acked")
 
     def __init__(self, counters: Counters, limit: int = 0) -> None:
         self.out: list[bytes] = []
@@ -57,6 +57,12 @@ class Outbox:
         # yet, as (where they end in the stream, route, key, sender): a peer
         # cut off meanwhile never got them (see sent()).
         self.unacked: deque[tuple[int, Element, Optional[ContextKey], Optional[Connection]]] = deque()
+        # Batches handed over and not written in full yet, as (stream offset
+        # of the batch, its out list, its routed list): where each packet
+        # ends is worked out only if a write stops short (_unpack), since
+        # the shell usually writes a whole batch at once.
+        self.batches: list[tuple[int, list[bytes], list[tuple[int, Element, Optional[ContextKey],
+                                                                Optional[Connection]]]]] = []
         self.handed = 0               # bytes handed to the shell so far
         self.acked = 0                # of those, bytes the shell says it wrote
 
@@ -130,6 +136,7 @@ class Outbox:
         if routed:
             taken = {entry[0] for entry in routed}
             self.out[:] = [data for i, data in enumerate(self.out) if i not in taken]
+        self._unpack()
         unsent: list[Routed] = [(route, key, sender) for _end, route, key, sender in self.unacked]
         self.unacked.clear()
         unsent.extend((route, key, sender) for _position, route, key, sender in routed)
@@ -148,35 +155,40 @@ class Outbox:
         data = out[0] if len(out) == 1 else b"".join(out)
         routed = self.routed
         if routed:
-            self._hand_over(routed)
+            self.batches.append((self.handed, out, routed))
+            self.out = []
             self.routed = []
-        out.clear()
+        else:
+            out.clear()
         self.handed += len(data)
         self.size -= len(data)
         self.counters.bytes_out += len(data)
         return data
 
-    def _hand_over(self, routed: list[tuple[int, Element, Optional[ContextKey],
-                                           Optional[Connection]]]) -> None:
-        """Remember where each routed packet of the batch ends in the stream."""
-        out = self.out
-        ends = []
-        end = self.handed
-        for data in out:
-            end += len(data)
-            ends.append(end)
+    def _unpack(self) -> None:
+        """Where each routed packet of the batches handed over ends in the stream."""
         unacked = self.unacked
-        for position, route, key, sender in routed:
-            unacked.append((ends[position], route, key, sender))
+        for end, out, routed in self.batches:
+            ends = []
+            for data in out:
+                end += len(data)
+                ends.append(end)
+            for position, route, key, sender in routed:
+                unacked.append((ends[position], route, key, sender))
+        self.batches.clear()
 
     def sent(self, count: int) -> None:
         """The shell wrote ``count`` more bytes of what it was handed: the
         packets that ended in them reached the peer's socket."""
         self.acked += count
-        unacked = self.unacked
         if self.acked >= self.handed:
-            unacked.clear()
+            if self.batches:
+                self.batches.clear()
+            if self.unacked:
+                self.unacked.clear()
             return
+        self._unpack()
+        unacked = self.unacked
         while unacked and unacked[0][0] <= self.acked:
             unacked.popleft()
 

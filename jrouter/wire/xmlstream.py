@@ -79,6 +79,13 @@ _PARSEABLE_SIZE = 10_000_000
 # anything up to '>' that is not inside a quoted attribute value.
 _START_TAG = re.compile(rb"<([^\s/>]+)[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
 
+#: A wrapper start tag longer than this is cut to what each element needs
+#: (``NamespaceContext._opening_for``); real headers stay far below it.
+_LONG_OPENING = 1024
+# A default namespace declaration in a start tag (XML 1.0 [25] Eq allows spaces).
+_OWN_DEFAULT = re.compile(rb"\sxmlns\s*=")
+_QUOTED = re.compile(rb"'[^']*'|\"[^\"]*\"")
+
 if TYPE_CHECKING:
     # Only ever applied where expat has just accepted a start tag, so it
     # always matches: the type says so, at no cost at run time.
@@ -158,8 +165,25 @@ class NamespaceContext:
         """Parse one top-level element's bytes into an lxml element."""
         from lxml import etree
 
-        wrapper = etree.fromstring(self.opening + raw + b"</w>", lxml_parser())
+        opening = self.opening
+        if len(opening) > _LONG_OPENING:
+            opening = self._opening_for(raw)
+        wrapper = etree.fromstring(opening + raw + b"</w>", lxml_parser())
         return wrapper[0]
+
+    def _opening_for(self, raw: bytes) -> bytes:
+        """Only the declarations ``raw`` may need. libxml2 keeps every
+        namespace name it parses for the process's life: a header declaring
+        long names nothing uses (an unauthenticated peer's, say) must not
+        leave them there with every SASL element parsed. A prefix is needed
+        if ``raw`` has ``prefix:`` anywhere; the default namespace unless the
+        element declares its own (its descendants then inherit that one)."""
+        decls = [f" xmlns:{p}={quoteattr(u)}" for p, u in self.prefixes.items()
+                 if p.encode() + b":" in raw]
+        start_tag = _QUOTED.sub(b"", _match_tag(raw).group(0))
+        if self.default_ns and not _OWN_DEFAULT.search(start_tag):
+            decls.append(f" xmlns={quoteattr(self.default_ns)}")
+        return ("<w" + "".join(decls) + ">").encode()
 
 
 

@@ -303,3 +303,41 @@ def test_a_stanzas_attributes_go_with_it():
     finally:
         tracemalloc.stop()
     assert with_element > 4 * 2**20 and after < 2**20, (with_element >> 10, after >> 10)
+
+
+# -- what lxml is shown of a stream's declarations ----------------------------
+
+LONG = "urn:x:" + "y" * 2000
+
+
+def test_long_unused_declarations_are_not_shown_to_lxml():
+    """libxml2 keeps every namespace name it parses: a header's long names
+    reach it only with an element that may use them."""
+    from jrouter.wire.xmlstream import NamespaceContext
+
+    context = NamespaceContext(LONG + "d", {"stream": STREAMS_NS, "p": LONG + "p"})
+    sasl = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AA==</auth>"
+    assert LONG.encode() not in context._opening_for(sasl)
+    assert context.parse(sasl).tag == "{urn:ietf:params:xml:ns:xmpp-sasl}auth"
+    # what an element does use is declared, and means what it meant
+    tree = context.parse(b"<route><p:x/></route>")
+    assert tree.tag == "{%sd}route" % LONG and tree[0].tag == "{%sp}x" % LONG
+    # an xmlns= inside an attribute value is not a declaration
+    assert context.parse(b"<r a=' xmlns=\"q\"'/>").tag == "{%sd}r" % LONG
+
+
+def test_unique_long_header_namespaces_do_not_grow_the_process():
+    """2,000 streams, each a header with its own 15 KB namespace names and an
+    element parsed with lxml (as SASL's <auth/> is): RSS stays flat."""
+    from jrouter.wire.xmlstream import NamespaceContext
+
+    def rss_kib():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    sasl = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AA==</auth>"
+    before = rss_kib()
+    for n in range(2000):
+        unique = "urn:u:%d:" % n + "z" * 15000
+        NamespaceContext(unique, {"stream": STREAMS_NS, "q": unique + "q"}).parse(sasl)
+    assert rss_kib() - before < 8 * 1024       # all shown to lxml: ~60 MiB
