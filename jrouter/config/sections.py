@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional, Union
 
 from lxml import etree
 
-from jrouter.routing.policy import (ADDRESSES, ALGORITHMS, DEAD, KEYS, NODELESS, REPLACE, ClusterPolicy,
-                            PolicyError, PolicyTable, match_name)
+from jrouter.routing.policy import (ADDRESSES, AFFINITY, ALGORITHMS, DEAD, KEYS, NODELESS, REPLACE,
+                                    ClusterPolicy, PolicyError, PolicyTable, match_name)
 
 from . import grammar
 from .grammar import Problems
@@ -110,6 +110,9 @@ _POLICY_ATTRIBUTES: dict[str, tuple[str, Callable[[str], object]]] = {
     "nodeless": ("nodeless", grammar.choice(NODELESS)),
     "track-iq": ("track_iq", grammar.boolean),
     "replace": ("replace", grammar.choice(REPLACE)),
+    "affinity": ("affinity", grammar.choice(AFFINITY)),
+    "affinity-idle": ("affinity_idle", grammar.non_negative),
+    "affinity-max": ("affinity_max", grammar.non_negative),
 }
 
 

@@ -125,7 +125,7 @@ class Membership:
         route = table.routes.get(name)
         remaining, slot = table.remove(name, connection)
         if route is not None:
-            self.router.placement.member_left(route, slot, now)
+            self.router.placement.member_left(route, slot, now, connection)
         connection.names.pop(name, None)
         if table.default_name == name:
             table.default_name = None

@@ -18,13 +18,21 @@ How a packet is placed (protocol §6.3, and policy.py for the policies):
    payload's ``to`` (or ``target``) on a name bound with ``multi``, its
    ``from`` on an XEP-0114 cluster, and the route's ``to`` otherwise (which
    jabberd2 logs as an error); under a policy, the policy's attribute.
-3. ``decide``: the policy's algorithm over the live (and reserved) slots.
+3. Under a policy with ``affinity`` (affinity.py, protocol §6.5): the member
+   holding that key's session, if the name's affinity table knows one and
+   it is still a member.
+4. ``decide``: the policy's algorithm over the live (and reserved) slots.
+
+Affinity learns in ``learn`` (every unicast, when some policy has it):
+session starts and ends the sm reports, and for ``traffic`` every packet
+placed or sent by a member.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Union
 
+from jrouter.routing.affinity import DEFAULT_IDLE, NONE, SESSION, AffinityTable
 from jrouter.routing.balance import HoldQueue, IqTracker
 from jrouter.routing.policy import (BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, key_attribute, place,
                                     placement_key)
@@ -53,11 +61,26 @@ class Placement:
         self.holds = HoldQueue(limit_bytes=hold_bytes)   # io.limits.queue per slot
         self.iqs = IqTracker()
         self.tracking = _any_tracking(policies)
+        self.affinities: dict[str, AffinityTable] = {}    # name -> its table (affinity.py)
+        self.learning = _any_affinity(policies)
 
     def reconfigure(self, policies: Optional[PolicyTable]) -> None:
         """New policies (SIGHUP); they apply to names bound from now on."""
         self.policies = policies
         self.tracking = _any_tracking(policies)
+        self.learning = _any_affinity(policies) or bool(self.affinities)
+
+    def affinity(self, route: Route) -> Optional[AffinityTable]:
+        """The name's affinity table (made when first needed), None without affinity."""
+        policy = route.policy
+        if policy.affinity == NONE:
+            return None
+        table = self.affinities.get(route.name)
+        if table is None or table.mode != policy.affinity:
+            idle = policy.affinity_idle or DEFAULT_IDLE[policy.affinity]
+            table = self.affinities[route.name] = AffinityTable(policy.affinity, idle,
+                                                                policy.affinity_max)
+        return table
 
     # -- routing -------------------------------------------------------------
 
@@ -73,11 +96,54 @@ class Placement:
             waiting = self._tracked_reply(route, element, child, now)
             if waiting is not None:
                 return waiting
-        choice = self.decide(route, placement_key(route.policy, self.address(route, element, route_to)))
+        key = placement_key(route.policy, self.address(route, element, route_to))
+        affinity = self.affinity(route) if self.learning else None
+        if affinity is not None and key is not None:
+            holder = affinity.lookup(key, now, members.__contains__)
+            if holder is not None:
+                return holder
+        choice = self.decide(route, key)
         if choice.action != DELIVER:
             return choice
         # A DELIVER choice always names its slot (policy.place).
-        return members[choice.slot] if route.slots is None else route.by_slot[choice.slot]  # type: ignore[index]
+        member = members[choice.slot] if route.slots is None else route.by_slot[choice.slot]  # type: ignore[index]
+        if affinity is not None and key is not None:
+            affinity.placed(key, member, now)
+        return member
+
+    def learn(self, table: RouteTable, sender: Connection, element: Element, from_: JID,
+              now: float) -> None:
+        """What a unicast from ``sender`` says of where sessions live: an sm's
+        session started or ended (``session``), or a member talking to a
+        user (``traffic``)."""
+        child = element.child_attrs
+        if child is None:
+            return
+        if element.child_name == SC_SESSION:
+            target = _jid(child.get("target"))
+            route = None if target is None else table.routes.get(target.domain)
+            if route is None or route.policy.affinity != SESSION or sender not in route.members:
+                return
+            key = placement_key(route.policy, child.get("target"))
+            affinity = self.affinity(route)
+            if key is None or affinity is None:
+                return
+            action = child.get("action")
+            if action == "started":
+                affinity.session_started(key, sender, now)
+            elif action == "ended":
+                affinity.session_ended(key, sender, now)
+            return
+        route = table.routes.get(from_.domain)
+        if route is None or route.policy.affinity == NONE or sender not in route.members:
+            return
+        # The member talks to a user: the user is in the attribute opposite
+        # to the one packets for the name are placed by.
+        placed_by = key_attribute(route.policy, route.kind == MULTI_FROM)
+        key = placement_key(route.policy, child.get("from" if placed_by == "to" else "to"))
+        affinity = self.affinity(route)
+        if key is not None and affinity is not None:
+            affinity.placed(key, sender, now)
 
     def address(self, route: Route, element: Element, route_to: Optional[JID]) -> Optional[str]:
         """The address whose JID places ``element`` on ``route``."""
@@ -130,6 +196,9 @@ class Placement:
         key = placement_key(route.policy, address)
         if key is None:
             return None
+        holder = self.affinity_holder(route, key)
+        if holder is not None:
+            return holder
         choice = self.decide(route, key)
         if choice.action != DELIVER:
             return None
@@ -142,18 +211,31 @@ class Placement:
         """Keep ``packet`` for a dead slot; returns what no longer fits (bounce it)."""
         return self.holds.hold(route.name, slot, packet, now, size=_held_size(packet))
 
-    def member_left(self, route: Route, slot: Optional[int], now: float) -> None:
-        """A member gave its slot up: under dead='hold' its packets wait."""
+    def affinity_holder(self, route: Route, key: str) -> Optional[Connection]:
+        """The live member the name's affinity table gives ``key``, if any (untouched)."""
+        affinity = self.affinities.get(route.name)
+        holder = None if affinity is None else affinity.member_of(key)
+        return holder if holder is not None and holder in route.members else None
+
+    def member_left(self, route: Route, slot: Optional[int], now: float,
+                    member: Optional[Connection] = None) -> None:
+        """A member gave its slot up: under dead='hold' its packets wait;
+        its affinity entries go (their users are placed afresh)."""
         if slot is not None and route.policy.dead == "hold":
             self.holds.down(route.name, slot, now, route.policy.hold_seconds)
+        affinity = self.affinities.get(route.name)
+        if affinity is not None and member is not None:
+            affinity.member_left(member)
 
     def member_back(self, route: Route, slot: int) -> list[HeldPacket]:
         """An instance took its slot back: the packets held for it."""
         return self.holds.release(route.name, slot)
 
     def expire(self, now: float) -> list[tuple[Hashable, int, list[HeldPacket]]]:
-        """Forget old IQs; return (name, slot, packets) held past their grace."""
+        """Forget old IQs and idle affinity; return (name, slot, packets) held past their grace."""
         self.iqs.expire(now)
+        for affinity in self.affinities.values():
+            affinity.expire(now)
         return self.holds.expired(now)
 
     # -- IQ tracking (policy track-iq) ---------------------------------------
@@ -178,6 +260,18 @@ class Placement:
             return None
         member = self.iqs.take(child["id"], _full(child.get("to")), _full(child.get("from")), now)
         return member if member is not None and member in route.members else None
+
+
+#: The session-control element c2s and sm exchange (jabberd2's sm/sm.c, c2s/sm.c).
+SC_SESSION = "http://jabberd.jabberstudio.org/ns/session/1.0 session"
+
+
+def _any_affinity(policies: Optional[PolicyTable]) -> bool:
+    return policies is not None and any(p.affinity != NONE for p in policies.policies())
+
+
+def _jid(address: Optional[str]) -> Optional[JID]:
+    return None if address is None else parse_jid(address)
 
 
 def _any_tracking(policies: Optional[PolicyTable]) -> bool:

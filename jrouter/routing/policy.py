@@ -78,6 +78,7 @@ ALGORITHMS = ("jabberd2", "consistent", "slots")
 DEAD = ("failover", "bounce", "hold")
 NODELESS = ("random", "hash")
 REPLACE = ("never", "half-open")
+AFFINITY = ("none", "session", "traffic")      # affinity.MODES
 # What place() decides for a packet.
 DELIVER, HOLD, BOUNCE = "deliver", "hold", "bounce"
 
@@ -118,6 +119,9 @@ class ClusterPolicy:
     nodeless: str = "random"        # 'random' (jabberd2) | 'hash' for an address without a node
     track_iq: bool = False          # IQ results/errors back to the member that asked
     replace: str = "never"          # 'never' | 'half-open': same identity replaces the old connection
+    affinity: str = "none"          # 'none' | 'session' (sm) | 'traffic' (gateways): affinity.py
+    affinity_idle: Optional[int] = None   # seconds; None: affinity.DEFAULT_IDLE for the mode
+    affinity_max: int = 100_000     # entries kept per name
 
     def __post_init__(self) -> None:
         problems = _policy_problems(self)
@@ -126,7 +130,7 @@ class ClusterPolicy:
 
 
 _CHOICES = {"key": KEYS, "address": ADDRESSES, "algorithm": ALGORITHMS, "dead": DEAD,
-            "nodeless": NODELESS, "replace": REPLACE}
+            "nodeless": NODELESS, "replace": REPLACE, "affinity": AFFINITY}
 
 
 def _policy_problems(p: ClusterPolicy) -> list[tuple[str, str]]:
@@ -138,6 +142,13 @@ def _policy_problems(p: ClusterPolicy) -> list[tuple[str, str]]:
             problems.append(("name", f"must be prepped (lower case), got {p.match!r}"))
     except ValueError as exc:
         problems.append(("name", str(exc)))
+    if p.affinity == "none" and (p.affinity_idle is not None or p.affinity_max != 100_000):
+        problems.append(("affinity", "affinity-idle and affinity-max need affinity='session' "
+                                     "or 'traffic'"))
+    if p.affinity_idle is not None and p.affinity_idle < 1:
+        problems.append(("affinity-idle", f"must be at least 1 second, got {p.affinity_idle}"))
+    if p.affinity_max < 1:
+        problems.append(("affinity-max", f"must be at least 1, got {p.affinity_max}"))
     if p.algorithm == "slots" and p.slots is None:
         problems.append(("slots", "algorithm='slots' needs the slot count, e.g. slots='4'"))
     if p.slots is not None and p.algorithm != "slots":

@@ -239,6 +239,8 @@ class Router:
         placement = self.placement
         if placement.tracking:
             placement.remember_request(table, sender, element, from_, now)
+        if placement.learning:
+            placement.learn(table, sender, element, from_, now)
         target = placement.target(route, element, to, now)
         if target.__class__ is Choice:
             return self._undeliverable(sender, route, element, key, target, now)

@@ -249,6 +249,31 @@ def test_parse_example():
         match="*.gateway.example.com", key="from", algorithm="slots", slots=4, dead="hold", hold_seconds=60)
 
 
+def test_parse_affinity():
+    """affinity='session' or 'traffic', its idle time and its bound; each problem named."""
+    table, problems = parse("""<clustering>
+  <policy name='example.com' algorithm='consistent' affinity='session'/>
+  <policy name='gw.example.com' affinity='traffic' affinity-idle='60' affinity-max='5000'/>
+</clustering>""")
+    assert problems == []
+    assert table.policy_for("example.com").affinity == "session"
+    gw = table.policy_for("gw.example.com")
+    assert (gw.affinity, gw.affinity_idle, gw.affinity_max) == ("traffic", 60, 5000)
+    assert DEFAULT_POLICY.affinity == "none"
+    _table, problems = parse("""<clustering>
+  <policy name='a.example.com' affinity='sticky'/>
+  <policy name='b.example.com' affinity-idle='60'/>
+  <policy name='c.example.com' affinity='traffic' affinity-idle='0' affinity-max='0'/>
+</clustering>""")
+    assert problems == [
+        "router.xml:3: clustering.policy@affinity: must be one of 'none', 'session', 'traffic', got 'sticky'",
+        "router.xml:4: clustering.policy@affinity: affinity-idle and affinity-max need "
+        "affinity='session' or 'traffic'",
+        "router.xml:5: clustering.policy@affinity-idle: must be at least 1 second, got 0",
+        "router.xml:5: clustering.policy@affinity-max: must be at least 1, got 0",
+    ]
+
+
 def test_parse_absent_or_empty_section():
     """No <clustering> (or an empty one) means every name behaves as under jabberd2."""
     for section in (None, etree.fromstring("<clustering/>")):
@@ -283,7 +308,7 @@ def test_parse_every_problem_with_its_line():
     assert problems == [
         "router.xml:3: clustering.policy@algorithm: must be one of 'jabberd2', 'consistent', 'slots', got 'fastest'",
         "router.xml:4: clustering.policy@colour: unknown attribute (known: name, key, address, algorithm, "
-        "slots, dead, hold, nodeless, track-iq, replace)",
+        "slots, dead, hold, nodeless, track-iq, replace, affinity, affinity-idle, affinity-max)",
         "router.xml:4: clustering.policy@slots: algorithm='slots' needs the slot count, e.g. slots='4'",
         "router.xml:5: clustering.policy@slots: is only used with algorithm='slots'",
         "router.xml:6: clustering.policy@dead: dead='hold' needs algorithm='consistent' or 'slots' "

@@ -1,0 +1,176 @@
+"""Session affinity: which member holds a user's live session, per clustered name.
+
+Owns: for one clustered name, the table key -> member that placement
+consults before its hash (``placement.Placement.target``), so that a member
+that returns, or a new one, gets only new users: a user whose session lives
+elsewhere stays there until it ends (docs/jabberd2-router.md §6.5).
+
+Must not know: sockets, XML, the clock (``now`` comes in), how a member is
+chosen when the table has no answer.
+
+Theory of operation
+-------------------
+A key is what placement hashes (``policy.placement_key``: a bare JID,
+usually). An entry names the member (a connection) that holds the key's
+session, and when it was last touched. Two ways to learn, by the policy's
+``affinity``:
+
+* ``session`` (jabberd2's sm): the sm's session-control replies tell the
+  router where sessions live. ``started`` counts a session in on the member
+  that sent it, ``ended`` counts it out; at 0 sessions the entry goes. A
+  user with sessions on two members (two resources placed before and after
+  a change) keeps the entry of the latest start: both sessions stay up, and
+  the other member's session still gets c2s's own packets by the sm's id.
+* ``traffic`` (XEP-0114 gateways, which say nothing of sessions): every
+  packet placed for a key touches its entry, made on the member the packet
+  went to; ``idle`` seconds without one, and the entry goes.
+
+Never a gone member: ``member_left`` drops every entry of a member that
+leaves, and ``lookup`` checks the member is still one of the name's
+(``alive``) before it answers. Bounded: at most ``max_entries`` entries;
+past it the least recently touched goes. ``idle`` bounds ``session``
+entries too (a missed ``ended`` must not keep one forever): there it is the
+age since the last start or end, a day by default.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Hashable, Optional
+
+if TYPE_CHECKING:
+    from jrouter.wire.connection import Connection
+
+SESSION = "session"
+TRAFFIC = "traffic"
+NONE = "none"
+MODES = (NONE, SESSION, TRAFFIC)
+
+#: Defaults of ``affinity-idle``: seconds of silence (traffic) or since the
+#: last session start or end (session) after which an entry is dropped.
+DEFAULT_IDLE = {TRAFFIC: 600, SESSION: 86400}
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+class _Entry:
+    __slots__ = ("member", "sessions", "touched")
+
+    def __init__(self, member: Connection, touched: float) -> None:
+        self.member = member
+        self.sessions = 0
+        self.touched = touched
+
+
+class AffinityTable:
+    """key -> member for one clustered name, least recently touched first."""
+
+    def __init__(self, mode: str, idle: float, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if mode not in (SESSION, TRAFFIC):
+            raise ValueError(f"affinity mode must be {SESSION!r} or {TRAFFIC!r}, got {mode!r}")
+        self.mode = mode
+        self.idle = idle
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._by_member: dict[Connection, set[Hashable]] = {}
+        #: How many packets went by affinity where the hash said another member.
+        self.moves_avoided = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- asking --------------------------------------------------------------
+
+    def lookup(self, key: Hashable, now: float, alive: Callable[[Connection], bool]) -> Optional[Connection]:
+        """The member holding ``key``'s session, if any and still ``alive``
+        (a traffic entry is touched: the packet is going there)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now - entry.touched >= self.idle or not alive(entry.member):
+            self._drop(key, entry)
+            return None
+        if self.mode == TRAFFIC:
+            self._touch(key, entry, now)
+        return entry.member
+
+    def member_of(self, key: Hashable) -> Optional[Connection]:
+        """The entry's member, without touching it (for the operator)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.member
+
+    # -- learning ------------------------------------------------------------
+
+    def placed(self, key: Hashable, member: Connection, now: float) -> None:
+        """Traffic mode: a packet for ``key`` went to ``member`` by the hash."""
+        if self.mode == TRAFFIC:
+            self._set(key, member, now)
+
+    def session_started(self, key: Hashable, member: Connection, now: float) -> None:
+        """Session mode: ``member`` says a session of ``key`` started on it."""
+        if self.mode != SESSION:
+            return
+        entry = self._set(key, member, now)
+        entry.sessions += 1
+
+    def session_ended(self, key: Hashable, member: Connection, now: float) -> None:
+        """Session mode: ``member`` says a session of ``key`` ended on it."""
+        entry = self._entries.get(key)
+        if self.mode != SESSION or entry is None or entry.member is not member:
+            return
+        entry.sessions -= 1
+        if entry.sessions <= 0:
+            self._drop(key, entry)
+        else:
+            self._touch(key, entry, now)
+
+    def member_left(self, member: Connection) -> int:
+        """``member`` is gone: every entry of its goes; how many."""
+        keys = self._by_member.pop(member, set())
+        for key in keys:
+            del self._entries[key]
+        return len(keys)
+
+    def expire(self, now: float) -> int:
+        """Drop the entries idle for ``idle`` seconds; how many."""
+        entries = self._entries
+        dropped = 0
+        while entries:
+            key, entry = next(iter(entries.items()))
+            if now - entry.touched < self.idle:
+                break
+            self._drop(key, entry)
+            dropped += 1
+        return dropped
+
+    def counts(self) -> dict[Connection, int]:
+        """Entries per member (for /status and metrics)."""
+        return {member: len(keys) for member, keys in self._by_member.items()}
+
+    # -- the table -------------------------------------------------------------
+
+    def _set(self, key: Hashable, member: Connection, now: float) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is not None and entry.member is not member:
+            self._drop(key, entry)
+            entry = None
+        if entry is None:
+            entry = self._entries[key] = _Entry(member, now)
+            self._by_member.setdefault(member, set()).add(key)
+            if len(self._entries) > self.max_entries:
+                oldest_key, oldest = next(iter(self._entries.items()))
+                self._drop(oldest_key, oldest)
+        else:
+            self._touch(key, entry, now)
+        return entry
+
+    def _touch(self, key: Hashable, entry: _Entry, now: float) -> None:
+        entry.touched = now
+        self._entries.move_to_end(key)
+
+    def _drop(self, key: Hashable, entry: _Entry) -> None:
+        del self._entries[key]
+        keys = self._by_member.get(entry.member)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_member[entry.member]

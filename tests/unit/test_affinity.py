@@ -1,0 +1,203 @@
+"""routing.affinity.AffinityTable, alone and inside placement (protocol §6.5):
+bounded, expiring, never a gone member; and with a cluster of three sm, a
+returning member gets only new sessions."""
+
+from hypothesis import given, settings, strategies as st
+
+from jrouter.routing.affinity import SESSION, TRAFFIC, AffinityTable
+from jrouter.routing.policy import ClusterPolicy, PolicyTable
+
+from .harness import Network
+
+SC = "http://jabberd.jabberstudio.org/ns/session/1.0"
+
+
+class Member:
+    """Stands for a connection: the table only compares and hashes it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+A, B, C = Member("a"), Member("b"), Member("c")
+
+
+def everyone(member):
+    return True
+
+
+def test_session_entries_count_sessions_and_go_at_the_last_end():
+    table = AffinityTable(SESSION, idle=1000)
+    table.session_started("u@x", A, 0)
+    table.session_started("u@x", A, 1)          # a second resource
+    table.session_ended("u@x", A, 2)
+    assert table.lookup("u@x", 3, everyone) is A
+    table.session_ended("u@x", B, 3)            # another member's word counts for nothing
+    assert table.lookup("u@x", 3, everyone) is A
+    table.session_ended("u@x", A, 4)
+    assert table.lookup("u@x", 5, everyone) is None and len(table) == 0
+
+
+def test_a_start_elsewhere_moves_the_entry():
+    table = AffinityTable(SESSION, idle=1000)
+    table.session_started("u@x", A, 0)
+    table.session_started("u@x", B, 1)
+    assert table.lookup("u@x", 2, everyone) is B
+    table.session_ended("u@x", A, 3)            # the old one ends: B keeps it
+    assert table.lookup("u@x", 3, everyone) is B
+
+
+def test_never_a_gone_member():
+    table = AffinityTable(TRAFFIC, idle=1000)
+    table.placed("u@x", A, 0)
+    table.placed("v@x", A, 0)
+    table.placed("w@x", B, 0)
+    assert table.lookup("u@x", 1, lambda m: m is not A) is None     # not a member any more
+    assert table.member_left(A) == 1 and table.lookup("v@x", 1, everyone) is None
+    assert table.lookup("w@x", 1, everyone) is B
+
+
+def test_traffic_entries_expire_when_idle_and_touching_keeps_them():
+    table = AffinityTable(TRAFFIC, idle=10)
+    table.placed("u@x", A, 0)
+    table.placed("v@x", A, 0)
+    assert table.lookup("u@x", 9, everyone) is A      # touched at 9
+    assert table.expire(12) == 1                      # v idle since 0
+    assert table.lookup("u@x", 18, everyone) is A
+    assert table.lookup("u@x", 28.5, everyone) is None
+
+
+def test_session_mode_ignores_traffic_and_traffic_mode_ignores_sessions():
+    session, traffic = AffinityTable(SESSION, idle=100), AffinityTable(TRAFFIC, idle=100)
+    session.placed("u@x", A, 0)
+    traffic.session_started("u@x", A, 0)
+    assert len(session) == len(traffic) == 0
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["placed", "started", "ended", "left", "lookup", "expire"]),
+                         st.integers(0, 30), st.sampled_from([A, B, C]), st.floats(0, 5)),
+               max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPS, st.sampled_from([SESSION, TRAFFIC]))
+def test_bounded_and_never_answers_a_gone_member(ops, mode):
+    """Hypothesis: whatever happens, at most max_entries entries, no entry of
+    a member that left (until it is placed again), nothing idle answered."""
+    table = AffinityTable(mode, idle=20, max_entries=8)
+    gone = set()
+    last = {}
+    now = 0.0
+    for op, user, member, gap in ops:
+        now += gap
+        key = f"u{user}@x"
+        if op == "placed":
+            table.placed(key, member, now)
+            gone.discard(member)
+            last[key] = now
+        elif op == "started":
+            table.session_started(key, member, now)
+            gone.discard(member)
+            last[key] = now
+        elif op == "ended":
+            table.session_ended(key, member, now)
+        elif op == "left":
+            table.member_left(member)
+            gone.add(member)
+        elif op == "lookup":
+            answer = table.lookup(key, now, lambda m: m not in gone)
+            assert answer is None or answer not in gone
+        else:
+            table.expire(now)
+        assert len(table) <= 8
+        assert not any(m in gone for m in table.counts())
+    table.expire(now + 21)
+    assert len(table) == 0
+
+
+# -- inside placement: three sm on one domain --------------------------------
+
+USERS = [f"user{i}@example.com" for i in range(40)]
+
+
+def network(affinity):
+    return Network(clustering=PolicyTable([ClusterPolicy(
+        match="example.com", algorithm="consistent", affinity=affinity)]))
+
+
+def sm(net, instance):
+    peer = net.component()
+    peer.bind(instance)
+    peer.bind("example.com", multi="to")
+    peer.take()
+    return peer
+
+
+def login(net, c2s, members, user):
+    """c2s asks the domain to start a session; the sm that gets it answers 'started'."""
+    c2s.send(f"<route to='example.com' from='c2s'><sc:session xmlns:sc='{SC}' action='start' "
+             f"target='{user}/res'/></route>")
+    for instance, member in members.items():
+        if member is not None and [s for s in member.stanzas() if s.tag.endswith("}route")]:
+            member.send(f"<route to='c2s' from='{instance}'><sc:session xmlns:sc='{SC}' "
+                        f"action='started' target='{user}/res'/></route>")
+            c2s.take()
+            return instance
+    raise AssertionError(f"no sm got the session start of {user}")
+
+
+def where(net, c2s, members, user):
+    """The sm a message for ``user`` from someone else reaches."""
+    c2s.send(f"<route to='example.com' from='c2s'><message xmlns='jabber:client' to='{user}' "
+             "from='friend@example.com/r'/></route>")
+    got = [i for i, m in members.items()
+           if m is not None and [s for s in m.stanzas() if s.tag.endswith("}route")]]
+    assert len(got) == 1, got
+    return got[0]
+
+
+def churn(affinity):
+    """sm1 leaves, its users log in again elsewhere, sm1 comes back: where
+    messages for each user go, and where each user's live session is."""
+    net = network(affinity)
+    members = {name: sm(net, name) for name in ("sm0", "sm1", "sm2")}
+    c2s = net.component("c2s")
+    session = {user: login(net, c2s, members, user) for user in USERS}
+    members["sm1"].hang_up()
+    members["sm1"] = None
+    for user in [u for u, s in session.items() if s == "sm1"]:
+        session[user] = login(net, c2s, members, user)
+    members["sm1"] = sm(net, "sm1")
+    return net, c2s, members, session
+
+
+def test_without_affinity_the_returning_sm_takes_back_users_whose_session_is_elsewhere():
+    net, c2s, members, session = churn("none")
+    astray = [u for u in USERS if where(net, c2s, members, u) != session[u]]
+    assert astray and all(session[u] != "sm1" for u in astray)
+
+
+def test_with_session_affinity_every_live_session_keeps_its_messages():
+    net, c2s, members, session = churn("session")
+    assert all(where(net, c2s, members, u) == session[u] for u in USERS)
+    # one of sm1's users (by the hash) living elsewhere logs out and in again: back to sm1
+    back = next(u for u in USERS if session[u] != "sm1" and _hash_member(net, u) == "sm1")
+    instance = session[back]
+    members[instance].send(f"<route to='c2s' from='{instance}'><sc:session xmlns:sc='{SC}' "
+                           f"action='ended' target='{back}/res'/></route>")
+    c2s.take()
+    assert login(net, c2s, members, back) == "sm1"
+    assert where(net, c2s, members, back) == "sm1"
+    assert all(where(net, c2s, members, u) == session[u] for u in USERS if u != back)
+
+
+def _hash_member(net, user):
+    """The sm the hash alone gives ``user`` (affinity aside)."""
+    from jrouter.routing.policy import placement_key
+
+    route = net.router.table.routes["example.com"]
+    choice = net.router.placement.decide(route, placement_key(route.policy, user))
+    return next(name for name in route.by_slot[choice.slot].names if name.startswith("sm"))
