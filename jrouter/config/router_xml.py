@@ -41,7 +41,7 @@ from jrouter.routing.policy import PolicyTable
 
 from . import grammar
 from .grammar import D, Problems, T
-from .sections import StatusSettings, parse_clustering, parse_status
+from .sections import StatusSettings, clustering_state_dir, parse_clustering, parse_status
 from .xmlfile import XMLProblem, children, element_text, parse_xml, xml_name
 
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
@@ -119,6 +119,7 @@ class Config:
     message_logging_file: Optional[str] = None
     status: Optional[StatusSettings] = None  # ours: <status>, the operator's HTTP endpoint
     clustering: Optional[PolicyTable] = None  # ours: <clustering>, per-name balancing policies
+    placement_state_dir: Optional[str] = None  # ours: <clustering state-dir>, slots kept over restarts
     # ours: <components>, XEP-0114 names whose stanzas keep jabberd2's jabber:client
     component_namespaces: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -396,6 +397,7 @@ def _build(r: _Reader, source: str) -> Config:
     return Config(
         status=_section(r, "status", parse_status),
         clustering=_section(r, "clustering", parse_clustering),
+        placement_state_dir=_section(r, "clustering", clustering_state_dir),
         source=source,
         log=_log(r),
         bytes_limit=_rate(r, "io.limits.bytes"),

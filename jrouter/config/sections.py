@@ -124,7 +124,8 @@ def parse_clustering(element: Optional[etree._Element], path: str,
     if element is None:
         return PolicyTable(), problems
     for attr in element.attrib:
-        problems.add(element.sourceline or 0, key, f"unknown attribute {attr!r}")
+        if attr not in _CLUSTERING_ATTRIBUTES:
+            problems.add(element.sourceline or 0, key, f"unknown attribute {attr!r}")
     policies: dict[str, tuple[ClusterPolicy, int]] = {}
     for child in element.iterchildren(etree.Element):
         line = child.sourceline or 0
@@ -140,6 +141,26 @@ def parse_clustering(element: Optional[etree._Element], path: str,
             continue
         policies[policy.match] = (policy, line)
     return PolicyTable(p for p, _line in policies.values()), problems
+
+
+#: <clustering>'s own attributes (clustering_state_dir reads them).
+_CLUSTERING_ATTRIBUTES = ("state-dir",)
+
+
+def clustering_state_dir(element: etree._Element, path: str,
+                         key: str = "clustering") -> tuple[Optional[str], list[str]]:
+    """``<clustering state-dir='DIR'>``: where placement's state is kept
+    over a restart (protocol §6.6); ``(None, [])`` when not set."""
+    problems = Problems(path)
+    value = element.get("state-dir")
+    if value is None:
+        return None, problems
+    value = value.strip()
+    if not value.startswith("/"):
+        problems.add(element.sourceline or 0, f"{key}@state-dir",
+                     f"must be an absolute directory path, got {value!r}")
+        return None, problems
+    return value, problems
 
 
 def _policy(el: etree._Element, problems: Problems, key: str) -> Optional[ClusterPolicy]:

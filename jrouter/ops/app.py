@@ -24,6 +24,7 @@ from jrouter.routing.router import Router
 from jrouter.config.filter_xml import FilterError, load_filter
 from jrouter.ops.logs import RouterLog
 from jrouter.ops.listener import raise_fd_limit
+from jrouter.ops.placement_state import PlacementState
 from jrouter.ops.server import ListenError, RouterServer
 from jrouter.ops.status import StatusListenError, StatusServer
 
@@ -84,10 +85,15 @@ class RouterProcess:
         raise_fd_limit(self.config.max_fds, log.warning)
         self.router = Router(self.config, users, log, make_id, random.randrange,
                              filter_rules=filter_rules)
+        state = None
+        if self.config.placement_state_dir:
+            state = PlacementState(self.config.placement_state_dir, log.warning)
+            self.router.table.restore(state.load())
         limits = self.config.connects_limit
         self.server = RouterServer(
             self.config, self.router, log, access=self.config.access, tls_context=tls_context,
-            connect_limiter=ConnectLimiter(limits) if limits.total > 0 else None)
+            connect_limiter=ConnectLimiter(limits) if limits.total > 0 else None,
+            placement_state=state)
         try:
             self.server.start()
             status = self._start_status()

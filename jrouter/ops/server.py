@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from gevent import Greenlet
 
     from jrouter.config import Config
+    from jrouter.ops.placement_state import PlacementState
     from jrouter.routing.access import AccessRules, ConnectLimiter
     from jrouter.routing.router import Log, Router
     from jrouter.wire.connection import Connection
@@ -57,7 +58,8 @@ class RouterServer:
     def __init__(self, config: Config, router: Router, log: Log, access: Optional[AccessRules] = None,
                  connect_limiter: Optional[ConnectLimiter] = None,
                  tls_context: Optional[ssl.SSLContext] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 placement_state: Optional[PlacementState] = None) -> None:
         self.config = config
         self.router = router
         self.log = log
@@ -78,6 +80,8 @@ class RouterServer:
         self._timer: Optional[Greenlet] = None
         self._sockets: dict[int, socket.socket] = {}
         self.heap = HeapTrimmer()     # freed memory goes back to the system
+        self.placement_state = placement_state   # slots saved over restarts, if configured
+        self._save_again_at = 0.0
 
     @property
     def address(self) -> Optional[tuple[str, int]]:
@@ -114,7 +118,20 @@ class RouterServer:
                 next_check = now + interval
             self.router.expire(now)
             self.heap.check()
+            self.save_placement()
             gevent.sleep(1.0)
+
+    def save_placement(self) -> None:
+        """Write the slots out if they changed (at most once a second, and at
+        stop; after a failure, which was logged, a minute later)."""
+        table = self.router.table
+        if self.placement_state is None or not table.remembered_changed \
+                or self.clock() < self._save_again_at:
+            return
+        table.remembered_changed = False
+        if not self.placement_state.save(table.remembered):
+            table.remembered_changed = True
+            self._save_again_at = self.clock() + 60.0
 
     def stop(self) -> None:
         """Graceful shutdown, bounded in time (jabberd2 can wait forever)."""
@@ -123,6 +140,7 @@ class RouterServer:
         if self._timer is not None:
             self._timer.kill()
         self.router.shutdown()
+        self.save_placement()
         self._pool.join(timeout=self.shutdown_grace)
         for sock in list(self._sockets.values()):
             _shutdown(sock)

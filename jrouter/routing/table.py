@@ -19,7 +19,8 @@ It must not know about sockets, XML or how a member is chosen for a packet.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from jrouter.routing.balance import SlotTable
 from jrouter.routing.policy import DEFAULT_POLICY
@@ -39,14 +40,15 @@ class Route:
     __slots__ = ("name", "kind", "members", "alias_of", "policy", "slots", "by_slot")
 
     def __init__(self, name: str, kind: str, alias_of: Optional[str] = None,
-                 policy: ClusterPolicy = DEFAULT_POLICY) -> None:
+                 policy: ClusterPolicy = DEFAULT_POLICY,
+                 remembered: Mapping[str, int] = MappingProxyType({})) -> None:
         self.name = name
         self.kind = kind
         self.members: list[Connection] = []
         self.alias_of = alias_of
         self.policy = policy
         # Slot algorithms only: slot ids by identity, and slot -> connection.
-        self.slots = SlotTable(policy.slots) if policy.algorithm != "jabberd2" else None
+        self.slots = SlotTable(policy.slots, remembered) if policy.algorithm != "jabberd2" else None
         self.by_slot: dict[int, Connection] = {}
 
     def slot_of(self, connection: Connection) -> Optional[int]:
@@ -67,6 +69,10 @@ class RouteTable:
         self.default_name: Optional[str] = None
         self.log_sinks: dict[str, Connection] = {}  # name -> connection
         self.policies = policies    # policy.PolicyTable, or None: jabberd2's behaviour
+        #: name -> {identity: slot}: the slot each instance had, kept when its
+        #: route goes and, saved by the shell, over a restart (protocol §6.6).
+        self.remembered: dict[str, dict[str, int]] = {}
+        self.remembered_changed = False   # the shell saves, then resets it
 
     def get(self, name: str) -> Optional[Route]:
         return self.routes.get(name)
@@ -91,13 +97,14 @@ class RouteTable:
         mixed = False
         if route is None:
             policy = self.policies.policy_for(name) if self.policies is not None else DEFAULT_POLICY
-            route = Route(name, kind, alias_of, policy)
+            route = Route(name, kind, alias_of, policy, self.remembered.get(name, {}))
         elif route.kind != kind and route.members:
             mixed = True
         slot = None
         if route.slots is not None:
             slot = route.slots.claim(identity)
             route.by_slot[slot] = connection
+            self._remember(route)
         self.routes[name] = route
         route.members.append(connection)
         return route, mixed, slot
@@ -122,6 +129,16 @@ class RouteTable:
         if not members and not self._keep_empty(route):
             del self.routes[name]
         return len(members), slot
+
+    def restore(self, remembered: Mapping[str, Mapping[str, int]]) -> None:
+        """Slots saved before a restart: routes made from now on start from them."""
+        self.remembered = {name: dict(slots) for name, slots in remembered.items()}
+
+    def _remember(self, route: Route) -> None:
+        snapshot = route.slots.snapshot()  # type: ignore[union-attr]  # a slot route
+        if snapshot != self.remembered.get(route.name, {}):
+            self.remembered[route.name] = snapshot
+            self.remembered_changed = True
 
     @staticmethod
     def _keep_empty(route: Route) -> bool:

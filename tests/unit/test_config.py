@@ -564,3 +564,14 @@ def test_queue_bound_default_value_and_zero(tmp_path):
     assert load(tmp_path, "<r/>").queue_limit == 16 * 1024 * 1024
     assert load(tmp_path, "<r><io><limits><queue>1048576</queue></limits></io></r>").queue_limit == 1048576
     assert load(tmp_path, "<r><io><limits><queue>0</queue></limits></io></r>").queue_limit == 0
+
+
+def test_clustering_state_dir(tmp_path):
+    """<clustering state-dir='DIR'>: where placement's slots are kept over a restart (§6.6)."""
+    config = load(tmp_path, "<router><clustering state-dir='/var/lib/jrouter'>"
+                            "<policy name='example.com' algorithm='consistent'/></clustering></router>")
+    assert config.placement_state_dir == "/var/lib/jrouter"
+    assert load(tmp_path, "<router><clustering/></router>").placement_state_dir is None
+    found = problems(tmp_path, "<router><clustering state-dir='var/lib'/></router>")
+    assert any("clustering@state-dir: must be an absolute directory path, got 'var/lib'" in p
+               for p in found), found
