@@ -46,7 +46,8 @@ def snapshot(router: Any, now: float) -> dict[str, Any]:
     """
     connections = [_connection(conn, now) for conn in router.connections]
     table = router.table
-    names = [_name(route, table) for route in table.routes.values()]
+    affinities = getattr(getattr(router, "placement", None), "affinities", {})
+    names = [_name(route, table, affinities.get(route.name)) for route in table.routes.values()]
     totals = fold(Counters(), getattr(router, "closed_counters", None)).as_dict()
     for conn in connections:
         for f in FIELDS:
@@ -85,11 +86,11 @@ def _connection(conn: Any, now: float) -> dict[str, Any]:
     }
 
 
-def _name(route: Any, table: Any) -> dict[str, Any]:
+def _name(route: Any, table: Any, affinity: Any = None) -> dict[str, Any]:
     summed = Counters()
     for member in route.members:
         fold(summed, getattr(member, "counters", None))
-    return {
+    entry = {
         "name": route.name,
         "kind": route.kind,
         "members": [member.label for member in route.members],
@@ -97,7 +98,16 @@ def _name(route: Any, table: Any) -> dict[str, Any]:
         "log_sink": route.name in table.log_sinks,
         "alias_of": getattr(route, "alias_of", None),
         "counters": summed.as_dict(),
+        "affinity": None,
     }
+    if affinity is not None:
+        per_member = affinity.counts()
+        entry["affinity"] = {
+            "mode": affinity.mode, "entries": len(affinity), "idle_seconds": affinity.idle,
+            "per_member": {member.label: per_member.get(member, 0) for member in route.members},
+            "placed": affinity.placed_by_affinity, "moves": affinity.moves,
+            "dropped_left": affinity.dropped_left, "dropped_idle": affinity.dropped_idle}
+    return entry
 
 
 def _seconds(now: float, since: Optional[float]) -> Optional[float]:
@@ -136,11 +146,15 @@ def which_instance(router: Any, name: str, jid: str) -> dict[str, Any]:
     if route is not None:
         answer["kind"] = route.kind
         answer["members"] = [member.label for member in route.members]
+    explain = getattr(router, "explain_placement", None)
     member_for = getattr(router, "member_for", None)
-    if member_for is None:
+    if explain is not None:
+        target, answer["reason"] = explain(parsed_name.domain, parsed_jid.full)
+    elif member_for is not None:
+        target = member_for(parsed_name.domain, parsed_jid.full)
+    else:
         answer["error"] = "this router cannot tell placement"
         return answer
-    target = member_for(parsed_name.domain, parsed_jid.full)
     if target is not None:
         answer["member"] = target.label
         if route is not None and target in route.members:

@@ -137,8 +137,21 @@ def _name_families(names: list[dict[str, Any]]) -> list[Metric]:
                                          "name's current members (falls when a member leaves)",
                                          labels=["name"])
                 for field, text in _COUNTER_HELP.items()}
+    affinity = GaugeMetricFamily("jrouter_affinity_entries", "Users the name's affinity table "
+                                 "keeps on a member (policy affinity)", labels=["name", "connection"])
+    affinity_events = {what: GaugeMetricFamily(f"jrouter_affinity_{what}", text, labels=["name"])
+                       for what, text in (
+                           ("placed", "Packets placed by affinity where the table had the user"),
+                           ("moves", "Users whose session moved to another member"),
+                           ("dropped_left", "Affinity entries dropped because their member left"),
+                           ("dropped_idle", "Affinity entries dropped idle or to make room"))}
     for entry in names:
         name = [entry["name"]]
+        if entry.get("affinity"):
+            for label, count in entry["affinity"]["per_member"].items():
+                affinity.add_metric(name + [label], count)
+            for what, family in affinity_events.items():
+                family.add_metric(name, entry["affinity"][what])
         info.add_metric(name + [entry["kind"], "yes" if entry["default"] else "no",
                                 "yes" if entry["log_sink"] else "no", entry["alias_of"] or ""], 1)
         members.add_metric(name, len(entry["members"]))
@@ -146,7 +159,7 @@ def _name_families(names: list[dict[str, Any]]) -> list[Metric]:
             member.add_metric(name + [label, str(index)], 1)
         for field, family in counters.items():
             family.add_metric(name, entry["counters"][field])
-    return [info, members, member, *counters.values()]
+    return [info, members, member, *counters.values(), affinity, *affinity_events.values()]
 
 
 # ---------------------------------------------------------------------------

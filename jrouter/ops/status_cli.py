@@ -177,7 +177,8 @@ def format_placement(data: dict) -> str:
     if data.get("member") is not None:
         where = f"member {data['index']} of {len(data['members'])}" if data.get("index") is not None \
             else f"via the default route {data.get('default_route')}"
-        return f"{data['jid']} on {data['name']} is served by {data['member']} ({where})"
+        why = f"; {data['reason']}" if data.get("reason") else ""
+        return f"{data['jid']} on {data['name']} is served by {data['member']} ({where}{why})"
     text = data.get("error") or data.get("note") or "no member"
     lines = [f"{data['jid']} on {data['name']}: {text}"]
     for index, label in enumerate(data.get("members") or []):

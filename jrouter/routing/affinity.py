@@ -72,8 +72,13 @@ class AffinityTable:
         self.max_entries = max_entries
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._by_member: dict[Connection, set[Hashable]] = {}
-        #: How many packets went by affinity where the hash said another member.
-        self.moves_avoided = 0
+        #: Counts for the operator: packets placed by an entry, entries moved
+        #: to another member (a user's session moved), entries dropped because
+        #: their member left, and dropped idle or to make room.
+        self.placed_by_affinity = 0
+        self.moves = 0
+        self.dropped_left = 0
+        self.dropped_idle = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,9 +93,11 @@ class AffinityTable:
             return None
         if now - entry.touched >= self.idle or not alive(entry.member):
             self._drop(key, entry)
+            self.dropped_idle += 1
             return None
         if self.mode == TRAFFIC:
             self._touch(key, entry, now)
+        self.placed_by_affinity += 1
         return entry.member
 
     def member_of(self, key: Hashable) -> Optional[Connection]:
@@ -128,6 +135,7 @@ class AffinityTable:
         keys = self._by_member.pop(member, set())
         for key in keys:
             del self._entries[key]
+        self.dropped_left += len(keys)
         return len(keys)
 
     def expire(self, now: float) -> int:
@@ -140,6 +148,7 @@ class AffinityTable:
                 break
             self._drop(key, entry)
             dropped += 1
+        self.dropped_idle += dropped
         return dropped
 
     def counts(self) -> dict[Connection, int]:
@@ -152,6 +161,7 @@ class AffinityTable:
         entry = self._entries.get(key)
         if entry is not None and entry.member is not member:
             self._drop(key, entry)
+            self.moves += 1
             entry = None
         if entry is None:
             entry = self._entries[key] = _Entry(member, now)
@@ -159,6 +169,7 @@ class AffinityTable:
             if len(self._entries) > self.max_entries:
                 oldest_key, oldest = next(iter(self._entries.items()))
                 self._drop(oldest_key, oldest)
+                self.dropped_idle += 1
         else:
             self._touch(key, entry, now)
         return entry

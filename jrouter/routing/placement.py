@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Optional, Union
 
 from jrouter.routing.affinity import DEFAULT_IDLE, NONE, SESSION, AffinityTable
 from jrouter.routing.balance import HoldQueue, IqTracker
-from jrouter.routing.policy import (BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, key_attribute, place,
-                                    placement_key)
+from jrouter.routing.policy import (BOUNCE, DEFAULT_POLICY, DELIVER, HOLD, Choice, home_slot, key_attribute,
+                                    place, placement_key)
 from jrouter.routing.table import MULTI_FROM, MULTI_TO
 from jrouter.wire.jid import parse_jid
 
@@ -191,19 +191,33 @@ class Placement:
     def member_for(self, route: Route, address: str) -> Optional[Connection]:
         """The member a stanza for (on a from-hashed name, from) ``address``
         goes to now; None when the choice would be random or nobody gets it."""
-        if route.slots is None and len(route.members) == 1:
-            return route.members[0]
+        return self.explain(route, address)[0]
+
+    def explain(self, route: Route, address: str) -> tuple[Optional[Connection], str]:
+        """``member_for`` and why, in words for the operator: the only member,
+        affinity, the hash (jabberd2's), the home slot, a failover, random,
+        or held or bounced for a dead slot."""
+        members = route.members
+        if route.slots is None and len(members) == 1:
+            return members[0], "the only member"
         key = placement_key(route.policy, address)
         if key is None:
-            return None
+            return None, "random: the address has no node (each packet goes to a random member)"
         holder = self.affinity_holder(route, key)
         if holder is not None:
-            return holder
+            return holder, f"affinity ({route.policy.affinity}): the user's session is there"
         choice = self.decide(route, key)
+        if route.slots is None:
+            return (members[choice.slot] if choice.action == DELIVER else None,  # type: ignore[index]
+                    f"hash: jabberd2's, modulo the {len(members)} members in bind order")
+        home = home_slot(route.policy, key, route.slots.known() or route.slots.live())
         if choice.action != DELIVER:
-            return None
-        # As in target: a DELIVER choice names its slot.
-        return route.members[choice.slot] if route.slots is None else route.by_slot[choice.slot]  # type: ignore[index]
+            verb = "held until it returns" if choice.action == HOLD else "bounced"
+            return None, f"slot {home} is down: {verb} (dead='{route.policy.dead}')"
+        member = route.by_slot[choice.slot]  # type: ignore[index]
+        if choice.slot == home:
+            return member, f"hash: home slot {home} ({route.policy.algorithm})"
+        return member, f"failover: home slot {home} is down, slot {choice.slot} serves it"
 
     # -- holds ---------------------------------------------------------------
 

@@ -240,6 +240,11 @@ def _anywhere(key: Optional[str], live: Sequence[int], randint: Callable[[int], 
     return Choice(DELIVER, live[jabberd2_index(count, key)])
 
 
+def home_slot(policy: ClusterPolicy, key: str, known: Sequence[int]) -> int:
+    """The slot `key` belongs to under a slot algorithm, alive or not."""
+    return _home(policy, key, known)
+
+
 def _home(policy: ClusterPolicy, key: str, known: Sequence[int]) -> int:
     """The slot `key` belongs to, alive or not."""
     if policy.slots is not None:  # set exactly when algorithm='slots' (_policy_problems)

@@ -327,10 +327,14 @@ class Router:
         """Which member of ``name`` a stanza for (or, on a from-hashed route,
         from) ``jid_text`` goes to now, as routing would choose it; None
         when nothing serves the name or the choice would be random."""
+        return self.explain_placement(name, jid_text)[0]
+
+    def explain_placement(self, name: str, jid_text: str) -> tuple[Optional[Connection], str]:
+        """``member_for`` and why (``Placement.explain``)."""
         route = self.table.routes.get(name)
         if route is None or not route.members:
-            return None
-        return self.placement.member_for(route, jid_text)
+            return None, "nobody serves the name"
+        return self.placement.explain(route, jid_text)
 
     # -- effects for the shell -----------------------------------------------
 

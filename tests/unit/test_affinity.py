@@ -201,3 +201,38 @@ def _hash_member(net, user):
     route = net.router.table.routes["example.com"]
     choice = net.router.placement.decide(route, placement_key(route.policy, user))
     return next(name for name in route.by_slot[choice.slot].names if name.startswith("sm"))
+
+
+# -- what the operator sees (/placement, /status, /metrics) -------------------
+
+def test_the_operator_sees_who_serves_a_user_and_why():
+    from jrouter.ops import stats
+    from jrouter.ops.status import metric_families
+
+    net, c2s, members, session = churn("session")
+    router = net.router
+    moved = next(u for u in USERS if session[u] != "sm1" and _hash_member(net, u) == "sm1")
+    member, reason = router.explain_placement("example.com", moved)
+    assert member is members[session[moved]].connection and reason.startswith("affinity (session)")
+    answer = stats.which_instance(router, "example.com", moved)
+    assert answer["reason"].startswith("affinity") and answer["member"] == member.label
+    snap = stats.snapshot(router, 0.0)
+    (entry,) = [n for n in snap["names"] if n["name"] == "example.com"]
+    assert entry["affinity"]["mode"] == "session" and entry["affinity"]["entries"] == len(USERS)
+    assert sum(entry["affinity"]["per_member"].values()) == len(USERS)
+    assert entry["affinity"]["dropped_left"] > 0           # sm1's entries went with it
+    names = {f.name: f for f in metric_families(snap)}
+    samples = names["jrouter_affinity_entries"].samples
+    assert sum(s.value for s in samples if s.labels["name"] == "example.com") == len(USERS)
+
+
+def test_explain_says_hash_home_slot_and_failover():
+    net = Network(clustering=PolicyTable([ClusterPolicy(match="example.com", algorithm="slots",
+                                                        slots=3)]))
+    members = {name: sm(net, name) for name in ("sm0", "sm1", "sm2")}
+    reasons = {u: net.router.explain_placement("example.com", u)[1] for u in USERS}
+    assert all(r.startswith("hash: home slot") for r in reasons.values())
+    members["sm1"].hang_up()
+    after = [net.router.explain_placement("example.com", u)[1] for u in USERS]
+    assert any(r.startswith("failover: home slot 1 is down") for r in after)
+    assert net.router.explain_placement("example.com", "example.com")[1].startswith("random")
