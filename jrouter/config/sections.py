@@ -150,7 +150,7 @@ _CLUSTERING_ATTRIBUTES = ("state-dir",)
 def clustering_state_dir(element: etree._Element, path: str,
                          key: str = "clustering") -> tuple[Optional[str], list[str]]:
     """``<clustering state-dir='DIR'>``: where placement's state is kept
-    over a restart (protocol §6.6); ``(None, [])`` when not set."""
+    over a restart (protocol §6.10); ``(None, [])`` when not set."""
     problems = Problems(path)
     value = element.get("state-dir")
     if value is None:

@@ -1,7 +1,7 @@
 """Placement's state on disk: the slots instances hold, kept over a restart.
 
 Owns: reading and writing ``placement.json`` in ``<clustering state-dir>``
-(docs/jabberd2-router.md §6.6). Without it, a restarted router hands slots
+(docs/jabberd2-router.md §6.10). Without it, a restarted router hands slots
 out in reconnection order, so placement after a restart would depend on
 which member happened to reconnect first.
 

@@ -3,7 +3,7 @@
 Owns: for one clustered name, the table key -> member that placement
 consults before its hash (``placement.Placement.target``), so that a member
 that returns, or a new one, gets only new users: a user whose session lives
-elsewhere stays there until it ends (docs/jabberd2-router.md §6.5).
+elsewhere stays there until it ends (docs/jabberd2-router.md §6.9).
 
 Must not know: sockets, XML, the clock (``now`` comes in), how a member is
 chosen when the table has no answer.

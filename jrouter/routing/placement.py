@@ -18,7 +18,7 @@ How a packet is placed (protocol §6.3, and policy.py for the policies):
    payload's ``to`` (or ``target``) on a name bound with ``multi``, its
    ``from`` on an XEP-0114 cluster, and the route's ``to`` otherwise (which
    jabberd2 logs as an error); under a policy, the policy's attribute.
-3. Under a policy with ``affinity`` (affinity.py, protocol §6.5): the member
+3. Under a policy with ``affinity`` (affinity.py, protocol §6.9): the member
    holding that key's session, if the name's affinity table knows one and
    it is still a member.
 4. ``decide``: the policy's algorithm over the live (and reserved) slots.

@@ -70,7 +70,7 @@ class RouteTable:
         self.log_sinks: dict[str, Connection] = {}  # name -> connection
         self.policies = policies    # policy.PolicyTable, or None: jabberd2's behaviour
         #: name -> {identity: slot}: the slot each instance had, kept when its
-        #: route goes and, saved by the shell, over a restart (protocol §6.6).
+        #: route goes and, saved by the shell, over a restart (protocol §6.10).
         self.remembered: dict[str, dict[str, int]] = {}
         self.remembered_changed = False   # the shell saves, then resets it
 

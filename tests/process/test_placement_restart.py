@@ -1,4 +1,4 @@
-"""Placement that survives a router restart (protocol §6.6), on real jrouter
+"""Placement that survives a router restart (protocol §6.10), on real jrouter
 processes: three instances hold slots 0, 1, 2; the router is stopped and
 started again on the same <clustering state-dir>; they reconnect in the
 reverse order and get the same slots. Without the state file, a restarted

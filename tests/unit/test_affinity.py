@@ -1,4 +1,4 @@
-"""routing.affinity.AffinityTable, alone and inside placement (protocol §6.5):
+"""routing.affinity.AffinityTable, alone and inside placement (protocol §6.9):
 bounded, expiring, never a gone member; and with a cluster of three sm, a
 returning member gets only new sessions."""
 

@@ -567,7 +567,7 @@ def test_queue_bound_default_value_and_zero(tmp_path):
 
 
 def test_clustering_state_dir(tmp_path):
-    """<clustering state-dir='DIR'>: where placement's slots are kept over a restart (§6.6)."""
+    """<clustering state-dir='DIR'>: where placement's slots are kept over a restart (§6.10)."""
     config = load(tmp_path, "<router><clustering state-dir='/var/lib/jrouter'>"
                             "<policy name='example.com' algorithm='consistent'/></clustering></router>")
     assert config.placement_state_dir == "/var/lib/jrouter"

@@ -1,4 +1,4 @@
-"""Placement's state over a restart (protocol §6.6): the slots instances
+"""Placement's state over a restart (protocol §6.10): the slots instances
 hold are saved atomically and handed back, whatever order they reconnect in;
 a missing or bad file is a fresh start with one line, never a crash."""
 
