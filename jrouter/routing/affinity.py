@@ -16,11 +16,14 @@ session, and when it was last touched. Two ways to learn, by the policy's
 ``affinity``:
 
 * ``session`` (jabberd2's sm): the sm's session-control replies tell the
-  router where sessions live. ``started`` counts a session in on the member
-  that sent it, ``ended`` counts it out; at 0 sessions the entry goes. A
-  user with sessions on two members (two resources placed before and after
-  a change) keeps the entry of the latest start: both sessions stay up, and
-  the other member's session still gets c2s's own packets by the sm's id.
+  router where sessions live. ``started`` (with the user's ``target`` and
+  the sm's session id, ``sc:sm``) counts a session in on the member that
+  sent it; ``ended`` names only the session id, so the table remembers
+  which key each (member, session id) belongs to, and counts it out; at 0
+  sessions the entry goes. A user with sessions on two members (two
+  resources placed before and after a change) keeps the entry of the
+  latest start: both sessions stay up, and the other member's session
+  still gets c2s's own packets by the sm's id.
 * ``traffic`` (XEP-0114 gateways, which say nothing of sessions): every
   packet placed for a key touches its entry, made on the member the packet
   went to; ``idle`` seconds without one, and the entry goes.
@@ -57,7 +60,7 @@ class _Entry:
 
     def __init__(self, member: Connection, touched: float) -> None:
         self.member = member
-        self.sessions = 0
+        self.sessions: set[str] = set()   # the member's session ids (session mode)
         self.touched = touched
 
 
@@ -72,6 +75,7 @@ class AffinityTable:
         self.max_entries = max_entries
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._by_member: dict[Connection, set[Hashable]] = {}
+        self._session_key: dict[tuple[Connection, str], Hashable] = {}   # (member, id) -> key
         #: Counts for the operator: packets placed by an entry, entries moved
         #: to another member (a user's session moved), entries dropped because
         #: their member left, and dropped idle or to make room.
@@ -112,29 +116,31 @@ class AffinityTable:
         if self.mode == TRAFFIC:
             self._set(key, member, now)
 
-    def session_started(self, key: Hashable, member: Connection, now: float) -> None:
-        """Session mode: ``member`` says a session of ``key`` started on it."""
+    def session_started(self, key: Hashable, member: Connection, session: str, now: float) -> None:
+        """Session mode: ``member`` says its session ``session`` of ``key`` started."""
         if self.mode != SESSION:
             return
         entry = self._set(key, member, now)
-        entry.sessions += 1
+        entry.sessions.add(session)
+        self._session_key[(member, session)] = key
 
-    def session_ended(self, key: Hashable, member: Connection, now: float) -> None:
-        """Session mode: ``member`` says a session of ``key`` ended on it."""
-        entry = self._entries.get(key)
-        if self.mode != SESSION or entry is None or entry.member is not member:
+    def session_ended(self, member: Connection, session: str, now: float) -> None:
+        """Session mode: ``member`` says its session ``session`` ended."""
+        key = self._session_key.pop((member, session), None)
+        entry = None if key is None else self._entries.get(key)
+        if entry is None or entry.member is not member:
             return
-        entry.sessions -= 1
-        if entry.sessions <= 0:
+        entry.sessions.discard(session)
+        if not entry.sessions:
             self._drop(key, entry)
         else:
             self._touch(key, entry, now)
 
     def member_left(self, member: Connection) -> int:
         """``member`` is gone: every entry of its goes; how many."""
-        keys = self._by_member.pop(member, set())
+        keys = list(self._by_member.get(member, ()))
         for key in keys:
-            del self._entries[key]
+            self._drop(key, self._entries[key])
         self.dropped_left += len(keys)
         return len(keys)
 
@@ -180,6 +186,8 @@ class AffinityTable:
 
     def _drop(self, key: Hashable, entry: _Entry) -> None:
         del self._entries[key]
+        for session in entry.sessions:
+            self._session_key.pop((entry.member, session), None)
         keys = self._by_member.get(entry.member)
         if keys is not None:
             keys.discard(key)

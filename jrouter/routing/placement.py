@@ -120,19 +120,7 @@ class Placement:
         if child is None:
             return
         if element.child_name == SC_SESSION:
-            target = _jid(child.get("target"))
-            route = None if target is None else table.routes.get(target.domain)
-            if route is None or route.policy.affinity != SESSION or sender not in route.members:
-                return
-            key = placement_key(route.policy, child.get("target"))
-            affinity = self.affinity(route)
-            if key is None or affinity is None:
-                return
-            action = child.get("action")
-            if action == "started":
-                affinity.session_started(key, sender, now)
-            elif action == "ended":
-                affinity.session_ended(key, sender, now)
+            self._learn_session(table, sender, child, now)
             return
         route = table.routes.get(from_.domain)
         if route is None or route.policy.affinity == NONE or sender not in route.members:
@@ -187,6 +175,28 @@ class Placement:
         return place(route.policy, key, route.slots.live(), route.slots.known(), self.randint)
 
     # -- the operator's question ---------------------------------------------
+
+    def _learn_session(self, table: RouteTable, sender: Connection, child: Mapping[str, str],
+                       now: float) -> None:
+        """An sm's session-control reply (docs §6.9): ``started`` names the
+        user (``target``) and the sm's session id (``sc:sm``), ``ended`` the
+        id alone; c2s's own ``start``/``end`` and refusals are not looked at."""
+        action = child.get("action")
+        session = child.get(SC_SM)
+        if action == "started":
+            target = child.get("target")
+            jid = _jid(target)
+            route = None if jid is None else table.routes.get(jid.domain)
+            if route is None or route.policy.affinity != SESSION or sender not in route.members:
+                return
+            key = placement_key(route.policy, target)
+            affinity = self.affinity(route)
+            if key is not None and affinity is not None:
+                affinity.session_started(key, sender, session or target, now)  # type: ignore[arg-type]
+        elif action == "ended" and session is not None and SC_FAILED not in child:
+            for affinity in self.affinities.values():
+                if affinity.mode == SESSION:
+                    affinity.session_ended(sender, session, now)
 
     def member_for(self, route: Route, address: str) -> Optional[Connection]:
         """The member a stanza for (on a from-hashed name, from) ``address``
@@ -278,6 +288,8 @@ class Placement:
 
 #: The session-control element c2s and sm exchange (jabberd2's sm/sm.c, c2s/sm.c).
 SC_SESSION = "http://jabberd.jabberstudio.org/ns/session/1.0 session"
+SC_SM = "http://jabberd.jabberstudio.org/ns/session/1.0 sm"          # the sm's session id
+SC_FAILED = "http://jabberd.jabberstudio.org/ns/session/1.0 failed"
 
 
 def _any_affinity(policies: Optional[PolicyTable]) -> bool:

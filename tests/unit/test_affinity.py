@@ -30,23 +30,25 @@ def everyone(member):
 
 
 def test_session_entries_count_sessions_and_go_at_the_last_end():
+    """'ended' names only the sm's session id (as jabberd2's sm sends it)."""
     table = AffinityTable(SESSION, idle=1000)
-    table.session_started("u@x", A, 0)
-    table.session_started("u@x", A, 1)          # a second resource
-    table.session_ended("u@x", A, 2)
+    table.session_started("u@x", A, "s1", 0)
+    table.session_started("u@x", A, "s2", 1)          # a second resource
+    table.session_ended(A, "s1", 2)
     assert table.lookup("u@x", 3, everyone) is A
-    table.session_ended("u@x", B, 3)            # another member's word counts for nothing
+    table.session_ended(B, "s2", 3)                   # another member's word counts for nothing
+    table.session_ended(A, "unknown", 3)
     assert table.lookup("u@x", 3, everyone) is A
-    table.session_ended("u@x", A, 4)
+    table.session_ended(A, "s2", 4)
     assert table.lookup("u@x", 5, everyone) is None and len(table) == 0
 
 
 def test_a_start_elsewhere_moves_the_entry():
     table = AffinityTable(SESSION, idle=1000)
-    table.session_started("u@x", A, 0)
-    table.session_started("u@x", B, 1)
-    assert table.lookup("u@x", 2, everyone) is B
-    table.session_ended("u@x", A, 3)            # the old one ends: B keeps it
+    table.session_started("u@x", A, "s1", 0)
+    table.session_started("u@x", B, "s9", 1)
+    assert table.lookup("u@x", 2, everyone) is B and table.moves == 1
+    table.session_ended(A, "s1", 3)                   # the old one ends: B keeps it
     assert table.lookup("u@x", 3, everyone) is B
 
 
@@ -73,7 +75,7 @@ def test_traffic_entries_expire_when_idle_and_touching_keeps_them():
 def test_session_mode_ignores_traffic_and_traffic_mode_ignores_sessions():
     session, traffic = AffinityTable(SESSION, idle=100), AffinityTable(TRAFFIC, idle=100)
     session.placed("u@x", A, 0)
-    traffic.session_started("u@x", A, 0)
+    traffic.session_started("u@x", A, "s1", 0)
     assert len(session) == len(traffic) == 0
 
 
@@ -99,11 +101,11 @@ def test_bounded_and_never_answers_a_gone_member(ops, mode):
             gone.discard(member)
             last[key] = now
         elif op == "started":
-            table.session_started(key, member, now)
+            table.session_started(key, member, f"{key}-{member}", now)
             gone.discard(member)
             last[key] = now
         elif op == "ended":
-            table.session_ended(key, member, now)
+            table.session_ended(member, f"{key}-{member}", now)
         elif op == "left":
             table.member_left(member)
             gone.add(member)
@@ -114,6 +116,7 @@ def test_bounded_and_never_answers_a_gone_member(ops, mode):
             table.expire(now)
         assert len(table) <= 8
         assert not any(m in gone for m in table.counts())
+        assert len(table._session_key) <= sum(len(e.sessions) for e in table._entries.values())
     table.expire(now + 21)
     assert len(table) == 0
 
@@ -143,7 +146,8 @@ def login(net, c2s, members, user):
     for instance, member in members.items():
         if member is not None and [s for s in member.stanzas() if s.tag.endswith("}route")]:
             member.send(f"<route to='c2s' from='{instance}'><sc:session xmlns:sc='{SC}' "
-                        f"action='started' target='{user}/res'/></route>")
+                        f"action='started' target='{user}/res' sc:sm='{instance}-{user}' "
+                        "sc:c2s='8'/></route>")
             c2s.take()
             return instance
     raise AssertionError(f"no sm got the session start of {user}")
@@ -187,7 +191,7 @@ def test_with_session_affinity_every_live_session_keeps_its_messages():
     back = next(u for u in USERS if session[u] != "sm1" and _hash_member(net, u) == "sm1")
     instance = session[back]
     members[instance].send(f"<route to='c2s' from='{instance}'><sc:session xmlns:sc='{SC}' "
-                           f"action='ended' target='{back}/res'/></route>")
+                           f"action='ended' sc:sm='{instance}-{back}' sc:c2s='8'/></route>")
     c2s.take()
     assert login(net, c2s, members, back) == "sm1"
     assert where(net, c2s, members, back) == "sm1"
