@@ -44,7 +44,7 @@ class HeapTrimmer:
     """Trims the C heap when much of it is free."""
 
     #: Free heap bytes past which a check trims.
-    threshold = 8 << 20
+    threshold = 4 << 20
 
     def __init__(self) -> None:
         self._libc = _glibc()

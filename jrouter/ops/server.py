@@ -50,6 +50,8 @@ class RouterServer:
     read_size = 65536
     #: seconds a peer gets to answer our ``</stream:stream>`` at shutdown
     shutdown_grace = 2.0
+    #: seconds of silence after which a peer's parser is let go (Router.rest_idle)
+    rest_after = 30.0
     #: seconds the TLS handshake may take
     tls_timeout = 30.0
     #: packets of a dead peer routed again before the other greenlets get a turn
@@ -110,12 +112,15 @@ class RouterServer:
         """jabberd2's checks every <check><interval> (keepalive), and every
         second the clustering timers (held packets, IQ tracking) and the heap."""
         interval = self.config.check_interval
-        next_check = self.clock()
+        next_check = next_rest = self.clock()
         while True:
             now = self.clock()
             if interval > 0 and now >= next_check:
                 self.router.tick(now)
                 next_check = now + interval
+            if now >= next_rest:
+                self.router.rest_idle(now, self.rest_after)
+                next_rest = now + self.rest_after / 3
             self.router.expire(now)
             self.heap.check()
             self.save_placement()

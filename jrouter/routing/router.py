@@ -177,6 +177,16 @@ class Router:
         for connection in list(self.connections):
             connection.close()
 
+    def rest_idle(self, now: float, quiet: float) -> int:
+        """Connections silent for ``quiet`` seconds let their parsers go
+        (``Connection.rest``); how many did."""
+        rested = 0
+        for connection in self.connections:
+            last = connection.last_activity
+            if last and now - last >= quiet and connection.rest():
+                rested += 1
+        return rested
+
     def tick(self, now: float) -> None:
         """The periodic checks: whitespace keepalive (protocol §3.9)."""
         keepalive = self.config.keepalive

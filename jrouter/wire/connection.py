@@ -234,6 +234,10 @@ class Connection:
             self.send(stream_header(None, declaration=False))
         self._end(STREAM_CLOSE)
 
+    def rest(self) -> bool:
+        """The peer has been quiet: its reader lets its parser go till it speaks."""
+        return not self.closing and self.reader.rest()
+
     def forget(self) -> None:
         """The socket is gone: nothing more is said or sent. The reader and
         the shell's output hook are let go, so that reference counting alone

@@ -349,12 +349,31 @@ class StreamReader:
         parser's handlers are this reader's methods, a cycle that only the
         garbage collector would otherwise break, long after the connection
         (docs/architecture.md, memory). ``feed`` must not be called again."""
-        parser = self._parser
-        for handler in _HANDLERS:
-            setattr(parser, handler, None)
+        self._drop_parser()
         self._buffer = b""
         self._events = []
         self.context = None  # type: ignore[assignment]
+
+    def rest(self) -> bool:
+        """The stream is idle: let its parser go (~12 KiB each) until bytes
+        come again, when ``feed`` renews it (``_renew``) as it does every
+        ``renew_after`` bytes. Only between top-level elements (what follows
+        the last one, a keepalive space or the start of a tag, is read again
+        by the new parser); True if it let go."""
+        if self._depth != 1 or self._parser is None:
+            return False
+        self._drop_parser()
+        self._buffer = self._buffer[self._keep_from - self._base:]
+        self._base = self._keep_from
+        self._parsed = self.renew_after + 1      # the next feed renews
+        return True
+
+    def _drop_parser(self) -> None:
+        parser = self._parser
+        if parser is not None:
+            for handler in _HANDLERS:
+                setattr(parser, handler, None)
+        self._parser = None  # type: ignore[assignment]  # feed renews it before any use
 
     # -- expat callbacks ---------------------------------------------------
 

@@ -29,6 +29,6 @@ def test_a_freed_backlog_goes_back_once_and_only_once():
 def test_small_frees_do_not_trim():
     trimmer = HeapTrimmer()
     trimmer.check()
-    small = [bytes(2000) for _ in range(1000)]         # 2 MiB, under the 8 MiB threshold
+    small = [bytes(2000) for _ in range(1000)]         # 2 MiB, under the 4 MiB threshold
     del small
     assert trimmer.check() is False

@@ -72,3 +72,20 @@ class _ShellPeer:
 
     def mark(self):
         pass
+
+
+def test_quiet_connections_rest_and_wake_up():
+    """Router.rest_idle: connections silent for the quiet time let their
+    parsers go; the next packet wakes them and is routed as ever."""
+    net = Network()
+    sender, receiver = net.component("a.example.com"), net.component("b.example.com")
+    busy = net.component("c.example.com")
+    sender.connection.last_activity = receiver.connection.last_activity = 10.0
+    busy.connection.last_activity = 95.0
+    assert net.router.rest_idle(100.0, 30.0) == 2
+    assert sender.connection.reader._parser is None and busy.connection.reader._parser is not None
+    assert net.router.rest_idle(100.0, 30.0) == 0          # already resting
+    sender.send("<route to='b.example.com' from='a.example.com'>"
+                "<message xmlns='jabber:client' to='x@b.example.com' id='m1'/></route>")
+    (route,) = [s for s in receiver.stanzas() if s.tag.endswith("}route")]
+    assert route[0].get("id") == "m1"
