@@ -26,7 +26,12 @@ session, and when it was last touched. Two ways to learn, by the policy's
   still gets c2s's own packets by the sm's id.
 * ``traffic`` (XEP-0114 gateways, which say nothing of sessions): every
   packet placed for a key touches its entry, made on the member the packet
-  went to; ``idle`` seconds without one, and the entry goes.
+  went to; a packet a member sends the user refreshes her entry there, or
+  makes one when she has none, but never moves it from another member (a
+  gateway may keep an old connection for her that still talks: biboumi's
+  IRC connection left on a survivor would take her back, tests/e2e/
+  test_biboumi_cluster.py); ``idle`` seconds without either, and the entry
+  goes.
 
 Never a gone member: ``member_left`` drops every entry of a member that
 leaves, and ``lookup`` checks the member is still one of the name's
@@ -115,6 +120,17 @@ class AffinityTable:
         """Traffic mode: a packet for ``key`` went to ``member`` by the hash."""
         if self.mode == TRAFFIC:
             self._set(key, member, now)
+
+    def heard_from(self, key: Hashable, member: Connection, now: float) -> None:
+        """Traffic mode: ``member`` sent the user ``key`` a packet: her entry
+        there is refreshed, or made if she has none; one elsewhere stays."""
+        if self.mode != TRAFFIC:
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            self._set(key, member, now)
+        elif entry.member is member:
+            self._touch(key, entry, now)
 
     def session_started(self, key: Hashable, member: Connection, session: str, now: float) -> None:
         """Session mode: ``member`` says its session ``session`` of ``key`` started."""

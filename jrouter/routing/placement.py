@@ -131,7 +131,7 @@ class Placement:
         key = placement_key(route.policy, child.get("from" if placed_by == "to" else "to"))
         affinity = self.affinity(route)
         if key is not None and affinity is not None:
-            affinity.placed(key, sender, now)
+            affinity.heard_from(key, sender, now)
 
     def address(self, route: Route, element: Element, route_to: Optional[JID]) -> Optional[str]:
         """The address whose JID places ``element`` on ``route``."""

@@ -240,3 +240,16 @@ def test_explain_says_hash_home_slot_and_failover():
     after = [net.router.explain_placement("example.com", u)[1] for u in USERS]
     assert any(r.startswith("failover: home slot 1 is down") for r in after)
     assert net.router.explain_placement("example.com", "example.com")[1].startswith("random")
+
+
+def test_a_members_traffic_refreshes_or_makes_but_never_moves_an_entry():
+    """A gateway copy talking to a user (an old connection left behind) must
+    not take her entry from the copy her packets are placed on."""
+    table = AffinityTable(TRAFFIC, idle=10)
+    table.heard_from("u@x", A, 0)                  # no entry: made on A
+    assert table.member_of("u@x") is A
+    table.placed("v@x", B, 0)
+    table.heard_from("v@x", A, 5)                  # elsewhere: stays on B, not refreshed
+    assert table.member_of("v@x") is B and table.moves == 0
+    table.heard_from("v@x", B, 8)                  # on its member: refreshed
+    assert table.lookup("v@x", 15, everyone) is B
