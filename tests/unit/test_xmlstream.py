@@ -239,10 +239,10 @@ def test_resting_between_any_reads_changes_no_event(cuts, rests):
     reader = StreamReader()
     events = []
     start = 0
-    for point, rest in zip(sorted(set(c % len(body) for c in cuts)) + [len(body)], rests):
+    for n, point in enumerate(sorted(set(c % len(body) for c in cuts)) + [len(body)]):
         events += reader.feed(body[start:point])
         start = point
-        if rest:
+        if rests[n % len(rests)]:
             reader.rest()
     assert describe(events) == describe(feed_in_chunks(body, 10**6))
 
