@@ -133,6 +133,28 @@ class Placement:
         if key is not None and affinity is not None:
             affinity.heard_from(key, sender, now)
 
+    def _learn_session(self, table: RouteTable, sender: Connection, child: Mapping[str, str],
+                       now: float) -> None:
+        """An sm's session-control reply (docs §6.9): ``started`` names the
+        user (``target``) and the sm's session id (``sc:sm``), ``ended`` the
+        id alone; c2s's own ``start``/``end`` and refusals are not looked at."""
+        action = child.get("action")
+        session = child.get(SC_SM)
+        if action == "started":
+            target = child.get("target")
+            jid = _jid(target)
+            route = None if jid is None else table.routes.get(jid.domain)
+            if route is None or route.policy.affinity != SESSION or sender not in route.members:
+                return
+            key = placement_key(route.policy, target)
+            affinity = self.affinity(route)
+            if key is not None and affinity is not None:
+                affinity.session_started(key, sender, session or target, now)  # type: ignore[arg-type]
+        elif action == "ended" and session is not None and SC_FAILED not in child:
+            for affinity in self.affinities.values():
+                if affinity.mode == SESSION:
+                    affinity.session_ended(sender, session, now)
+
     def address(self, route: Route, element: Element, route_to: Optional[JID]) -> Optional[str]:
         """The address whose JID places ``element`` on ``route``."""
         child = element.child_attrs or {}
@@ -176,28 +198,6 @@ class Placement:
 
     # -- the operator's question ---------------------------------------------
 
-    def _learn_session(self, table: RouteTable, sender: Connection, child: Mapping[str, str],
-                       now: float) -> None:
-        """An sm's session-control reply (docs §6.9): ``started`` names the
-        user (``target``) and the sm's session id (``sc:sm``), ``ended`` the
-        id alone; c2s's own ``start``/``end`` and refusals are not looked at."""
-        action = child.get("action")
-        session = child.get(SC_SM)
-        if action == "started":
-            target = child.get("target")
-            jid = _jid(target)
-            route = None if jid is None else table.routes.get(jid.domain)
-            if route is None or route.policy.affinity != SESSION or sender not in route.members:
-                return
-            key = placement_key(route.policy, target)
-            affinity = self.affinity(route)
-            if key is not None and affinity is not None:
-                affinity.session_started(key, sender, session or target, now)  # type: ignore[arg-type]
-        elif action == "ended" and session is not None and SC_FAILED not in child:
-            for affinity in self.affinities.values():
-                if affinity.mode == SESSION:
-                    affinity.session_ended(sender, session, now)
-
     def member_for(self, route: Route, address: str) -> Optional[Connection]:
         """The member a stanza for (on a from-hashed name, from) ``address``
         goes to now; None when the choice would be random or nobody gets it."""
@@ -229,17 +229,17 @@ class Placement:
             return member, f"hash: home slot {home} ({route.policy.algorithm})"
         return member, f"failover: home slot {home} is down, slot {choice.slot} serves it"
 
-    # -- holds ---------------------------------------------------------------
-
-    def hold(self, route: Route, slot: int, packet: HeldPacket, now: float) -> list[HeldPacket]:
-        """Keep ``packet`` for a dead slot; returns what no longer fits (bounce it)."""
-        return self.holds.hold(route.name, slot, packet, now, size=_held_size(packet))
-
     def affinity_holder(self, route: Route, key: str) -> Optional[Connection]:
         """The live member the name's affinity table gives ``key``, if any (untouched)."""
         affinity = self.affinities.get(route.name)
         holder = None if affinity is None else affinity.member_of(key)
         return holder if holder is not None and holder in route.members else None
+
+    # -- holds ---------------------------------------------------------------
+
+    def hold(self, route: Route, slot: int, packet: HeldPacket, now: float) -> list[HeldPacket]:
+        """Keep ``packet`` for a dead slot; returns what no longer fits (bounce it)."""
+        return self.holds.hold(route.name, slot, packet, now, size=_held_size(packet))
 
     def member_left(self, route: Route, slot: Optional[int], now: float,
                     member: Optional[Connection] = None) -> None:
