@@ -345,16 +345,32 @@ def _n(value: Optional[str]) -> str:
     return "(null)" if value is None else value  # glibc's printf of NULL %s
 
 
+#: Address pairs whose outcome ``FilterRules`` remembers; past it the memo
+#: starts again (a busy server's pairs come and go: no eviction order pays).
+MEMO_SIZE = 4096
+
+#: What the rules decide for one (from, to) pair: the ``what`` paths to try
+#: in order, each with its verdict, then the verdict if none matches.
+Outcome = tuple[tuple[tuple[str, "Verdict"], ...], Optional["Verdict"]]
+
+
 @dataclass(frozen=True)
 class FilterRules:
-    """The loaded rule list; empty means filtering is off (jabberd2 skips it)."""
+    """The loaded rule list; empty means filtering is off (jabberd2 skips it).
+
+    A rule's ``from`` and ``to`` depend only on the stanza's two addresses,
+    so what they decide is worked out once per address pair and remembered
+    (``_memo``): then a packet costs one dictionary look-up, plus the
+    ``what`` paths of the rules its addresses reached, which depend on the
+    packet itself and are matched every time."""
 
     rules: tuple[Rule, ...] = ()
     if TYPE_CHECKING:
-        # Set by __post_init__ (a cache, not a field): pattern -> compiled. A
+        # Set by __post_init__ (caches, not fields): pattern -> compiled. A
         # rule's pattern is looked up only when the stanza has that
         # attribute, and then the rule has the pattern, so never with None.
         _wildcards: dict[Optional[str], re.Pattern[bytes]] = field(init=False)
+        _memo: dict[tuple[Optional[str], Optional[str]], Outcome] = field(init=False)
 
     def __post_init__(self) -> None:
         wildcards = {}
@@ -363,6 +379,7 @@ class FilterRules:
                 if pattern is not None and pattern not in wildcards:
                     wildcards[pattern] = compile_wildcard(pattern)
         object.__setattr__(self, "_wildcards", wildcards)
+        object.__setattr__(self, "_memo", {})
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -380,22 +397,39 @@ class FilterRules:
         ``<route>`` element; it is called at most once, and only if a rule
         with a ``what`` path is reached.
         """
+        memo = self._memo
+        outcome = memo.get((stanza_from, stanza_to))
+        if outcome is None:
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            outcome = memo[(stanza_from, stanza_to)] = self._outcome(stanza_from, stanza_to)
+        paths, verdict = outcome
+        if paths:
+            route = route_tree_factory()
+            for path, path_verdict in paths:
+                if find_path(route, path) is not None:
+                    return path_verdict
+        return verdict
+
+    def _outcome(self, stanza_from: Optional[str], stanza_to: Optional[str]) -> Outcome:
+        """Walk the rules for one address pair: the rules whose ``from`` and
+        ``to`` match, up to the first without a ``what`` path (it decides)."""
         sender, to = strip_resource(stanza_from), strip_resource(stanza_to)
-        route: list[etree._Element] = []
+        sender_bytes = None if sender is None else sender.encode("utf-8")
+        to_bytes = None if to is None else to.encode("utf-8")
+        paths: list[tuple[str, Verdict]] = []
         for index, rule in enumerate(self.rules):
             if (sender is None) != (rule.sender is None) or (to is None) != (rule.to is None):
                 continue
-            if sender is not None and not self._wildcards[rule.sender].match(sender.encode("utf-8")):
+            if sender_bytes is not None and not self._wildcards[rule.sender].match(sender_bytes):
                 continue
-            if to is not None and not self._wildcards[rule.to].match(to.encode("utf-8")):
+            if to_bytes is not None and not self._wildcards[rule.to].match(to_bytes):
                 continue
-            if rule.what is not None:
-                if not route:
-                    route.append(route_tree_factory())
-                if find_path(route[0], rule.what) is None:
-                    continue
-            return _verdict(rule, index, sender, to)
-        return None
+            verdict = _verdict(rule, index, sender, to)
+            if rule.what is None:
+                return tuple(paths), verdict
+            paths.append((rule.what, verdict))
+        return tuple(paths), None
 
 
 def _verdict(rule: Rule, index: int, sender: Optional[str], to: Optional[str]) -> Verdict:

@@ -195,6 +195,33 @@ def test_what_path_only_built_when_needed(tmp_path):
     assert calls == [1]
 
 
+def test_remembered_pair_still_matches_what_per_packet(tmp_path):
+    """The memo keeps what an address pair's from/to decide; a what path is
+    still matched against each packet, and the rules after it still apply."""
+    rules = rules_of(tmp_path, "<rule from='*' to='c@d' what='iq' error='forbidden'/>",
+                     "<rule from='*' to='c@d' redirect='e@f'/>")
+    iq = route("<route><iq from='a@b/r' to='c@d'/></route>")
+    message = route("<route><message from='a@b/r' to='c@d'/></route>")
+    for _ in range(2):
+        assert rules.match("a@b/r", "c@d", iq).action == "deny"
+        assert rules.match("a@b/r", "c@d", message).redirect == "e@f"
+        assert rules.match("a@b/r", "x@y", never) is None
+
+
+def test_memo_is_bounded(tmp_path, monkeypatch):
+    """A stream of new address pairs never grows the memo past MEMO_SIZE,
+    and a pair forgotten on a reset is decided again, the same way."""
+    from jrouter.routing import filter as filter_module
+
+    monkeypatch.setattr(filter_module, "MEMO_SIZE", 8)
+    rules = rules_of(tmp_path, "<rule from='*@spam' error='forbidden'/>")
+    for i in range(50):
+        sender = f"u{i}@spam" if i % 2 else f"u{i}@ok"
+        verdict = rules.match(sender, None, never)
+        assert (verdict is not None) == bool(i % 2)
+        assert len(rules._memo) <= 8
+
+
 @pytest.mark.parametrize(
     "stanza, what, found",
     [
