@@ -10,7 +10,7 @@ Modules:
   grammar     the one grammar of values (numbers, switches, names, addresses)
               and ``Problems``, the one way a problem is written
   router_xml  router.xml -> ``Config`` (jabberd2's keys, ``<components>``)
-  sections    our sections: ``<status>``, ``<clustering>``
+  sections    our sections: ``<status>``, ``<clustering>``, ``<cluster>``
   users       router-users.xml -> name -> secret
   filter_xml  router-filter.xml -> ``routing.filter.FilterRules``
 """
@@ -18,12 +18,13 @@ Modules:
 from .router_xml import (CONFIG_DIR, COMPONENT_NAMESPACES, DEFAULT_CIPHERS, DEFAULT_CONFIG_FILE,
                          DEFAULT_STANZA_SIZE, SYSLOG_FACILITIES, Alias, Config,
                          ConfigError, LogSettings, load_config)
-from .sections import StatusSettings, parse_clustering, parse_status
+from .sections import (ClusterSettings, EtcdSettings, PeerSettings, StatusSettings, parse_cluster,
+                       parse_clustering, parse_status)
 from .users import UsersResult, load_users
 from .xmlfile import XMLProblem, element_text, parse_xml
 
 __all__ = ["CONFIG_DIR", "COMPONENT_NAMESPACES", "DEFAULT_CIPHERS", "DEFAULT_CONFIG_FILE",
-           "DEFAULT_STANZA_SIZE", "SYSLOG_FACILITIES", "Alias", "Config",
-           "ConfigError", "LogSettings", "StatusSettings", "UsersResult", "XMLProblem",
-           "element_text", "load_config", "load_users", "parse_clustering", "parse_status",
-           "parse_xml"]
+           "DEFAULT_STANZA_SIZE", "SYSLOG_FACILITIES", "Alias", "ClusterSettings", "Config",
+           "ConfigError", "EtcdSettings", "LogSettings", "PeerSettings", "StatusSettings",
+           "UsersResult", "XMLProblem", "element_text", "load_config", "load_users",
+           "parse_cluster", "parse_clustering", "parse_status", "parse_xml"]

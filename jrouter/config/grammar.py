@@ -23,6 +23,7 @@ D = TypeVar("D")
 
 _INTEGER = re.compile(r"[ \t\r\n]*([+-]?[0-9]+)[ \t\r\n]*\Z")
 _LABEL = re.compile(r"[\w-]{1,63}\Z")
+_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 
 #: The words a yes/no attribute of ours accepts (any case).
 BOOLEANS = {"yes": True, "true": True, "1": True, "on": True,
@@ -118,3 +119,40 @@ def domain(value: str) -> str:
     if len(name.encode("utf-8")) > 1023 or not all(_LABEL.match(label) for label in name.split(".")):
         raise ValueError(f"{value!r} is not a domain name")
     return name
+
+
+def token(value: str) -> str:
+    """A safe name (ASCII letters, digits, ``-``, ``_``, ``.``; 1-64 of them):
+    one that can stand in a key, a file name or a log line as it is."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{value!r} is not a name of 1 to 64 letters, digits, '-', '_' or '.'")
+    return value
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """``host:port``: an IPv4 address or a domain name, or an IPv6 address in
+    brackets (``[::1]:5348``), then a port.  Nothing is resolved; a domain
+    name comes back in lower case."""
+    if value.startswith("["):
+        host, bracket, number = value[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"expected [IPv6 address]:port, got {value!r}")
+        if not _is_ip(host, version=6):
+            raise ValueError(f"{value!r}: only an IPv6 address goes in brackets")
+        return host, port(number)
+    host, colon, number = value.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    if ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, [{host}]:{number}")
+    if not _is_ip(host):
+        host = domain(host)
+    return host, port(number)
+
+
+def _is_ip(value: str, version: Optional[int] = None) -> bool:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return version is None or address.version == version

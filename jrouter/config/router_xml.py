@@ -20,8 +20,9 @@ Theory of operation
 3. ``_build`` reads each setting from the first occurrence of its key through
    the table ``_SETTINGS`` (key, default, validator) or a section builder
    (log, limits, access, aliases, components, ACLs, and sections.py's
-   ``<status>`` and ``<clustering>``).  Every problem is collected, named by
-   file, line and element path, and reported together in one ``ConfigError``.
+   ``<status>``, ``<clustering>`` and ``<cluster>``).  Every problem is
+   collected, named by file, line and element path, and reported together in
+   one ``ConfigError``.
    Unknown elements are ignored so any router.xml written for jabberd2 loads.
 """
 
@@ -41,7 +42,8 @@ from jrouter.routing.policy import PolicyTable
 
 from . import grammar
 from .grammar import D, Problems, T
-from .sections import StatusSettings, clustering_state_dir, parse_clustering, parse_status
+from .sections import (ClusterSettings, StatusSettings, clustering_state_dir, parse_cluster,
+                       parse_clustering, parse_status)
 from .xmlfile import XMLProblem, children, element_text, parse_xml, xml_name
 
 CONFIG_DIR = "/etc/jabberd2"  # Debian's; upstream's default is the configure prefix
@@ -120,6 +122,7 @@ class Config:
     status: Optional[StatusSettings] = None  # ours: <status>, the operator's HTTP endpoint
     clustering: Optional[PolicyTable] = None  # ours: <clustering>, per-name balancing policies
     placement_state_dir: Optional[str] = None  # ours: <clustering state-dir>, slots kept over restarts
+    cluster: Optional[ClusterSettings] = None  # ours: <cluster>, this router is one node of several (etcd)
     # ours: <components>, XEP-0114 names whose stanzas keep jabberd2's jabber:client
     component_namespaces: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -398,6 +401,7 @@ def _build(r: _Reader, source: str) -> Config:
         status=_section(r, "status", parse_status),
         clustering=_section(r, "clustering", parse_clustering),
         placement_state_dir=_section(r, "clustering", clustering_state_dir),
+        cluster=_section(r, "cluster", parse_cluster),
         source=source,
         log=_log(r),
         bytes_limit=_rate(r, "io.limits.bytes"),

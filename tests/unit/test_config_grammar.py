@@ -51,3 +51,36 @@ def test_problems_name_file_line_and_key():
     problems = grammar.Problems("/etc/jabberd2/router.xml")
     problems.add(12, "local.port", "port must be between 1 and 65535, got 0")
     assert problems == ["/etc/jabberd2/router.xml:12: local.port: port must be between 1 and 65535, got 0"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10.0.0.1:5348", ("10.0.0.1", 5348)),
+    ("Router-A.Example.com:1", ("router-a.example.com", 1)),
+    ("[2001:db8::1]:65535", ("2001:db8::1", 65535)),
+])
+def test_host_port_reads_ipv4_names_and_bracketed_ipv6(text, expected):
+    """host:port: an IPv4 address or a domain name (lower-cased), an IPv6 address in brackets."""
+    assert grammar.host_port(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("router-a", "expected host:port"),
+    (":5348", "expected host:port"),
+    ("2001:db8::1:5348", "write an IPv6 address in brackets"),
+    ("[10.0.0.1]:5348", "only an IPv6 address goes in brackets"),
+    ("[2001:db8::1]", r"expected \[IPv6 address\]:port"),
+    ("router_a!:5348", "is not a domain name"),
+    ("router-a:0", "port must be between 1 and 65535, got 0"),
+])
+def test_host_port_refusals(text, message):
+    """What is not host:port says why; nothing is resolved."""
+    with pytest.raises(ValueError, match=message):
+        grammar.host_port(text)
+
+
+def test_token_is_a_safe_name():
+    """Tokens: 1-64 ASCII letters, digits, '-', '_', '.'; nothing else."""
+    assert grammar.token("node_a-1.eu") == "node_a-1.eu"
+    for bad in ("", "a/b", "a b", "n\u00f6de", "x" * 65):
+        with pytest.raises(ValueError, match="is not a name of 1 to 64"):
+            grammar.token(bad)
