@@ -97,6 +97,8 @@ class Router:
         self.log = log
         self.make_id = make_id
         self.filter_rules = filter_rules
+        self.filtering = bool(filter_rules)  # read per packet: a flag, not len() of the rules
+        self.logging_messages = config.message_logging  # likewise, not the property
         self._dumps_off: set[int] = set()   # rules whose dump file could not be written
         self.effects: list[Effect] = []     # LogMessage / DumpPacket for the shell
         self.on_effects: Callable[[], None] = _nothing  # wakes the shell: effects or redelivery to do
@@ -119,6 +121,7 @@ class Router:
         ACLs, aliases, the secret, keepalive and message logging apply from
         now on; names already bound keep their aliases until they unbind."""
         self.config = config
+        self.logging_messages = config.message_logging
         self.aliases = {alias.name: alias.target for alias in config.aliases}
         # New policies apply to names bound from now on: moving the users of
         # a name that is already served would break their sessions.
@@ -231,7 +234,7 @@ class Router:
             self.log.notice(f"{sender.label} tried to send a packet from '{from_.domain}', "
                             "but that name is not bound to this component")
             return self.bounce(sender, element, "401")
-        if self.filter_rules:
+        if self.filtering:
             verdict = self._filter(element)
             if verdict is not None:
                 if verdict.redirect:
@@ -254,7 +257,7 @@ class Router:
         target = placement.target(route, element, to, now)
         if target.__class__ is Choice:
             return self._undeliverable(sender, route, element, key, target, now)
-        if self.config.message_logging:
+        if self.logging_messages:
             self._log_message(element)
         # Not a Choice, so a Connection (mypy narrows `__class__ is` only where it holds).
         target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr, arg-type]
@@ -389,6 +392,7 @@ class Router:
     def set_filter(self, rules: Optional[FilterRules]) -> None:
         """New router-filter.xml rules (startup, SIGHUP)."""
         self.filter_rules = rules
+        self.filtering = bool(rules)
         self._dumps_off = set()
 
 
