@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import secrets
 import signal
 import sys
 import time
@@ -24,22 +23,25 @@ from jrouter.routing.router import Router
 from jrouter.config.filter_xml import FilterError, load_filter
 from jrouter.ops.logs import RouterLog
 from jrouter.ops.listener import raise_fd_limit
-from jrouter.ops.placement_state import PlacementState
 from jrouter.ops.server import ListenError, RouterServer
-from jrouter.ops.status import StatusListenError, StatusServer
 
 if TYPE_CHECKING:
     import ssl
 
     from jrouter.config import Config
+    from jrouter.ops.status import StatusServer
     from jrouter.routing.filter import FilterRules
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+# What secrets.choice is (the OS's random source); the secrets module itself
+# would load hmac and, through it, OpenSSL's libcrypto (~3.5 MiB) for the
+# process's life.
+_choice = random.SystemRandom().choice
 
 
 def make_id() -> str:
     """A stream id or nonce as jabberd2 makes them: 40 of [0-9a-z]."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(40))
+    return "".join(_choice(_ID_ALPHABET) for _ in range(40))
 
 
 def run(config_path: str, id_override: Optional[str] = None, debug: bool = False) -> int:
@@ -87,6 +89,8 @@ class RouterProcess:
                              filter_rules=filter_rules)
         state = None
         if self.config.placement_state_dir:
+            from jrouter.ops.placement_state import PlacementState   # json, tempfile: only then
+
             state = PlacementState(self.config.placement_state_dir, log.warning)
             self.router.table.restore(state.load())
         limits = self.config.connects_limit
@@ -97,7 +101,7 @@ class RouterProcess:
         try:
             self.server.start()
             status = self._start_status()
-        except (ListenError, StatusListenError) as exc:
+        except ListenError as exc:     # the status endpoint's StatusListenError too
             log.error(str(exc))
             return 1
         self._install_signals()
@@ -112,6 +116,8 @@ class RouterProcess:
         settings = self.config.status
         if settings is None or not settings.enabled:
             return None
+        from jrouter.ops.status import StatusServer   # and its HTTP, JSON and figures: only then
+
         status = StatusServer(settings, self.router, time.monotonic, self.log)
         status.start()
         return status

@@ -19,7 +19,6 @@ Must not know: the router, peers, sockets.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Optional
 
 
@@ -30,8 +29,11 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
+    # The process's own symbols, libc's among them: ctypes.util.find_library
+    # would run ldconfig in a subprocess, and import subprocess and shutil
+    # (~0.3 MiB kept for the process's life) to do so.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _MallInfo2
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.malloc_trim.restype = ctypes.c_int

@@ -1,15 +1,19 @@
 """The gevent shell: sockets, greenlets, timers and TLS around the sans-IO router.
 
-Each accepted socket gets a reader (the handler greenlet). When the router
-queues something for a peer (``Connection.on_output``) the peer is marked;
-right after each read, the reader that routed it flushes the marked peers:
+Each accepted socket gets a reader: the hub itself, through a read watcher
+whose callback reads what waits and returns (no greenlet, so an idle peer
+costs none), or, for a peer that must be able to wait while reading (TLS,
+a byte budget), a greenlet of its own (``_Peer``). When the router queues
+something for a peer (``Connection.on_output``) the peer is marked; right
+after each read, the reader that routed it flushes the marked peers:
 everything queued for one peer goes out in one non-blocking ``send`` if the
 kernel takes it. Only when a send would have to wait does the peer get a
 writer greenlet, the only greenlet that ever waits on that socket (house
 rule 5, as gevent requires); it sends what is left, and everything queued
 while it is busy, so order is kept, and it ends when nothing is left. An
-idle connection so costs no writer greenlet at all. A reader yields after
-every read, so one busy peer cannot starve the rest.
+idle connection so costs no writer greenlet at all. A reader takes one read
+at a time and lets the others have theirs, so one busy peer cannot starve
+the rest.
 
 This module must not know the protocols: it moves bytes and calls
 ``Connection.receive``, ``Router.connect``/``disconnect``/``tick``.
@@ -18,13 +22,11 @@ This module must not know the protocols: it moves bytes and calls
 from __future__ import annotations
 
 import errno
-import ssl
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import gevent
 from gevent import socket
-from gevent.pool import Pool
 
 from jrouter.ops.effects import EffectWriter
 from jrouter.ops.listener import Listener
@@ -34,6 +36,8 @@ from jrouter.wire.connection import ConnectionClosed
 from jrouter.errors import ListenError
 
 if TYPE_CHECKING:
+    import ssl
+
     from gevent import Greenlet
 
     from jrouter.config import Config
@@ -52,6 +56,14 @@ class RouterServer:
     shutdown_grace = 2.0
     #: seconds of silence after which a peer's parser is let go (Router.rest_idle)
     rest_after = 30.0
+    #: until a peer has sent this many bytes it is setting up (a header, SASL
+    #: or a handshake, its binds), and its parser is let go after every read
+    #: (``Connection.rest``; the next read renews it, ~5 us). An idle
+    #: component then holds no parser at all, and peers that connect one
+    #: after another reuse the same memory: held for 30 s, the parsers of
+    #: 1,000 components set up in a second left 10 MiB of holes in the heap
+    #: that no rest gave back (docs/architecture.md, memory).
+    settle_bytes = 4096
     #: seconds the TLS handshake may take
     tls_timeout = 30.0
     #: packets of a dead peer routed again before the other greenlets get a turn
@@ -74,7 +86,7 @@ class RouterServer:
         router.on_effects = self._schedule_flush
         # Unbounded: a pool that is full stops accepting, and peers would
         # wait unanswered; over max_fds a peer is refused at once instead.
-        self._pool = Pool()
+        self._handlers = _Greenlets()
         self._marked: list[_Peer] = []  # peers with output since the last flush
         self._flush_scheduled = False
         self._redelivering = False    # a greenlet is routing packets of dead peers again
@@ -103,7 +115,7 @@ class RouterServer:
         except OSError as exc:
             raise ListenError(f"[{ip}, port={port}] unable to listen ({exc.strerror})") from None
         self.router.started_at = self.clock()
-        self._server = Listener(listener, self._handle, self._pool.spawn, self.log.notice)
+        self._server = Listener(listener, self._handle, self._handlers.spawn, self.log.notice)
         self._server.start()
         self.log.notice(f"[{ip}, port={port}] listening for incoming connections")
         self._timer = gevent.spawn(self._time_checks)
@@ -146,11 +158,17 @@ class RouterServer:
             self._timer.kill()
         self.router.shutdown()
         self.save_placement()
-        self._pool.join(timeout=self.shutdown_grace)
+        self._wait_for_peers(self.shutdown_grace)
         for sock in list(self._sockets.values()):
             _shutdown(sock)
-        self._pool.join(timeout=1.0)
-        self._pool.kill(timeout=1.0)
+        self._wait_for_peers(1.0)
+        self._handlers.kill(timeout=1.0)
+
+    def _wait_for_peers(self, timeout: float) -> None:
+        """Until every peer is gone and torn down, or ``timeout`` s passed."""
+        deadline = time.monotonic() + timeout
+        while (self._sockets or self._handlers.greenlets) and time.monotonic() < deadline:
+            gevent.sleep(0.01)
 
     # -- one peer ----------------------------------------------------------
 
@@ -162,16 +180,35 @@ class RouterServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = self.router.connect(ip, port)
         connection.connected_at = self.clock()
-        key = id(connection)
-        self._sockets[key] = sock
+        self._sockets[id(connection)] = sock
         peer = _Peer(self, sock, connection)
-        try:
-            peer.run()
-        finally:
-            self._sockets.pop(key, None)
-            self.router.disconnect(connection, self.clock())
-            peer.finish()
+        if peer.raw is not None and self.config.bytes_limit.total <= 0:
+            peer.listen()       # this greenlet ends; the hub reads (the common case)
+            return
+        self.serve(peer)
 
+    def serve(self, peer: _Peer, start_tls: bool = False) -> None:
+        """A peer read by its own greenlet (a byte budget; TLS), to the end."""
+        try:
+            peer.run(start_tls)
+        finally:
+            self.disconnect(peer)
+            peer.let_go()
+            peer.close()
+
+    def disconnect(self, peer: _Peer) -> None:
+        """The peer's stream is over: the router lets it go."""
+        self._sockets.pop(id(peer.connection), None)
+        self.router.disconnect(peer.connection, self.clock())
+
+    def finish(self, peer: _Peer, error: Optional[Exception] = None) -> None:
+        """The end of a peer read by the hub (``_Peer.listen``), in a greenlet
+        of its own: the goodbye may have to wait for the socket. An error that
+        was not the peer's is raised again here, so that gevent reports it as
+        it reports a failed handler."""
+        peer.close()
+        if error is not None:
+            raise error
 
     def mark(self, peer: _Peer) -> None:
         """A peer has output: it goes out at the next flush, which the
@@ -245,7 +282,21 @@ class RouterServer:
 
 
 class _Peer:
-    """The reader loop and the writer greenlet of one connection."""
+    """The reader and the writer greenlet of one connection.
+
+    A plain TCP peer without a byte budget is read by the hub: ``listen``
+    starts a watcher whose callback reads whatever came, hands it to the
+    connection and returns (``_readable``); an idle connection so holds no
+    greenlet at all. A greenlet parked in ``recv`` kept ~8 KiB: its C stack
+    slice (~3 KiB, copied to the heap by greenlet), the page it touched of
+    the interpreter's 16 KiB frame stack, and the Greenlet itself
+    (docs/architecture.md, memory). STARTTLS and ``<limits><bytes>`` need a
+    reader that can wait (the TLS handshake and its reads, the byte budget's
+    pauses): such a peer gets the greenlet loop, ``run``.
+    """
+
+    __slots__ = ("server", "sock", "raw", "connection", "busy", "pending", "marked", "writer",
+                 "watcher")
 
     def __init__(self, server: RouterServer, sock: socket.socket, connection: Connection) -> None:
         self.server = server
@@ -258,8 +309,64 @@ class _Peer:
         # The writer greenlet lives only while a send has to wait: an idle
         # connection costs no greenlet of its own for writing.
         self.writer: Optional[Greenlet] = None
+        self.watcher: Any = None    # the hub's read watcher (listen), if the hub reads
         connection.outbox.on_output = self._mark
         connection.last_activity = server.clock()
+
+    def listen(self) -> None:
+        """Let the hub read this peer: ``_readable`` runs whenever bytes wait."""
+        self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self.watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        """One read, as ``run`` does one: read what waits, hand it to the
+        connection, flush. Runs in the hub, so it never waits: a peer that
+        must (STARTTLS) goes on in a greenlet of its own, and the end of the
+        stream is finished in one (``RouterServer.finish``)."""
+        connection = self.connection
+        try:
+            received = self.raw.recv_into(_READ_BUFFER, self.server.read_size)  # type: ignore[union-attr]  # listen() only with raw
+            if not received:
+                self._stop()
+                return
+            data = bytes(_READ_VIEW[:received])
+            connection.last_activity = now = self.server.clock()
+            connection.receive(data, now)
+            if connection.counters.bytes_in < self.server.settle_bytes:
+                connection.rest()
+            self.server.flush()
+            if connection.starting_tls:
+                self._unwatch()
+                self.server._handlers.spawn(self._serve_tls)
+        except BlockingIOError:
+            pass                    # woken for nothing: the next turn reads
+        except ConnectionClosed:
+            self._stop()
+        except OSError as exc:
+            self._log_read_error(exc)
+            self._stop()
+        except Exception as exc:    # a bug: the stream ends, and gevent reports it
+            self._stop(exc)
+
+    def _serve_tls(self) -> None:
+        self.server.serve(self, start_tls=True)
+
+    def _unwatch(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+
+    def _stop(self, error: Optional[Exception] = None) -> None:
+        """The stream read by the hub is over: as ``RouterServer.serve`` ends one."""
+        self._unwatch()
+        self.server.disconnect(self)
+        self.let_go()
+        self.server._handlers.spawn(self.server.finish, self, error)
+
+    def _log_read_error(self, exc: OSError) -> None:
+        if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, None):
+            self.server.log.notice(f"{self.connection.label} read error: {exc}")
 
     def _start_writer(self) -> None:
         if self.writer is None or self.writer.dead:
@@ -298,13 +405,19 @@ class _Peer:
             self.pending = data[sent:]
             self._start_writer()
 
-    def run(self) -> None:
+    def run(self, start_tls: bool = False) -> None:
+        """Read in this greenlet till the stream ends (after STARTTLS first,
+        if the hub read the peer up to its ``<starttls/>``)."""
         connection = self.connection
         clock = self.server.clock
         read_size = self.server.read_size
         limit = self.server.config.bytes_limit
         budget = RateCounter(limit) if limit.total > 0 else None
+        settle = self.server.settle_bytes
+        counters = connection.counters
         try:
+            if start_tls:
+                self._start_tls()
             while True:
                 size = read_size if budget is None else self._allowance(budget)
                 received = self.sock.recv_into(_READ_BUFFER, size)
@@ -315,6 +428,8 @@ class _Peer:
                 if budget is not None:
                     budget.add(now, len(data))
                 connection.receive(data, now)
+                if counters.bytes_in < settle:
+                    connection.rest()
                 self.server.flush()
                 if connection.starting_tls:
                     self._start_tls()
@@ -323,9 +438,8 @@ class _Peer:
                 gevent.sleep(0)
         except ConnectionClosed:
             pass
-        except (OSError, ssl.SSLError) as exc:
-            if exc.errno not in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, None):
-                self.server.log.notice(f"{connection.label} read error: {exc}")
+        except OSError as exc:         # ssl.SSLError among them
+            self._log_read_error(exc)
 
     def _allowance(self, budget: RateCounter) -> int:
         """How much the next read may take under <limits><bytes> (protocol §3.9):
@@ -356,7 +470,7 @@ class _Peer:
                 if not connection.closing:
                     return
                 break
-        except (OSError, ssl.SSLError):
+        except OSError:                # ssl.SSLError among them
             self.busy = False
             connection.forget()
         _shutdown(self.sock)
@@ -382,7 +496,7 @@ class _Peer:
                 # Set: the router offers STARTTLS only with a context (tls_available).
                 self.sock = self.server.tls_context.wrap_socket(  # type: ignore[union-attr]
                     self.sock, server_side=True)
-        except (OSError, ssl.SSLError, gevent.Timeout) as exc:
+        except (OSError, gevent.Timeout) as exc:     # OSError: ssl.SSLError too
             self.server.log.notice(f"{connection.label} TLS handshake failed: {exc}")
             raise ConnectionClosed() from None
         leftover = connection.tls_started()
@@ -390,11 +504,15 @@ class _Peer:
             self.server.log.notice(f"{connection.label} sent data in the clear after <starttls/>")
             raise ConnectionClosed()
 
-    def finish(self) -> None:
-        """Let the writer flush what is queued (bounded), then close. What the
-        socket had not taken was routed again by the router: it is not sent."""
+    def let_go(self) -> None:
+        """The stream is over (the router has let it go): nothing more is
+        read or queued. What the socket had not taken was routed again by
+        the router: it is not sent."""
         self.connection.forget()
         self.pending = b""
+
+    def close(self) -> None:
+        """Let the writer flush what is queued (bounded), then close."""
         self._start_writer()            # so there is a writer (the type cannot tell)
         self.writer.join(timeout=self.server.shutdown_grace)  # type: ignore[union-attr]
         self.writer.kill(block=False)  # type: ignore[union-attr]
@@ -402,6 +520,25 @@ class _Peer:
             self.sock.close()
         except OSError:
             pass
+
+
+class _Greenlets:
+    """The greenlets the shell spawns for its peers (the accept's handler, a
+    greenlet reader, a peer's end), kept to be waited for and killed at
+    stop: what gevent.pool.Group does for the server, without importing
+    gevent.pool (with its queue, lock and monkey modules, ~1.4 MiB)."""
+
+    def __init__(self) -> None:
+        self.greenlets: set[Greenlet] = set()
+
+    def spawn(self, func: Callable[..., Any], *args: Any) -> Greenlet:
+        greenlet = gevent.spawn(func, *args)
+        self.greenlets.add(greenlet)
+        greenlet.rawlink(self.greenlets.discard)
+        return greenlet
+
+    def kill(self, timeout: float) -> None:
+        gevent.killall(list(self.greenlets), timeout=timeout)
 
 
 #: Every peer's reads land here first (one greenlet runs at a time, and a

@@ -26,8 +26,6 @@ queued and closes the socket.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeAlias
 
 from jrouter.errors import ConnectionClosed
@@ -89,10 +87,24 @@ _MOVES = {
     State.CLOSED: set(),
 }
 _AUTHENTICATED = (State.ONLINE, State.LEGACY)
+#: No stream header's namespaces to intern (shared, never changed: replaced).
+_NO_HEADER: tuple[Optional[str], dict[str, str]] = (None, {})
 
 
 class Connection:
     """One peer, as the router sees it."""
+
+    # One per peer: slots keep it at ~300 bytes (as a dict of its 34
+    # attributes, too many to share keys, it was ~1.5 KiB; issue 12). The
+    # ``__dict__`` slot is made only if something sets an attribute of its
+    # own (a test wrapping a method): an idle connection has none.
+    __slots__ = ("router", "ip", "port", "label", "reader", "state", "stream_id", "header_sent",
+                 "protocol", "protocol_port", "default_ns", "context", "input_key", "plain_key",
+                 "extra_prefixes", "_header_namespaces", "requested_name", "stream_from",
+                 "payload_ns", "tls_restart_offset", "_restart_leftover", "sasl", "user",
+                 "auth_id", "realm", "tls_active", "auth_failures", "names", "closing",
+                 "last_activity", "connected_at", "counters", "outbox", "send", "deliver",
+                 "data_to_send", "__weakref__", "__dict__")
 
     def __init__(self, router: Router, ip: str, port: int) -> None:
         self.router = router
@@ -112,7 +124,7 @@ class Connection:
         self.plain_key: Optional[ContextKey] = None  # the same without prefixes beyond xmlns:stream
         self.extra_prefixes: tuple[bytes, ...] = ()  # b"p:" for each of those prefixes
         # The last stream header's default namespace and prefixes, until they are interned.
-        self._header_namespaces: tuple[Optional[str], dict[str, str]] = (None, {})
+        self._header_namespaces = _NO_HEADER
         self.requested_name: Optional[str] = None    # XEP-0114: the header's 'to'
         self.stream_from: Optional[str] = None       # XEP-0114: the header's 'from'
         self.payload_ns = NS_ACCEPT  # XEP-0114: the namespace its stanzas are delivered in
@@ -284,6 +296,7 @@ class Connection:
         self._move(state)
         self.context, self.input_key, self.plain_key, self.extra_prefixes = \
             _namespace_keys(self.router, *self._header_namespaces)
+        self._header_namespaces = _NO_HEADER    # interned now: the header's copy goes
         self.router.log.notice(f"{self.label} authenticated as {self.auth_id}")
         self.protocol_port = self.router.protocol_port(protocol)
         self.protocol_port.online(self, now)
@@ -451,6 +464,11 @@ def handshake_refusal(offered: str, stream_id: str, secret: Optional[str]) -> Op
         return "handshake isn't long enough to be a sha1 hash"
     if secret is None:
         return NO_SECRET
+    # Imported here, once per handshake: hashlib and hmac bring OpenSSL's
+    # libcrypto (~3.5 MiB resident), which only authentication needs.
+    import hashlib
+    import hmac
+
     expected = hashlib.sha1((stream_id + secret).encode()).hexdigest()
     if not hmac.compare_digest(offered.encode(), expected.encode()):
         return "hash didn't match, auth failed"

@@ -55,8 +55,11 @@ class Outbox:
         self.overflowed = False
         # Routed packets handed to the shell whose bytes it has not written
         # yet, as (where they end in the stream, route, key, sender): a peer
-        # cut off meanwhile never got them (see sent()).
-        self.unacked: deque[tuple[int, Element, Optional[ContextKey], Optional[Connection]]] = deque()
+        # cut off meanwhile never got them (see sent()). Made by the first
+        # write that stops short, dropped when all is written: an empty deque
+        # is ~0.7 KiB, and most peers never need one.
+        self.unacked: Optional[deque[tuple[int, Element, Optional[ContextKey],
+                                           Optional[Connection]]]] = None
         # Batches handed over and not written in full yet, as (stream offset
         # of the batch, its out list, its routed list): where each packet
         # ends is worked out only if a write stops short (_unpack), since
@@ -137,8 +140,8 @@ class Outbox:
             taken = {entry[0] for entry in routed}
             self.out[:] = [data for i, data in enumerate(self.out) if i not in taken]
         self._unpack()
-        unsent: list[Routed] = [(route, key, sender) for _end, route, key, sender in self.unacked]
-        self.unacked.clear()
+        unsent: list[Routed] = [(route, key, sender) for _end, route, key, sender in self.unacked or ()]
+        self.unacked = None
         unsent.extend((route, key, sender) for _position, route, key, sender in routed)
         unsent.extend((route, key, sender) for _data, route, key, sender in self.held or ()
                       if route is not None)
@@ -167,7 +170,11 @@ class Outbox:
 
     def _unpack(self) -> None:
         """Where each routed packet of the batches handed over ends in the stream."""
+        if not self.batches:
+            return
         unacked = self.unacked
+        if unacked is None:
+            unacked = self.unacked = deque()
         for end, out, routed in self.batches:
             ends = []
             for data in out:
@@ -184,8 +191,7 @@ class Outbox:
         if self.acked >= self.handed:
             if self.batches:
                 self.batches.clear()
-            if self.unacked:
-                self.unacked.clear()
+            self.unacked = None
             return
         self._unpack()
         unacked = self.unacked

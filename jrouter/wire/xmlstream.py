@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import pyexpat
 import re
+import weakref
 from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from jrouter.errors import ProtocolError
@@ -145,10 +146,23 @@ class NamespaceContext:
     """The namespace declarations in force at the top level of one stream.
 
     Shared by every element of the stream: it is what ``Element.tree()``
-    needs to parse a raw element on its own.
+    needs to parse a raw element on its own. Never changed once made, so
+    streams whose headers declare the same, in the same order, share one
+    (``shared``): ~0.5 KiB less per connection.
     """
 
-    __slots__ = ("default_ns", "prefixes", "declarations", "opening")
+    __slots__ = ("default_ns", "prefixes", "declarations", "opening", "__weakref__")
+
+    @classmethod
+    def shared(cls, default_ns: Optional[str], prefixes: Mapping[str, str]) -> NamespaceContext:
+        """The context of these declarations that live streams already
+        share, or a new one. It lives as long as an element or a stream
+        holds it: what peers declare is not kept after them."""
+        key = (default_ns, tuple(prefixes.items()))
+        context = _CONTEXTS.get(key)
+        if context is None:
+            context = _CONTEXTS[key] = cls(default_ns, prefixes)
+        return context
 
     def __init__(self, default_ns: Optional[str], prefixes: Mapping[str, str]) -> None:
         self.default_ns = default_ns
@@ -270,6 +284,12 @@ class Element:
     def __repr__(self) -> str:
         return f"Element({self.raw[:80]!r})"
 
+
+#: The contexts live streams share (``NamespaceContext.shared``), by their declarations.
+_CONTEXTS: weakref.WeakValueDictionary[tuple[Optional[str], tuple[tuple[str, str], ...]],
+                                       NamespaceContext] = weakref.WeakValueDictionary()
+#: Stream root names (b"stream:stream"), one object each; a few at most.
+_ROOT_NAMES: dict[bytes, bytes] = {}
 
 #: Bytes a stream reader's expat parser reads before it is renewed (``_renew``).
 RENEW_AFTER = 1 << 18
@@ -470,7 +490,7 @@ class StreamReader:
     def _open(self, name: str, attrs: dict[str, str]) -> None:
         # Later declarations belong to stanzas, not to the stream context.
         self._parser.StartNamespaceDeclHandler = _vet_declaration
-        self.context = NamespaceContext(self._header_default, self._header_prefixes)
+        context = self.context = NamespaceContext.shared(self._header_default, self._header_prefixes)
         offset = self._parser.CurrentByteIndex - self._base
         # No NUL is ever UTF-8 XML: a NUL beside the header's '<' means
         # UTF-16, which expat detects on its own even when told UTF-8.
@@ -478,8 +498,11 @@ class StreamReader:
             raise StreamError("unsupported-encoding", "only UTF-8 is supported")
         tag = _match_tag(self._buffer, offset)
         self._keep_from = self._base + tag.end()
-        self._root_name = tag.group(1)      # _renew reopens the stream with it
-        self._events.append(StreamOpen(name, attrs, self._header_default, dict(self._header_prefixes)))
+        root = tag.group(1)                 # _renew reopens the stream with it
+        self._root_name = _ROOT_NAMES.setdefault(root, root) if len(_ROOT_NAMES) < 16 else root
+        # The shared context's strings: the header's own copies go with the event.
+        self._events.append(StreamOpen(name, attrs, context.default_ns, dict(context.prefixes)))
+        self._header_default, self._header_prefixes = None, {}
 
     # -- public API --------------------------------------------------------
 
