@@ -28,7 +28,8 @@ from jrouter.ops.server import ListenError, RouterServer
 if TYPE_CHECKING:
     import ssl
 
-    from jrouter.config import Config
+    from jrouter.config import ClusterSettings, Config
+    from jrouter.ops.cluster_node import ClusterNode
     from jrouter.ops.status import StatusServer
     from jrouter.routing.filter import FilterRules
 
@@ -73,6 +74,7 @@ class RouterProcess:
         # Made by run(), before the signal handlers that reload are installed.
         self.router: Router = None  # type: ignore[assignment]
         self.server: Optional[RouterServer] = None
+        self.cluster: Optional[ClusterNode] = None     # with <cluster>: this node's part
 
     def run(self) -> int:
         log = self.log
@@ -98,18 +100,38 @@ class RouterProcess:
             self.config, self.router, log, access=self.config.access, tls_context=tls_context,
             connect_limiter=ConnectLimiter(limits) if limits.total > 0 else None,
             placement_state=state)
+        cluster = None
         try:
+            if self.config.cluster is not None:
+                cluster = self._join_cluster(self.config.cluster)
             self.server.start()
             status = self._start_status()
         except ListenError as exc:     # the status endpoint's StatusListenError too
             log.error(str(exc))
+            if cluster is not None:
+                cluster.stop()
             return 1
         self._install_signals()
         self.stopping.wait()
         if status is not None:
             status.stop()
         self.server.stop()
+        if cluster is not None:
+            cluster.stop()
         return 0
+
+    def _join_cluster(self, settings: ClusterSettings) -> ClusterNode:
+        """One node of several (<cluster>): links and the table in etcd come
+        up before components are accepted, so that their binds are known to
+        every node (waiting bind-wait at most; the agent keeps trying)."""
+        from jrouter.ops.cluster_node import ClusterNode   # etcd, peer links: only then
+
+        assert self.server is not None
+        node = ClusterNode(settings, self.router, self.server, self.log,
+                           self.config.queue_limit, self.config.stanza_size_limit)
+        node.start(join_timeout=max(settings.etcd.bind_wait, settings.etcd.timeout))
+        self.cluster = node
+        return node
 
     def _start_status(self) -> Optional[StatusServer]:
         """The operator's read-only HTTP endpoint, when <status> asks for it."""

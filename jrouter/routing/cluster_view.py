@@ -24,17 +24,40 @@ batch of changes the members of every name it touched are put in that
 order. A local member whose key etcd has not confirmed yet comes last (it
 is placed in order once the watch brings its key, a few milliseconds later).
 
+This node's own binds go into the cluster table through effects the shell
+carries out (``take_effects``): a member key for every name a local
+connection joins (``RegisterMember``, ``UnregisterMember``), and, before a
+bind that must be unique cluster-wide (a name without ``multi``, a default
+route) goes ahead, a claim (``Claim``): the bind waits for etcd's answer
+(``claimed``), which is what makes two nodes binding one name at once get
+one success and one 409 (docs/cluster.md, §8).
+
+Packets for a member on another node go to the shell's peer link with the
+member stamped (``Forward``). A link that is not open, or that went down
+with packets the socket never took, leaves them here, held for that node
+(bounded): they go out when the link is back, or, once the member has left
+the table (its node's lease expired), they are placed again by the name's
+policy through the router's redelivery. A packet another node forwarded is
+delivered to the member it names; if that member is gone it is placed again
+here, one hop further, never past ``<cluster><hops>``.
+
 Must not know: sockets, etcd, the clock (``now`` is handed in), the peer
 link's bytes (``forward`` takes a route and its member).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
 
 from jrouter.cluster.mirror import (DefaultChanged, Member, MemberJoined, MemberLeft, MemberRef,
                                     TableMirror)
+from jrouter.routing.placement import HOLD, Choice
+from jrouter.routing.table import SINGLE
+from jrouter.wire.connection import NS_COMPONENT
 from jrouter.wire.counters import Counters
+from jrouter.wire.jid import parse_jid
 
 if TYPE_CHECKING:
     from jrouter.cluster.mirror import Change
@@ -42,9 +65,74 @@ if TYPE_CHECKING:
     from jrouter.wire.connection import Connection, ContextKey
     from jrouter.wire.xmlstream import Element
 
-#: forward(member, route, key, sender): send a route to a member on another
-#: node (the shell's peer link); sender is the local connection it came from.
-Forward = Callable[["RemoteMember", "Element", "Optional[ContextKey]", "Optional[Connection]"], None]
+#: forward(node, data, member, hops, tag): queue a route's bytes for a member
+#: on another node on the peer link to it; False when no link is open (the
+#: packet is not taken). ``tag`` comes back with it if the link loses it.
+Forward = Callable[[str, bytes, str, int, "Routed"], bool]
+#: broadcast(data, hops): a broadcast route's bytes to every other node.
+Broadcast = Callable[[bytes, int], None]
+
+
+# -- what the shell carries out (take_effects) -------------------------------
+
+@dataclass(frozen=True)
+class RegisterMember:
+    """Put ``members/<name>/<node>/<member>`` (under the node's lease)."""
+
+    name: str
+    member: str
+    kind: str
+    identity: Optional[str]
+
+
+@dataclass(frozen=True)
+class UnregisterMember:
+    """Delete a member key this node put."""
+
+    name: str
+    member: str
+
+
+@dataclass(eq=False)
+class Claim:
+    """A bind waiting for etcd: ``unique/<name>`` and/or the default route
+    for ``member``. The shell answers with ``ClusterView.claimed``."""
+
+    connection: Connection
+    name: str
+    member: str
+    unique: bool
+    default: bool
+    #: resume(refusal, now): the bind goes on (refusal None) or is answered
+    #: with the error code ("409": taken; "503": etcd did not answer)
+    resume: Callable[[Optional[str], float], None] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ReleaseClaim:
+    """Delete ``unique/<name>`` and/or the default route, if ``member`` still holds them."""
+
+    name: str
+    member: str
+    unique: bool
+    default: bool
+
+
+@dataclass(frozen=True)
+class HeldName:
+    """A name a local connection holds (``ClusterView.held_names``): its
+    member key, ``unique/<name>`` when its kind is single, the default route."""
+
+    name: str
+    member: str
+    kind: str
+    identity: Optional[str]
+    default: bool
+
+
+Effect = Union[RegisterMember, UnregisterMember, Claim, ReleaseClaim]
+#: A packet as routing keeps it to route again: (route, its sender's key, sender).
+Routed = tuple["Element", "Optional[ContextKey]", "Optional[Connection]"]
 
 
 class RemotePort:
@@ -54,11 +142,18 @@ class RemotePort:
 
     advertised = False          # remote members hear advertisements from their own node
 
-    def __init__(self, forward: Forward) -> None:
-        self.forward = forward
+    def __init__(self, view: ClusterView, plain: ContextKey) -> None:
+        self.view = view
+        self.plain = plain      # a jabberd2 component's context with nothing more declared
 
     def outbound(self, target: RemoteMember, route: Element, key: Optional[ContextKey]) -> bytes:
-        return route.raw        # not used: RemoteMember.deliver forwards the route itself
+        """The route as it must cross: bytes that mean on a plain component
+        stream what they meant on the sender's (docs/cluster.md §3)."""
+        if key is None or key is self.plain:
+            return route.raw
+        from lxml import etree
+
+        return etree.tostring(route.tree())
 
     @staticmethod
     def identity(member: RemoteMember) -> Optional[str]:
@@ -84,11 +179,11 @@ class RemoteMember:
 
     def deliver(self, data: bytes, route: Optional[Element] = None,
                 key: Optional[ContextKey] = None, sender: Optional[Connection] = None) -> None:
-        """Send a routed packet on to the member's node (``data``, the bytes a
-        local member would get, is not what crosses: the route is)."""
+        """Send a routed packet on to the member's node: ``data`` is the
+        route as it crosses (``RemotePort.outbound``)."""
         self.counters.packets_out += 1
         if route is not None:
-            self.protocol_port.forward(self, route, key, sender)
+            self.protocol_port.view.forward(self, data, (route, key, sender))
 
     def send(self, data: bytes) -> None:
         """Advertisements and other router-made bytes: its own node sends them."""
@@ -97,20 +192,43 @@ class RemoteMember:
         return f"RemoteMember{self.label}"
 
 
+class _Waiting:
+    """Packets for one node's members that its link did not take, oldest first."""
+
+    __slots__ = ("packets", "size")
+
+    def __init__(self) -> None:
+        self.packets: deque[tuple[str, bytes, int, Routed]] = deque()  # member, data, hops, routed
+        self.size = 0
+
+
 class ClusterView:
     """This node's part in the cluster's one route table."""
 
-    def __init__(self, router: Router, node: str, mirror: TableMirror, forward: Forward) -> None:
+    def __init__(self, router: Router, node: str, mirror: TableMirror,
+                 forward: Forward, broadcast: Optional[Broadcast] = None,
+                 max_hops: int = 2, hold_limit: int = 16 << 20) -> None:
         self.router = router
         self.node = node
         self.mirror = mirror
-        self.port = RemotePort(forward)
+        self.send_forward = forward
+        self.send_broadcast = broadcast
+        self.max_hops = max_hops
+        self.hold_limit = hold_limit          # bytes held for one node whose link is not open
+        self.port = RemotePort(self, router.output_context(NS_COMPONENT))
         self.remote: dict[MemberRef, RemoteMember] = {}
         # This node's own members: its connections by member id, and back.
         self.local: dict[str, Connection] = {}
         self.ids: dict[Connection, str] = {}
         self._next_id = 0
         self.run = ""           # set by the shell: this run's lease, so ids never repeat
+        self.effects: list[Effect] = []
+        self.on_effects: Callable[[], None] = _nothing
+        self.waiting: dict[str, _Waiting] = {}
+        self.hops_in = 0        # while a forwarded packet is placed again: the hops it crossed
+        # packets_in: routes other nodes sent here; drops: none could take
+        # it, or past the hop limit; bounces: more held for a node than allowed
+        self.counters = Counters()
 
     # -- local members -------------------------------------------------------
 
@@ -129,18 +247,84 @@ class ClusterView:
         if member is not None:
             del self.local[member]
 
+    def joined(self, connection: Connection, name: str, kind: str) -> None:
+        """A connection of this node joined ``name`` (Membership.join): its member key."""
+        if connection.protocol_port is self.port:
+            return
+        identity = connection.protocol_port.identity(connection)
+        self._effect(RegisterMember(name, self.member_id(connection), kind, identity))
+
+    def left(self, connection: Connection, name: str, kind: Optional[str], default: bool) -> None:
+        """A connection of this node left ``name``: its keys go; its claims
+        (a name without multi, the default route it held) are released."""
+        if connection.protocol_port is self.port:
+            return
+        member = self.ids.get(connection)
+        if member is None:
+            return
+        self._effect(UnregisterMember(name, member))
+        if kind == SINGLE or default:
+            self._effect(ReleaseClaim(name, member, unique=kind == SINGLE, default=default))
+        if not connection.names:
+            self.forget(connection)     # a bind after this is a new member
+
+    def claim(self, connection: Connection, name: str, unique: bool, default: bool,
+              resume: Callable[[Optional[str], float], None]) -> None:
+        """A bind that must be unique in the cluster waits for etcd (``claimed``)."""
+        self._effect(Claim(connection, name, self.member_id(connection), unique, default, resume))
+
+    def claimed(self, claim: Claim, refusal: Optional[str], now: float) -> None:
+        """etcd's answer to a claim: the bind goes on or is refused; a
+        connection gone meanwhile gives back what it was granted."""
+        connection = claim.connection
+        if connection not in self.router.connections or connection.closing:
+            if refusal is None:
+                self._effect(ReleaseClaim(claim.name, claim.member, claim.unique, claim.default))
+            return
+        if refusal == "409":
+            self.router.log.notice(f"{connection.label} tried to bind '{claim.name}', but it's "
+                                   "already bound on another node")
+        elif refusal is not None:
+            self.router.log.notice(f"{connection.label} tried to bind '{claim.name}', but the "
+                                   "cluster's table (etcd) did not answer in time")
+        claim.resume(refusal, now)
+        if refusal is None and claim.name not in connection.names:   # no slot left for it
+            self._effect(ReleaseClaim(claim.name, claim.member, claim.unique, claim.default))
+
+    def held_names(self) -> list[HeldName]:
+        """What this node holds in the table, to write again under a new
+        lease: each name of each local connection, with its claims."""
+        held: list[HeldName] = []
+        default = self.router.table.default_name
+        for member, connection in self.local.items():
+            identity = connection.protocol_port.identity(connection)
+            for name, kind in connection.names.items():
+                held.append(HeldName(name, member, kind, identity, name == default))
+        return held
+
+    def take_effects(self) -> list[Effect]:
+        effects, self.effects = self.effects, []
+        return effects
+
+    def _effect(self, effect: Effect) -> None:
+        self.effects.append(effect)
+        if len(self.effects) == 1:
+            self.on_effects()
+
     # -- the table's changes -------------------------------------------------
 
     def apply(self, changes: Iterable[Change], now: float) -> None:
         """One batch of the mirror's changes (never one event at a time:
         held packets are placed once per batch)."""
         touched: set[str] = set()
+        gone: list[MemberRef] = []
         for change in changes:
             if isinstance(change, MemberJoined) and change.member.node != self.node:
                 self._joined(change.member, now)
                 touched.add(change.member.name)
             elif isinstance(change, MemberLeft) and change.member.node != self.node:
-                self._left(change.member, now)
+                if self._left(change.member, now):
+                    gone.append(change.member.ref)
                 touched.add(change.member.name)
             elif isinstance(change, MemberJoined | MemberLeft):
                 touched.add(change.member.name)     # ours: only its place in the order
@@ -148,6 +332,17 @@ class ClusterView:
                 self._default(change)
         for name in touched:
             self.put_in_order(name)
+        if gone:
+            self._place_again_held(set(gone))
+
+    def forget_remote(self, now: float) -> None:
+        """Every member on another node leaves (this node is fenced: it
+        acts as if it were alone, and out of the cluster)."""
+        for remote in list(self.remote.values()):
+            for name in list(remote.names):
+                self.router.membership.leave(remote, name, now)  # type: ignore[arg-type]
+        self.remote.clear()
+        self._place_again_held(None)
 
     def _joined(self, member: Member, now: float) -> None:
         remote = self.remote.get(member.ref)
@@ -160,13 +355,16 @@ class ClusterView:
             # One router tells its components of every bind (protocol §4.3).
             self.router.membership.advertise(member.name, remote, available=True)  # type: ignore[arg-type]
 
-    def _left(self, member: Member, now: float) -> None:
+    def _left(self, member: Member, now: float) -> bool:
+        """True when the remote member has no name left (it is gone)."""
         remote = self.remote.get(member.ref)
         if remote is None:
-            return
+            return False
         self.router.membership.leave(remote, member.name, now)  # type: ignore[arg-type]
         if not remote.names:
             del self.remote[member.ref]
+            return True
+        return False
 
     def _default(self, change: DefaultChanged) -> None:
         table = self.router.table
@@ -194,15 +392,149 @@ class ClusterView:
         ordered += [member for member in route.members if id(member) not in placed]
         route.members[:] = ordered
 
+    # -- packets to other nodes ----------------------------------------------
+
+    def forward(self, target: RemoteMember, data: bytes, routed: Routed) -> None:
+        """Routing chose ``target``, on another node: over the link, stamped
+        with the member, or held for the node while its link is not open."""
+        hops = self.hops_in + 1
+        if hops > self.max_hops:
+            self._past_hop_limit(routed)
+            return
+        node, member = target.ref
+        waiting = self.waiting.get(node)
+        if waiting is None and self.send_forward(node, data, member, hops, routed):
+            return
+        self._hold(node, member, data, hops, routed)
+
+    def broadcast(self, data: bytes) -> None:
+        """A broadcast route from a local connection, to every other node
+        (each gives it to its own connections: each gets it once)."""
+        if self.send_broadcast is not None:
+            self.send_broadcast(data, 1)
+
+    def _hold(self, node: str, member: str, data: bytes, hops: int, routed: Routed) -> None:
+        waiting = self.waiting.get(node)
+        if waiting is None:
+            waiting = self.waiting[node] = _Waiting()
+        if waiting.size + len(data) > self.hold_limit:
+            # Not placed again: the node is in the table, so placement would
+            # choose its member again. Back to the sender, as a full queue.
+            route, _key, sender = routed
+            self.counters.bounces += 1
+            if sender is not None and sender in self.router.connections:
+                self.router.bounce(sender, route, "503")
+            return
+        waiting.packets.append((member, data, hops, routed))
+        waiting.size += len(data)
+
+    def link_down(self, node: str, unsent: Iterable[tuple[Optional[str], bytes, int, object]]) -> None:
+        """The link to ``node`` went down; ``unsent`` (member, data, hops, tag)
+        is what its socket never took, oldest first: held again, ahead of
+        what waits already; broadcasts are lost with the link."""
+        waiting = self.waiting.pop(node, None)
+        for member, data, hops, tag in unsent:
+            if member is not None:
+                self._hold(node, member, data, hops, tag)   # type: ignore[arg-type]
+        if waiting is not None:
+            again = self.waiting.setdefault(node, _Waiting())
+            again.packets.extend(waiting.packets)
+            again.size += waiting.size
+        if not any(ref.node == node for ref in self.remote):
+            self._place_again_held(self._held_refs(node))   # its members left already
+
+    def link_up(self, node: str) -> None:
+        """The link to ``node`` is open: what was held for it goes out."""
+        waiting = self.waiting.pop(node, None)
+        if waiting is None:
+            return
+        packets = waiting.packets
+        while packets:
+            member, data, hops, routed = packets.popleft()
+            if not self.send_forward(node, data, member, hops, routed):
+                packets.appendleft((member, data, hops, routed))
+                self.waiting[node] = waiting
+                return
+
+    def _held_refs(self, node: str) -> set[MemberRef]:
+        waiting = self.waiting.get(node)
+        return {MemberRef(node, member) for member, *_ in waiting.packets} if waiting else set()
+
+    def _place_again_held(self, gone: Optional[set[MemberRef]]) -> None:
+        """Members gone from the table (None: every remote one): what was held
+        for them is placed again by their names' policies (redelivery)."""
+        for node in list(self.waiting):
+            waiting = self.waiting[node]
+            keep: deque[tuple[str, bytes, int, Routed]] = deque()
+            again: list[Routed] = []
+            for packet in waiting.packets:
+                if gone is None or MemberRef(node, packet[0]) in gone:
+                    again.append(packet[3])
+                else:
+                    keep.append(packet)
+            if again:
+                self.router.redelivery.add(f"[node {node}]", again)
+                self.router.on_effects()
+            if keep:
+                waiting.packets = keep
+                waiting.size = sum(len(packet[1]) for packet in keep)
+            else:
+                del self.waiting[node]
+
+    def _past_hop_limit(self, routed: Routed) -> None:
+        route, _key, sender = routed
+        self.counters.drops += 1
+        self.router.log.notice(f"packet to '{route.attrs.get('to')}' would cross more than "
+                               f"{self.max_hops} nodes (cluster.hops): bounced")
+        if sender is not None and sender in self.router.connections:
+            self.router.bounce(sender, route, "503")
+
     # -- packets from other nodes --------------------------------------------
 
-    def forwarded(self, route: Element, member: str, now: float) -> bool:
+    def forwarded(self, route: Element, member: str, now: float, hops: int = 1) -> bool:
         """A route another node placed on ``member``, one of ours: delivered
-        as if a local component had sent it; False if the member is gone
-        (the caller bounces it or places it again, by the hop limit)."""
+        as if a local component had sent it. If the member is gone it is
+        placed again here, one hop further (False if nothing could take it)."""
+        self.counters.packets_in += 1
+        key = self.port.plain      # a route on a peer link stands in a plain component context
         target = self.local.get(member)
-        if target is None or target.closing:
+        if target is not None and not target.closing:
+            target.deliver(target.protocol_port.outbound(target, route, key), route, key, None)
+            return True
+        return self._place_again(route, key, hops, now)
+
+    def _place_again(self, route: Element, key: ContextKey, hops: int, now: float) -> bool:
+        router = self.router
+        to = parse_jid(route.attrs.get("to") or "")
+        from_ = parse_jid(route.attrs.get("from") or "")
+        found = router.route_for(to.domain, from_.domain if from_ else None) if to else None
+        if found is None or to is None:
+            self.counters.drops += 1
             return False
-        key = None      # the peer link's routes stand alone in the node's stream context
-        target.deliver(target.protocol_port.outbound(target, route, key), route, key, None)
+        self.hops_in = hops
+        try:
+            target = router.placement.target(found, route, to, now)
+            if target.__class__ is Choice:
+                if target.action == HOLD:
+                    router.hold(found, target, (None, route, key), now)
+                    return True
+                self.counters.drops += 1
+                return False
+            target.deliver(target.protocol_port.outbound(target, route, key),  # type: ignore[union-attr, arg-type]
+                           route, key, None)
+        finally:
+            self.hops_in = 0
         return True
+
+    def broadcasted(self, route: Element) -> None:
+        """A broadcast from another node: once to each of this node's
+        authenticated connections (protocol §4.6)."""
+        self.counters.packets_in += 1
+        key = self.port.plain
+        for target in self.router.connections:
+            if target.authenticated:
+                target.deliver(target.protocol_port.outbound(target, route, key))
+
+
+def _nothing() -> None:
+    pass

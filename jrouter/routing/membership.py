@@ -63,6 +63,9 @@ class Membership:
         connection.names[name] = kind
         if slot is not None:
             self.router.deliver_held(route, slot, connection)
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.joined(connection, name, kind)     # its member key in the cluster table
         return route, slot
 
     def replace_instance(self, name: str, connection: Connection, now: float) -> bool:
@@ -126,10 +129,14 @@ class Membership:
         remaining, slot = table.remove(name, connection)
         if route is not None:
             self.router.placement.member_left(route, slot, now, connection)
-        connection.names.pop(name, None)
-        if table.default_name == name:
+        kind = connection.names.pop(name, None)
+        was_default = table.default_name == name
+        if was_default:
             table.default_name = None
             self.log.notice(f"[{name}] default route offline")
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.left(connection, name, kind, was_default)
         self.log.notice(f"[{name}] offline")
         if reply is not None:
             reply()

@@ -152,6 +152,21 @@ class ComponentPort:
         refusal = self._refusal(connection, name, multi, wants_default, wants_log, now)
         if refusal is not None:
             return _reply(connection, request, refusal)
+        cluster = self.router.cluster
+        if cluster is not None and (not multi or wants_default):
+            # Unique in the cluster, not only here: the bind waits for etcd
+            # (routing/cluster_view.py; docs/cluster.md §8).
+            def resume(refusal: Optional[str], now: float) -> None:
+                if refusal is not None:
+                    return _reply(connection, request, refusal)
+                self._bound(connection, request, name, multi, wants_default, wants_log, now)
+            return cluster.claim(connection, name, unique=not multi, default=wants_default,
+                                 resume=resume)
+        self._bound(connection, request, name, multi, wants_default, wants_log, now)
+
+    def _bound(self, connection: Connection, request: etree._Element, name: str, multi: bool,
+               wants_default: bool, wants_log: bool, now: float) -> None:
+        """The bind goes ahead: the name joins, the binder and the others hear of it."""
         router = self.router
         kind = MULTI_TO if multi else SINGLE
         joined = router.membership.join(connection, name, kind, now)

@@ -43,6 +43,7 @@ from jrouter.wire.xmlstream import STREAM_PREFIXES, standalone_element
 
 if TYPE_CHECKING:
     from jrouter.config import Config
+    from jrouter.routing.cluster_view import ClusterView
     from jrouter.routing.filter import FilterRules, Verdict
     from jrouter.routing.ports import Port
     from jrouter.routing.table import Route
@@ -115,6 +116,8 @@ class Router:
         self.tls_available = False
         self._context_keys: dict[ContextKey, ContextKey] = {}
         self.ports: dict[str, Port] = {JABBERD2: ComponentPort(self), XEP0114: AcceptPort(self)}
+        # This node's part in a cluster of routers (<cluster>, issue 13), set by the shell.
+        self.cluster: Optional[ClusterView] = None
 
     def reconfigure(self, config: Config) -> None:
         """Take the settings that can change without a restart (SIGHUP):
@@ -153,6 +156,8 @@ class Router:
         unsent = connection.outbox.take_unsent()
         for name in list(connection.names):
             self.membership.leave(connection, name, now)
+        if self.cluster is not None:
+            self.cluster.forget(connection)
         connection.forget()
         if unsent:
             # Routed again in slices the shell asks for (redeliver), never all at once.
@@ -310,6 +315,9 @@ class Router:
         for target in self.connections:
             if target is not sender and target.authenticated:
                 target.deliver(target.protocol_port.outbound(target, element, key))
+        cluster = self.cluster
+        if cluster is not None:     # every other node gives it to its own connections
+            cluster.broadcast(cluster.port.outbound(None, element, key))  # type: ignore[arg-type]
 
     def deliver_held(self, route: Route, slot: int, connection: Connection) -> None:
         """An instance took its slot back: what was held for it is delivered."""

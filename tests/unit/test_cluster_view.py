@@ -10,7 +10,7 @@ import pytest
 
 from jrouter.cluster.keys import DefaultKey, DefaultValue, Layout, MemberKey, MemberValue, encode_value
 from jrouter.cluster.mirror import Batch, Delete, Put, TableMirror
-from jrouter.routing.cluster_view import ClusterView, RemoteMember
+from jrouter.routing.cluster_view import Claim, ClusterView, ReleaseClaim, RemoteMember
 from jrouter.routing.table import MULTI_TO, SINGLE
 
 from jrouter.wire.connection import NS_COMPONENT
@@ -47,12 +47,49 @@ class Table:
         self.txn(deletes=[LAYOUT.key(MemberKey(name, node, member))])
 
 
-def node_view(node):
+class Etcd:
+    """The claims of a cluster as etcd answers them: create-if-absent on
+    ``unique/<name>`` and the default route; every other write recorded."""
+
+    def __init__(self):
+        self.held = {}          # ("unique", name) or ("default",) -> (node, member)
+        self.writes = []        # (node, effect) of member keys, in order
+        self.answer = True      # False: etcd does not answer (bind-wait runs out)
+
+    def serve(self, node, view):
+        for effect in view.take_effects():
+            if isinstance(effect, Claim):
+                view.claimed(effect, self._claim(node, effect), 0.0)
+            elif isinstance(effect, ReleaseClaim):
+                for key, wanted in ((("unique", effect.name), effect.unique), (("default",), effect.default)):
+                    if wanted and self.held.get(key) == (node, effect.member):
+                        del self.held[key]
+            else:
+                self.writes.append((node, effect))
+
+    def _claim(self, node, claim):
+        if not self.answer:
+            return "503"
+        keys = ([("unique", claim.name)] if claim.unique else []) + ([("default",)] if claim.default else [])
+        if any(self.held.get(key, (node, claim.member)) != (node, claim.member) for key in keys):
+            return "409"
+        for key in keys:
+            self.held[key] = (node, claim.member)
+        return None
+
+
+def node_view(node, etcd=None):
     """A node: the harness router, its view, and what it forwarded."""
     net = Network()
     forwarded = []
-    view = ClusterView(net.router, node, TableMirror(LAYOUT),
-                       lambda member, route, key, sender: forwarded.append((member, route.raw)))
+    etcd = etcd if etcd is not None else Etcd()
+
+    def forward(to_node, data, member, hops, routed):
+        forwarded.append(((to_node, member), data))
+        return True
+    view = ClusterView(net.router, node, TableMirror(LAYOUT), forward)
+    net.router.cluster = view
+    view.on_effects = lambda: etcd.serve(node, view)
     return net, view, forwarded
 
 
@@ -67,7 +104,7 @@ def test_packet_for_a_name_served_elsewhere_is_forwarded_as_it_came():
     c2s = net.component("c2s.example")
     packet = route_bytes("sm.example", "c2s.example", "x > y &amp; 'z'")
     c2s.send(packet)
-    assert [(member.ref, raw) for member, raw in forwarded] == [(("b", "b.1"), packet)]
+    assert forwarded == [(("b", "b.1"), packet)]
     assert c2s.stanzas() == []                      # delivered, not bounced
 
 
@@ -117,7 +154,138 @@ def test_forwarded_route_reaches_the_local_member_byte_identical():
     route = _element(packet)
     assert view.forwarded(route, member, 0.0)
     assert sm.raw() == packet
-    assert not view.forwarded(route, "no-such-member", 0.0)
+
+
+def test_forwarded_route_for_a_member_gone_is_placed_again_here():
+    net, view, _ = node_view("a")
+    sm = net.component("sm.example")
+    packet = route_bytes("sm.example", "c2s.example")
+    assert view.forwarded(_element(packet), "gone-member", 0.0)
+    assert sm.raw() == packet
+    assert not view.forwarded(_element(route_bytes("nowhere.example", "c2s.example")), "x", 0.0)
+    assert view.counters.drops == 1
+
+
+def test_forwarded_route_placed_again_on_another_node_counts_a_hop_and_stops_at_the_limit():
+    net, view, forwarded = node_view("a")
+    Table(view).bind("muc.example", "b", "b.1")
+    packet = route_bytes("muc.example", "c2s.example")
+    assert view.forwarded(_element(packet), "gone", 0.0, hops=1)
+    assert forwarded == [(("b", "b.1"), packet)]
+    view.forwarded(_element(packet), "gone", 0.0, hops=2)       # a third link: past hops=2
+    assert len(forwarded) == 1 and view.counters.drops == 1
+    assert net.logged("would cross more than 2 nodes")
+
+
+def test_binds_put_and_delete_member_keys():
+    etcd = Etcd()
+    net, view, _ = node_view("a", etcd)
+    view.run = "7"
+    sm = net.component("sm.example")
+    muc = net.legacy("muc.example", instance="muc-1")
+    sm.send(f"<unbind xmlns='{NS_COMPONENT}' name='sm.example'/>")
+    muc.hang_up()
+    assert [(type(e).__name__, e.name, e.member) for _, e in etcd.writes] == [
+        ("RegisterMember", "sm.example", "7.1"), ("RegisterMember", "muc.example", "7.2"),
+        ("UnregisterMember", "sm.example", "7.1"), ("UnregisterMember", "muc.example", "7.2")]
+    assert etcd.writes[1][1].identity == "muc-1" and etcd.writes[1][1].kind == "multi-from"
+    assert etcd.held == {} and view.local == {}
+
+
+def test_one_name_bound_on_two_nodes_at_once_gets_one_success_and_one_409():
+    etcd = Etcd()
+    net_a, view_a, _ = node_view("a", etcd)
+    net_b, view_b, _ = node_view("b", etcd)
+    first = net_a.component()
+    second = net_b.component()
+    first.bind("sm.example")
+    second.bind("sm.example")       # b's mirror has not seen a's member yet
+    assert first.stanzas()[0].get("error") is None
+    assert second.stanzas()[0].get("error") == "409"
+    assert "sm.example" not in second.connection.names
+    assert net_b.logged("already bound on another node")
+
+
+def test_default_route_is_unique_in_the_cluster():
+    etcd = Etcd()
+    net_a, view_a, _ = node_view("a", etcd)
+    net_b, view_b, _ = node_view("b", etcd)
+    s2s_a, s2s_b = net_a.component(), net_b.component()
+    s2s_a.bind("s2s-a", default=True)
+    s2s_b.bind("s2s-b", default=True)
+    assert s2s_a.stanzas()[0].get("error") is None and s2s_b.stanzas()[0].get("error") == "409"
+    assert etcd.held == {("unique", "s2s-a"): ("a", "1"), ("default",): ("a", "1")}
+    assert net_b.router.table.default_name is None and "s2s-b" not in net_b.router.table
+    s2s_a.hang_up()
+    assert etcd.held == {}          # both claims given back
+
+
+def test_bind_fails_with_503_when_etcd_does_not_answer():
+    etcd = Etcd()
+    etcd.answer = False
+    net, view, _ = node_view("a", etcd)
+    sm = net.component()
+    sm.bind("sm.example")
+    assert sm.stanzas()[0].get("error") == "503"
+    assert "sm.example" not in net.router.table
+    assert net.logged("did not answer in time")
+
+
+def test_packets_wait_for_a_link_and_go_out_when_it_is_back():
+    net, view, forwarded = node_view("a")
+    Table(view).bind("muc.example", "b", "b.1")
+    c2s = net.component("c2s.example")
+    link_open = [False]
+    sent = []
+
+    def forward(node, data, member, hops, routed):
+        if link_open[0]:
+            sent.append(data)
+        return link_open[0]
+    view.send_forward = forward
+    packets = [route_bytes("muc.example", "c2s.example", str(i)) for i in range(3)]
+    c2s.send(packets[0])
+    c2s.send(packets[1])
+    assert sent == [] and c2s.stanzas() == []
+    link_open[0] = True
+    c2s.send(packets[2])            # behind the two held: order is kept
+    assert sent == []
+    view.link_up("b")
+    assert sent == packets
+    c2s.send(packets[0])            # nothing held: straight onto the link
+    assert sent == packets + [packets[0]]
+
+
+def test_what_a_lost_link_never_sent_is_placed_again_when_its_node_leaves():
+    net, view, forwarded = node_view("a")
+    table = Table(view)
+    table.bind("muc.example", "b", "b.1")
+    c2s = net.component("c2s.example")
+    packet = route_bytes("muc.example", "c2s.example", "lost")
+    c2s.send(packet)
+    (_, data), = forwarded
+    local = net.component("muc.example", multi=True)    # a member here too, from now on
+    c2s.take()
+    view.link_down("b", [("b.1", data, 1, (_element(packet), None, c2s.connection))])
+    assert local.raw() == b"" and c2s.stanzas() == []     # held while b's lease lives
+    table.unbind("muc.example", "b", "b.1")                 # its lease expired
+    net.settle()
+    assert local.raw() == packet and c2s.stanzas() == []
+
+
+def test_broadcasts_cross_once_and_reach_each_local_connection_once():
+    net, view, _ = node_view("a")
+    crossed = []
+    view.send_broadcast = lambda data, hops: crossed.append((data, hops))
+    sm = net.component("sm.example")
+    c2s = net.component("c2s.example")
+    sm.take()
+    packet = (b"<route type='broadcast' from='sm.example'><presence xmlns='jabber:client' "
+              b"from='u@sm.example'/></route>")
+    sm.send(packet)
+    assert crossed == [(packet, 1)] and c2s.raw() == packet and sm.raw() == b""
+    view.broadcasted(_element(packet))
+    assert c2s.raw() == packet and sm.raw() == packet and len(crossed) == 1
 
 
 def test_the_clusters_default_route_is_followed_and_dropped():
@@ -128,7 +296,7 @@ def test_the_clusters_default_route_is_followed_and_dropped():
     table.txn(puts=[(key, encode_value(DefaultValue("s2s", "b", "b.1")))])
     c2s = net.component("c2s.example")
     c2s.send(route_bytes("remote.example.org", "c2s.example"))
-    assert [m.ref for m, _ in forwarded] == [("b", "b.1")]
+    assert [ref for ref, _ in forwarded] == [("b", "b.1")]
     table.txn(deletes=[key])
     assert net.router.table.default_name is None
 
