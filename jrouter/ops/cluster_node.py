@@ -61,6 +61,7 @@ class ClusterNode:
                                 self._broadcast, max_hops=settings.hops,
                                 hold_limit=queue_limit or 16 << 20)
         self.view.on_effects = self._effects_queued
+        self.view.shell_status = self.status
         router.cluster = self.view
         self.links = PeerLinks(settings.node, settings.peer.secret, on_packet=self._packet,
                                on_link_up=self._link_up, on_link_down=self._link_down, log=log,
@@ -98,6 +99,25 @@ class ClusterNode:
         if self._writer is not None:
             self._writer.kill(block=False)
         self.links.stop()
+
+    def status(self) -> dict[str, Any]:
+        """The agent's and the links' figures (``ClusterView.status`` adds the table's)."""
+        agent = self.agent
+        nodes = []
+        linked = set(self.links.linked())
+        for node in agent.mirror.nodes().values():
+            entry: dict[str, Any] = {"id": node.id, "address": node.address, "self": node.id == self.node,
+                                     "linked": node.id in linked, "version": node.version}
+            stream = self.links.link_stream(node.id)
+            if stream is not None:
+                counters = stream.counters
+                entry.update(packets_out=counters.packets_out, packets_in=counters.packets_in,
+                             bytes_out=counters.bytes_out, bytes_in=counters.bytes_in,
+                             queued_bytes=stream.buffered, peer_revision=stream.peer_revision)
+            nodes.append(entry)
+        return {"cluster": agent.layout.cluster, "state": agent.state.value,
+                "lease": f"{agent.lease:x}" if agent.lease else None,
+                "revision": self.revision, "nodes": nodes}
 
     # -- the agent's hooks (ClusterHooks) -------------------------------------------
 

@@ -53,6 +53,7 @@ def snapshot(router: Any, now: float) -> dict[str, Any]:
         for f in FIELDS:
             totals[f] += conn["counters"][f]
     started = getattr(router, "started_at", None)
+    cluster = getattr(router, "cluster", None)
     return {
         "uptime": _seconds(now, started),
         "totals": totals,
@@ -61,6 +62,8 @@ def snapshot(router: Any, now: float) -> dict[str, Any]:
         "default_route": table.default_name,
         "connections": connections,
         "names": names,
+        # One node of several (<cluster>): the node set, the table's revision, the links.
+        "cluster": cluster.status() if cluster is not None else None,
     }
 
 

@@ -87,7 +87,51 @@ def metric_families(snap: dict[str, Any]) -> list[Metric]:
                                             "closed ones included)", value=snap["totals"][field]))
     families.extend(_connection_families(snap["connections"]))
     families.extend(_name_families(snap["names"]))
+    if snap.get("cluster"):
+        families.extend(_cluster_families(snap["cluster"]))
     return families
+
+
+def _cluster_families(cluster: dict[str, Any]) -> list[Metric]:
+    """One node of several (<cluster>, issue 13): its place, the table, its links."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    families: list[Metric] = []
+    info = GaugeMetricFamily("jrouter_node_info", "1: this router is node NODE of cluster CLUSTER, "
+                             "in state STATE (joining, joined, fenced, stopped)",
+                             labels=["cluster", "node", "state"])
+    info.add_metric([cluster["cluster"], cluster["node"], cluster["state"]], 1)
+    families.append(info)
+    families.append(GaugeMetricFamily("jrouter_node_table_revision", "The etcd revision this "
+                                      "node's copy of the table has reached", value=cluster["revision"]))
+    families.append(GaugeMetricFamily("jrouter_node_peers", "Other nodes in the table",
+                                      value=sum(1 for n in cluster["nodes"] if not n["self"])))
+    families.append(GaugeMetricFamily("jrouter_node_remote_members", "Members bound on other "
+                                      "nodes, in this node's table", value=cluster["remote_members"]))
+    families.append(CounterMetricFamily("jrouter_node_forwarded_in", "Routes other nodes "
+                                        "forwarded to this one", value=cluster["forwarded_in"]))
+    families.append(CounterMetricFamily("jrouter_node_forward_drops", "Forwarded routes no member "
+                                        "could take, or past <cluster><hops>", value=cluster["dropped"]))
+    held = GaugeMetricFamily("jrouter_node_held_packets", "Packets waiting for the link to a node",
+                             labels=["peer"])
+    for node, count in cluster["held_for_nodes"].items():
+        held.add_metric([node], count)
+    up = GaugeMetricFamily("jrouter_peer_link_up", "1 while the link to the node is open", labels=["peer"])
+    link_counters = {field: CounterMetricFamily(f"jrouter_peer_link_{field}", f"{text} on the link "
+                                                "to the node (this link's life)", labels=["peer"])
+                     for field, text in (("packets_out", "Packets sent"), ("packets_in", "Packets received"),
+                                         ("bytes_out", "Bytes sent"), ("bytes_in", "Bytes received"))}
+    queued = GaugeMetricFamily("jrouter_peer_link_queued_bytes", "Bytes queued for the link",
+                               labels=["peer"])
+    for node in cluster["nodes"]:
+        if node["self"]:
+            continue
+        up.add_metric([node["id"]], 1 if node["linked"] else 0)
+        if "packets_out" in node:
+            for field, family in link_counters.items():
+                family.add_metric([node["id"]], node[field])
+            queued.add_metric([node["id"]], node["queued_bytes"])
+    return [*families, held, up, *link_counters.values(), queued]
 
 
 def _connection_families(connections: list[dict[str, Any]]) -> list[Metric]:

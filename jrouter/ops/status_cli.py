@@ -169,7 +169,29 @@ def format_status(data: dict, source: str = "") -> str:
                             "BOUNCES", "DROPS", "THROTTLED", ""], rows, right=range(2, 10)))
     else:
         lines.append("  (none)")
+    if data.get("cluster"):
+        lines.extend(_cluster_lines(data["cluster"]))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _cluster_lines(cluster: dict) -> list[str]:
+    """The node set and the links of one node of several (<cluster>)."""
+    lines = ["", f"Cluster {cluster['cluster']}: node {cluster['node']}, {cluster['state']}, "
+                 f"table at revision {cluster['revision']}, {cluster['remote_members']} members on "
+                 f"other nodes, {cluster['forwarded_in']} routes forwarded here, "
+                 f"{cluster['dropped']} dropped"]
+    rows = []
+    for node in sorted(cluster["nodes"], key=lambda n: n["id"]):
+        if node["self"]:
+            rows.append([node["id"], node["address"], "this node", "", "", "", ""])
+            continue
+        held = cluster["held_for_nodes"].get(node["id"], 0)
+        rows.append([node["id"], node["address"], "linked" if node["linked"] else "NOT LINKED",
+                     str(node.get("packets_out", "-")), str(node.get("packets_in", "-")),
+                     size(node["queued_bytes"]) if "queued_bytes" in node else "-", str(held)])
+    lines.extend(table(["NODE", "ADDRESS", "LINK", "PKTS OUT", "PKTS IN", "QUEUED", "HELD"], rows,
+                       right=range(3, 7)))
+    return lines
 
 
 def format_placement(data: dict) -> str:

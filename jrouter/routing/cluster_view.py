@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from jrouter.cluster.mirror import (DefaultChanged, Member, MemberJoined, MemberLeft, MemberRef,
                                     TableMirror)
@@ -171,7 +171,7 @@ class RemoteMember:
         self.identity = member.identity
         self.names: dict[str, str] = {}          # name -> kind, as Connection.names
         self.label = f"[node {member.node}, member {member.id}]"
-        self.ip = member.node                    # for the "online" log line
+        self.ip = f"node {member.node}"          # for the "online" log line
         self.port = 0
         self.user = None
         self.counters = Counters()
@@ -229,6 +229,8 @@ class ClusterView:
         # packets_in: routes other nodes sent here; drops: none could take
         # it, or past the hop limit; bounces: more held for a node than allowed
         self.counters = Counters()
+        # The shell's part of the status page (agent, links), as JSON-ready data.
+        self.shell_status: Callable[[], dict[str, Any]] = dict
 
     # -- local members -------------------------------------------------------
 
@@ -301,6 +303,20 @@ class ClusterView:
             for name, kind in connection.names.items():
                 held.append(HeldName(name, member, kind, identity, name == default))
         return held
+
+    def status(self) -> dict[str, Any]:
+        """This node's part in the cluster, for the status page and /metrics."""
+        status = {
+            "node": self.node,
+            "remote_members": len(self.remote),
+            "local_members": len(self.local),
+            "forwarded_in": self.counters.packets_in,
+            "dropped": self.counters.drops,
+            "bounced_held_full": self.counters.bounces,
+            "held_for_nodes": {node: len(waiting.packets) for node, waiting in self.waiting.items()},
+        }
+        status.update(self.shell_status())
+        return status
 
     def take_effects(self) -> list[Effect]:
         effects, self.effects = self.effects, []

@@ -95,7 +95,9 @@ class Membership:
     def online(self, connection: Connection, route: Route, slot: Optional[int],
                alias_of: Optional[str] = None) -> None:
         """jabberd2's "online" line, with the member count and slot."""
-        where = f"bound to {connection.ip}, port {connection.port}"
+        # A member on another node (cluster_view.RemoteMember) has no port of ours.
+        where = f"bound to {connection.ip}, port {connection.port}" if connection.port \
+            else f"bound to {connection.ip}"
         name = route.name
         count = len(route.members)
         if alias_of is not None:

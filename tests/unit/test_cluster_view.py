@@ -318,3 +318,40 @@ def _element(raw):
     reader.feed(f"<stream:stream xmlns:stream='{STREAMS_NS}' xmlns='{NS_COMPONENT}'>".encode())
     (element,) = reader.feed(raw)
     return element
+
+
+def test_status_and_metrics_show_the_node_its_table_and_its_links():
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+    from prometheus_client.core import CollectorRegistry
+
+    from jrouter.ops.stats import snapshot
+    from jrouter.ops.status import RouterCollector
+    from jrouter.ops.status_cli import format_status
+
+    net, view, _ = node_view("a")
+    Table(view).bind("muc.example", "b", "b.1")
+    net.component("sm.example")
+    view.forwarded(_element(route_bytes("sm.example", "muc.example")), "1", 0.0)
+    view.shell_status = lambda: {
+        "cluster": "test", "state": "joined", "lease": "7", "revision": 42, "nodes": [
+            {"id": "a", "address": "127.0.0.1:1", "self": True, "linked": False, "version": "0"},
+            {"id": "b", "address": "127.0.0.1:2", "self": False, "linked": True, "version": "0",
+             "packets_out": 3, "packets_in": 1, "bytes_out": 300, "bytes_in": 100,
+             "queued_bytes": 0, "peer_revision": 41}]}
+    data = snapshot(net.router, 0.0)["cluster"]
+    assert data["node"] == "a" and data["remote_members"] == 1 and data["forwarded_in"] == 1
+    assert data["revision"] == 42
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(net.router, lambda: 0.0))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in family.samples}
+    assert samples[("jrouter_node_info", (("cluster", "test"), ("node", "a"), ("state", "joined")))] == 1
+    assert samples[("jrouter_node_table_revision", ())] == 42
+    assert samples[("jrouter_peer_link_up", (("peer", "b"),))] == 1
+    assert samples[("jrouter_peer_link_packets_out_total", (("peer", "b"),))] == 3
+    assert samples[("jrouter_node_forwarded_in_total", ())] == 1
+    text = format_status(snapshot(net.router, 0.0))
+    assert "Cluster test: node a, joined, table at revision 42" in text
+    assert any(line.split()[:3] == ["b", "127.0.0.1:2", "linked"] for line in text.splitlines())
