@@ -263,8 +263,9 @@ class ClusterNode:
 
     # -- packets over the links --------------------------------------------------
 
-    def _forward(self, node: str, data: bytes, member: str, hops: int, tag: Any) -> bool:
-        return self.links.forward(node, data, member, hops, tag)
+    def _forward(self, node: str, data: bytes, member: str, hops: int, tag: Any,
+                 as_sent: bool) -> bool:
+        return self.links.forward(node, data, member, hops, tag, as_sent)
 
     def _broadcast(self, data: bytes, hops: int) -> None:
         for node in self.links.linked():
@@ -272,7 +273,8 @@ class ClusterNode:
 
     def _packet(self, node: str, event: Union[Forwarded, Broadcast]) -> None:
         if isinstance(event, Forwarded):
-            self.view.forwarded(event.route, event.member, self.server.clock(), event.hops)
+            self.view.forwarded(event.route, event.member, self.server.clock(), event.hops,
+                                event.as_sent)
         else:
             self.view.broadcasted(event.route)
         self.router.on_effects()            # a flush once this read is handled

@@ -159,14 +159,15 @@ class PeerLinks:
 
     # -- the router's side ------------------------------------------------------
 
-    def forward(self, node: str, route_raw: bytes, member: str, hops: int, tag: Any = None) -> bool:
+    def forward(self, node: str, route_raw: bytes, member: str, hops: int, tag: Any = None,
+                as_sent: bool = False) -> bool:
         """Queue a route for ``member`` on the link to ``node``; False (not
         taken) when no link to it is open. See ``PeerStream.forward``."""
         link = self._up.get(node)
         if link is None or link.stream.state is not State.OPEN:
             return False
         stream = link.stream
-        stream.forward(route_raw, member, hops, tag)
+        stream.forward(route_raw, member, hops, tag, as_sent)
         if stream.buffered > self.queue_limit:
             link.overflow()
         elif not link.woken:
@@ -239,6 +240,10 @@ class PeerLinks:
         while self._dialers.get(node) is gevent.getcurrent() and not self._stopping:
             try:
                 sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+                # The timeout was for the connect: left on, every read of a
+                # link quiet for that long would end it (keepalives come
+                # every `keepalive` s; silence is `dead_after`'s to judge).
+                sock.settimeout(None)
             except OSError as exc:
                 if not failing:
                     self.log.notice(f"[{host}, port={port}] cannot reach node '{node}' ({exc.strerror or exc});"

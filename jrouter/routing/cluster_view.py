@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from jrouter.cluster.mirror import (DefaultChanged, Member, MemberJoined, MemberLeft, MemberRef,
                                     TableMirror)
+from jrouter.routing.accept import WrappedRoute
 from jrouter.routing.placement import HOLD, Choice
 from jrouter.routing.table import SINGLE
 from jrouter.wire.connection import NS_COMPONENT
@@ -65,10 +66,11 @@ if TYPE_CHECKING:
     from jrouter.wire.connection import Connection, ContextKey
     from jrouter.wire.xmlstream import Element
 
-#: forward(node, data, member, hops, tag): queue a route's bytes for a member
-#: on another node on the peer link to it; False when no link is open (the
-#: packet is not taken). ``tag`` comes back with it if the link loses it.
-Forward = Callable[[str, bytes, str, int, "Routed"], bool]
+#: forward(node, data, member, hops, tag, as_sent): queue a route's bytes for
+#: a member on another node on the peer link to it; False when no link is
+#: open (the packet is not taken). ``tag`` comes back with it if the link
+#: loses it; ``as_sent``: an XEP-0114 stanza its member gets as it was sent.
+Forward = Callable[[str, bytes, str, int, "Routed", bool], bool]
 #: broadcast(data, hops): a broadcast route's bytes to every other node.
 Broadcast = Callable[[bytes, int], None]
 
@@ -419,7 +421,7 @@ class ClusterView:
             return
         node, member = target.ref
         waiting = self.waiting.get(node)
-        if waiting is None and self.send_forward(node, data, member, hops, routed):
+        if waiting is None and self.send_forward(node, data, member, hops, routed, _as_sent(routed)):
             return
         self._hold(node, member, data, hops, routed)
 
@@ -467,7 +469,7 @@ class ClusterView:
         packets = waiting.packets
         while packets:
             member, data, hops, routed = packets.popleft()
-            if not self.send_forward(node, data, member, hops, routed):
+            if not self.send_forward(node, data, member, hops, routed, _as_sent(routed)):
                 packets.appendleft((member, data, hops, routed))
                 self.waiting[node] = waiting
                 return
@@ -507,12 +509,18 @@ class ClusterView:
 
     # -- packets from other nodes --------------------------------------------
 
-    def forwarded(self, route: Element, member: str, now: float, hops: int = 1) -> bool:
+    def forwarded(self, route: Element, member: str, now: float, hops: int = 1,
+                  as_sent: bool = False) -> bool:
         """A route another node placed on ``member``, one of ours: delivered
         as if a local component had sent it. If the member is gone it is
-        placed again here, one hop further (False if nothing could take it)."""
+        placed again here, one hop further (False if nothing could take it).
+        ``as_sent``: AcceptPort wrapped it from a stanza that declared
+        nothing, so an XEP-0114 member gets the stanza's bytes as they were
+        sent, as from a component of this node."""
         self.counters.packets_in += 1
         key = self.port.plain      # a route on a peer link stands in a plain component context
+        if as_sent:
+            route = _rewrapped(route)
         target = self.local.get(member)
         if target is not None and not target.closing:
             target.deliver(target.protocol_port.outbound(target, route, key), route, key, None)
@@ -550,6 +558,30 @@ class ClusterView:
         for target in self.router.connections:
             if target.authenticated:
                 target.deliver(target.protocol_port.outbound(target, route, key))
+
+
+def _as_sent(routed: Routed) -> bool:
+    route = routed[0]
+    return route.__class__ is WrappedRoute and route.as_sent is not None
+
+
+#: What AcceptPort._wrap puts after the name of a stanza that declared nothing.
+_WRAP_DECLARATION = b" xmlns='jabber:client'"
+
+
+def _rewrapped(route: Element) -> Element:
+    """The WrappedRoute the sending node had: its bytes, and the stanza as
+    sent (the wrap's declaration taken out again); ``route`` itself if it
+    does not have the wrap's form."""
+    payload = route.first_child()
+    name_end = payload.find(_WRAP_DECLARATION)
+    head = route.raw[:route.child_start]
+    if route.child_name is None or name_end <= 1 \
+            or route.raw != head + payload + b"</route>":
+        return route
+    as_sent = payload[:name_end] + payload[name_end + len(_WRAP_DECLARATION):]
+    return WrappedRoute(head, payload, route.attrs, route.child_name,
+                        route.child_attrs or {}, as_sent)
 
 
 def _nothing() -> None:

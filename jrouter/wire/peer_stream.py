@@ -80,6 +80,9 @@ _STREAM_ROOT = STREAMS_NS + " stream"
 _STREAM_ERROR = STREAMS_NS + " error"
 _FEATURES = STREAMS_NS + " features"
 _FORWARD = NS_PEER + " f"
+# Routes wrapped from an XEP-0114 stanza that inherited its stream's namespace:
+# the receiving node gives an XEP-0114 member the stanza as it was sent.
+_FORWARD_AS_SENT = NS_PEER + " x"
 _BROADCAST = NS_PEER + " b"
 _HELLO = NS_PEER + " hello"
 _DIGEST_URI = "jabberd-router/" + PEER_ROLE
@@ -169,15 +172,17 @@ class Forwarded:
     """A route for ``member`` (the target slot the sending node chose), which
     has crossed ``hops`` links so far (the first link: 1)."""
 
-    __slots__ = ("route", "member", "hops")
+    __slots__ = ("route", "member", "hops", "as_sent")
 
-    def __init__(self, route: Element, member: str, hops: int) -> None:
+    def __init__(self, route: Element, member: str, hops: int, as_sent: bool = False) -> None:
         self.route = route
         self.member = member
         self.hops = hops
+        # Wrapped by AcceptPort from a stanza that declared nothing (an <x/> marker)
+        self.as_sent = as_sent
 
     def __repr__(self) -> str:
-        return f"Forwarded({self.route!r}, {self.member!r}, {self.hops})"
+        return f"Forwarded({self.route!r}, {self.member!r}, {self.hops}{', as sent' if self.as_sent else ''})"
 
 
 class Broadcast:
@@ -265,6 +270,7 @@ class PeerStream:
         # (end offset, route, member, hops, tag) of each packet not written in full
         self._records: deque[tuple[int, bytes, Optional[str], int, Any]] = deque()
         self._markers: dict[str, list[bytes]] = {}
+        self._as_sent_markers: dict[str, list[bytes]] = {}
         # Sending: the runs of packets in _out whose markers are still to be
         # written, as [position of the marker in _out, its head, count]; the
         # last, while the last thing queued is one of its routes, is _run.
@@ -272,6 +278,7 @@ class PeerStream:
         self._run: Optional[list[Any]] = None
         # Reading: what the last marker announced, and how many of its routes are still to come.
         self._announced: _Run = _DROP
+        self._announced_as_sent = False
         self._left = 0
         self._events: list[PeerEvent] = []
         self._restart_at: Optional[int] = None   # a stream restart after the element ending here
@@ -333,7 +340,8 @@ class PeerStream:
 
     # -- packets ---------------------------------------------------------------
 
-    def forward(self, route_raw: bytes, member: str, hops: int, tag: Any = None) -> None:
+    def forward(self, route_raw: bytes, member: str, hops: int, tag: Any = None,
+                as_sent: bool = False) -> None:
         """Queue a route for ``member`` of its name; ``hops`` counts this link.
 
         ``route_raw`` must be one ``<route/>`` that means what it should on
@@ -341,14 +349,17 @@ class PeerStream:
         which declares ``xmlns:stream`` and nothing else: a route from a
         plain component as it arrived, else re-serialised (what
         ``ComponentPort.outbound`` gives for such a target). The bytes go
-        out unchanged; ``tag`` comes back with them from ``take_unsent``."""
+        out unchanged; ``tag`` comes back with them from ``take_unsent``.
+        ``as_sent``: the route is AcceptPort's wrap of a stanza that declared
+        nothing (an ``<x/>`` marker, docs/cluster.md §3)."""
         if self.state is not State.OPEN:
             raise PeerStateError(f"forward while {self.state.value}")
         if not 0 < hops <= self.max_hops:
             raise ValueError(f"hops must be 1..{self.max_hops}, not {hops}")
-        heads = self._markers.get(member)
+        markers = self._as_sent_markers if as_sent else self._markers
+        heads = markers.get(member)
         if heads is None:
-            heads = self._member_markers(member)
+            heads = self._member_markers(markers, member, b"x" if as_sent else b"f")
         self._packet(heads[hops], route_raw, member, hops, tag)
 
     def broadcast(self, route_raw: bytes, hops: int, tag: Any = None) -> None:
@@ -378,17 +389,17 @@ class PeerStream:
         self._records.append((end, route_raw, member, hops, tag))
         self.counters.packets_out += 1
 
-    def _member_markers(self, member: str) -> list[bytes]:
-        """The heads of the markers for ``member``, by hops (the same bytes
-        object each time: runs are told apart by identity)."""
+    def _member_markers(self, markers: dict[str, list[bytes]], member: str, name: bytes) -> list[bytes]:
+        """The heads of the markers ``name`` for ``member``, by hops (the same
+        bytes object each time: runs are told apart by identity)."""
         if not member:
             raise ValueError("a member id must not be empty")
-        if len(self._markers) >= _MARKER_CACHE:
-            self._markers.clear()
+        if len(markers) >= _MARKER_CACHE:
+            markers.clear()
         tail = f" m={quoteattr(member)} n='".encode()
-        heads = [b""] + [b"<f xmlns='%s' h='%d'%s" % (NS_PEER.encode(), hops, tail)
+        heads = [b""] + [b"<%s xmlns='%s' h='%d'%s" % (name, NS_PEER.encode(), hops, tail)
                          for hops in range(1, self.max_hops + 1)]
-        self._markers[member] = heads
+        markers[member] = heads
         return heads
 
     def ping(self) -> None:
@@ -467,6 +478,7 @@ class PeerStream:
         before = len(events)
         max_hops = self.max_hops
         member, hops = self._announced
+        as_sent = self._announced_as_sent
         left = self._left
         index = len(parsed)
         for position, event in enumerate(parsed):
@@ -477,19 +489,22 @@ class PeerStream:
                 if event.name != ROUTE or hops == 0:
                     index = position
                     break
-                events.append(Forwarded(event, member, hops) if member is not None else Broadcast(event, hops))
+                events.append(Forwarded(event, member, hops, as_sent) if member is not None
+                              else Broadcast(event, hops))
                 left -= 1
                 continue
             attrs = event.attrs
             hops = _HOP_VALUES.get(attrs.get("h", ""), 0)
             left = _FAST_COUNTS.get(attrs.get("n", ""), 0)
             name = event.name
-            member = attrs.get("m") if name == _FORWARD else None
+            as_sent = name == _FORWARD_AS_SENT
+            member = attrs.get("m") if name == _FORWARD or as_sent else None
             if not (left and 0 < hops <= max_hops and (member or name == _BROADCAST)):
                 index, left, hops = position, 0, 0
                 break
         self.counters.packets_in += len(events) - before
         self._announced, self._left = (member, hops), left
+        self._announced_as_sent = as_sent
         return parsed[index:]
 
     def _on_packet(self, element: Element) -> None:
@@ -503,12 +518,13 @@ class PeerStream:
                 self.counters.drops += 1
                 return
             self.counters.packets_in += 1
-            self._events.append(Forwarded(element, member, hops) if member is not None
-                                else Broadcast(element, hops))
+            self._events.append(Forwarded(element, member, hops, self._announced_as_sent)
+                                if member is not None else Broadcast(element, hops))
         elif element.name == _STREAM_ERROR:
             self._on_stream_error(element)
         else:
             self._announced, self._left = self._marker(element)
+            self._announced_as_sent = element.name == _FORWARD_AS_SENT
 
     def _marker(self, element: Element) -> tuple[_Run, int]:
         """(what a marker announces, how many routes). A broken marker is a
@@ -516,10 +532,10 @@ class PeerStream:
         announce routes to drop (counted)."""
         name = element.name
         attrs = element.attrs
-        if name == _FORWARD:
+        if name == _FORWARD or name == _FORWARD_AS_SENT:
             member = attrs.get("m")
             if not member:
-                self.fail("bad-format", "a packet marker <f/> without its member (m)")
+                self.fail("bad-format", f"a packet marker {_what(element)} without its member (m)")
         elif name == _BROADCAST:
             member = None
         else:

@@ -84,10 +84,12 @@ def node_view(node, etcd=None):
     forwarded = []
     etcd = etcd if etcd is not None else Etcd()
 
-    def forward(to_node, data, member, hops, routed):
+    def forward(to_node, data, member, hops, routed, as_sent=False):
         forwarded.append(((to_node, member), data))
+        view.as_sent_flags.append(as_sent)
         return True
     view = ClusterView(net.router, node, TableMirror(LAYOUT), forward)
+    view.as_sent_flags = []
     net.router.cluster = view
     view.on_effects = lambda: etcd.serve(node, view)
     return net, view, forwarded
@@ -238,7 +240,7 @@ def test_packets_wait_for_a_link_and_go_out_when_it_is_back():
     link_open = [False]
     sent = []
 
-    def forward(node, data, member, hops, routed):
+    def forward(node, data, member, hops, routed, as_sent):
         if link_open[0]:
             sent.append(data)
         return link_open[0]
@@ -355,3 +357,29 @@ def test_status_and_metrics_show_the_node_its_table_and_its_links():
     text = format_status(snapshot(net.router, 0.0))
     assert "Cluster test: node a, joined, table at revision 42" in text
     assert any(line.split()[:3] == ["b", "127.0.0.1:2", "linked"] for line in text.splitlines())
+
+
+@pytest.mark.parametrize("stanza", [
+    b"<message to='u@muc.example' from='v@gw.example'><body>caf\xc3\xa9 &amp; \"q\"</body></message>",
+    b"<iq type='get' id='1' to='muc.example' from='gw.example'><query xmlns='jabber:iq:version'/></iq>",
+])
+def test_an_xep0114_stanza_reaches_an_xep0114_member_on_another_node_as_it_was_sent(stanza):
+    """One router gives XEP-0114 to XEP-0114 the stanza's bytes unchanged; two nodes do too."""
+    net_a, view_a, forwarded = node_view("a")
+    net_b, view_b, _ = node_view("b")
+    muc = net_b.legacy("muc.example")
+    Table(view_a).bind("muc.example", "b", view_b.member_id(muc.connection), "multi-from")
+    gateway = net_a.legacy("gw.example")
+    gateway.send(stanza)
+    ((_, data),) = forwarded
+    assert view_a.as_sent_flags == [True]
+    view_b.forwarded(_element(data), view_b.member_id(muc.connection), 0.0, 1, as_sent=True)
+    assert muc.raw() == stanza
+
+
+def test_a_prefixed_xep0114_stanza_crosses_without_the_flag_and_still_means_the_same():
+    net_a, view_a, forwarded = node_view("a")
+    Table(view_a).bind("muc.example", "b", "b.1", "multi-from")
+    gateway = net_a.legacy("gw.example")
+    gateway.send(b"<message xmlns='jabber:component:accept' to='u@muc.example' from='v@gw.example'/>")
+    assert view_a.as_sent_flags == [False] and len(forwarded) == 1

@@ -735,3 +735,24 @@ def test_any_chunking_of_either_direction_gives_the_same_events(cuts, offer_tls)
     make = lambda: acceptor(offer_tls=offer_tls)
     assert replay(make, to_acceptor, cuts) == replay(make, to_acceptor, [])
     assert replay(dialer, to_dialer, cuts) == replay(dialer, to_dialer, [])
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_routes_wrapped_as_sent_get_an_x_marker_and_arrive_flagged(chunk):
+    """A route wrapped from an XEP-0114 stanza that declared nothing goes behind <x/>, its own run;
+    the receiver flags those routes (and only those) as_sent, in any chunking."""
+    d, a = open_pair()
+    d.forward(b"<route/>", "m1", 1)
+    d.forward(b"<route/>", "m1", 1, as_sent=True)
+    d.forward(b"<route/>", "m1", 1, as_sent=True)
+    d.forward(b"<route/>", "m1", 1)
+    data = d.data_to_send()
+    assert data.count(b"<x xmlns='urn:jrouter:peer:0' h='1' m='m1' n='00002'/>") == 1
+    assert data.count(b"<f xmlns=") == 2
+    if chunk is None:
+        events = a.receive_data(data)
+    else:
+        events = [e for i in range(0, len(data), chunk) for e in a.receive_data(data[i:i + chunk])]
+    assert [(type(e).__name__, e.member, e.as_sent) for e in events] == [
+        ("Forwarded", "m1", False), ("Forwarded", "m1", True), ("Forwarded", "m1", True),
+        ("Forwarded", "m1", False)]

@@ -1,0 +1,589 @@
+"""End to end: several jrouter nodes act as one router (issue 13).
+
+One etcd (Debian's etcd-server) and three jrouter nodes a, b, c on loopback
+(tests/support/cluster_nodes.py), each with the same ``<cluster>`` but for
+its node id and peer port; lease TTL 3 s unless a test says otherwise.
+The components are raw jabberd2-protocol and XEP-0114 peers
+(tests/support/peer.py), which see the exact bytes that arrive, and real
+jabberd2 sm/c2s with slixmpp users.
+
+What each test asserts is what arrives at a component or a user, and what
+etcd holds; a time is asserted only beside what arrived (a name dropped no
+sooner than its node's lease can have expired). Every wait is bounded.
+
+Waiting until a node knows a name bound on another: a jabberd2-protocol
+component is told `<presence from='NAME'/>` when its router's table gets
+the name (protocol §4.3), so senders of that protocol wait for that; an
+XEP-0114 component gets no advertisements, so it sends probes until one
+arrives, and only the packets after that count.
+"""
+
+import re
+import time
+
+import pytest
+from lxml import etree
+
+from jrouter.cluster.keys import MemberKey, UniqueKey
+from tests.support.cluster_nodes import (NS_ACCEPT, NS_COMPONENT, ClusterBed, ComponentPeer, SplitStack,
+                                         advertised, advertisement, stanza_id)
+from tests.support.xmpp import Clients, run
+
+try:  # failure reports then show the bed's logs and etcd keys
+    from tests.conftest import _track
+except ImportError:  # pragma: no cover - conftest imported under another name
+    def _track(request, thing):
+        pass
+
+pytestmark = pytest.mark.timeout(150)
+
+NODES = ("a", "b", "c")
+TTL = 3                     # the bed's default <lease-ttl>
+
+
+# -- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bed_factory(request, tmp_path):
+    """make(node_ids=NODES, **ClusterBed settings) -> a started bed (each
+    node's component port answers); every bed is stopped at teardown. Each
+    test's first step is ``bed.wait_ready()``, so that a cluster that does
+    not form fails the test itself, with what etcd and the logs showed."""
+    made = []
+
+    def make(node_ids=NODES, **settings):
+        directory = tmp_path / ("bed" if not made else "bed-%d" % (len(made) + 1))
+        bed = ClusterBed(directory, node_ids, **settings)
+        made.append(bed)
+        _track(request, bed)
+        return bed.start()
+
+    yield make
+    for bed in reversed(made):
+        bed.stop()
+
+
+@pytest.fixture
+def bed(bed_factory):
+    return bed_factory()
+
+
+class Peers:
+    """The components of one test, closed at teardown (before the bed stops)."""
+
+    def __init__(self):
+        self.opened = []
+
+    def _keep(self, peer):
+        self.opened.append(peer)
+        return peer
+
+    def bound(self, bed, node_id, name, multi=None):
+        """A jabberd2-protocol component on node `node_id`, bound to `name`."""
+        return self._keep(ComponentPeer.bound(bed.address(node_id), name, multi=multi,
+                                              label="%s on node %s" % (name, node_id)))
+
+    def accepted(self, bed, node_id, name):
+        """An XEP-0114 component of `name` on node `node_id`."""
+        return self._keep(ComponentPeer.accepted(bed.address(node_id), name,
+                                                 label="%s (XEP-0114) on node %s" % (name, node_id)))
+
+    def authenticated(self, bed, node_id, label):
+        """A jabberd2-protocol component on node `node_id`, authenticated, nothing bound."""
+        peer = ComponentPeer(*bed.address(node_id), label="%s on node %s" % (label, node_id))
+        return self._keep(peer.authenticate())
+
+    def close(self):
+        for peer in self.opened:
+            peer.close()
+
+
+@pytest.fixture
+def peers(bed_factory):
+    made = Peers()
+    yield made
+    made.close()
+
+
+# -- what the tests send and look for ----------------------------------------------------
+
+
+def route(to, from_, stanza_id_, body="x"):
+    return ("<route to='%s' from='%s'><message xmlns='jabber:client' to='u@%s' from='v@%s' "
+            "id='%s'><body>%s</body></message></route>" % (to, from_, to, from_, stanza_id_, body))
+
+
+def message(to, from_, stanza_id_, body="x"):
+    """An XEP-0114 component's stanza (jabber:component:accept, its stream's namespace)."""
+    return ("<message to='u@%s/r' from='v@%s/r' id='%s' type='chat'><body>%s</body></message>"
+            % (to, from_, stanza_id_, body))
+
+
+def with_id(stanza_id_):
+    return lambda element: stanza_id(element) == stanza_id_
+
+
+def knows(peer, name, timeout=6.0):
+    """Wait until `peer`'s node advertised `name` as available to it."""
+    peer.take(lambda e: advertisement(e, name, available=True), timeout,
+              "advertisement of %s (its node's table has it)" % name)
+
+
+def lost(peer, name, timeout):
+    """Wait until `peer`'s node advertised `name` as gone."""
+    return peer.take(lambda e: advertisement(e, name, available=False), timeout,
+                     "<presence type='unavailable' from='%s'/>" % name)
+
+
+def until_delivered(sender, receiver, make, prefix, timeout=6.0):
+    """Send `make(id)` with new ids until one reaches `receiver`: the nodes'
+    tables have caught up. The probes and their bounces are then forgotten."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        n += 1
+        probe = "%s-%d" % (prefix, n)
+        sender.send(make(probe))
+        if receiver.find(with_id(probe), 0.25) is not None:
+            break
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s never reached %s within %.1fs (%d probes); the sender got:\n%s"
+                                 % (prefix, receiver.label, timeout, n, sender.shown()))
+    probes = lambda e: (stanza_id(e) or "").startswith(prefix + "-")  # noqa: E731
+    receiver.find(lambda e: False, 0.1)        # late probes land in kept, then go
+    sender.find(lambda e: False, 0.1)          # and so do the bounces of early ones
+    sender.forget(probes)
+    receiver.forget(probes)
+
+
+def round_trip(a, a_name, b, b_name, tag):
+    """A route from a to b and one back, each taken where it arrives: what
+    either node queued before for the other has arrived too."""
+    a.send(route(b_name, a_name, "%s-there" % tag))
+    b.take(with_id("%s-there" % tag), 5.0, "barrier %s-there" % tag)
+    b.send(route(a_name, b_name, "%s-back" % tag))
+    a.take(with_id("%s-back" % tag), 5.0, "barrier %s-back" % tag)
+
+
+def same_bytes(element, sent, ns=NS_ACCEPT):
+    """What arrived is what was sent, byte for byte, as one router delivers
+    it; if not, the message says whether it at least means the same XML
+    (`sent` read in the stream's default namespace `ns`)."""
+    if element.raw == sent.encode():
+        return
+    sent_tree = etree.fromstring(("<w xmlns='%s'>%s</w>" % (ns, sent)).encode())[0]
+    same = _c14n(element.tree()) == _c14n(sent_tree)
+    raise AssertionError("%s:\n  sent:    %r\n  arrived: %r" % (
+        "the same XML, but not the bytes sent" if same else "not what was sent",
+        sent.encode(), element.raw))
+
+
+def _c14n(tree):
+    return etree.tostring(tree, method="c14n", exclusive=True)
+
+
+def no_bounces(peer):
+    bounces = [e.raw for e in peer.kept if e.attrs.get("error") or e.attrs.get("type") == "error"]
+    assert not bounces, "%s got bounces:\n%s" % (peer.label, bounces)
+
+
+# -- 1. cross-node delivery ---------------------------------------------------------------
+
+
+def test_xep0114_components_on_two_nodes_exchange_stanzas_byte_identical_and_unbounced(bed, peers):
+    """An XEP-0114 component on node a and one on node b: each one's stanza arrives at the other, byte for byte, once, and nothing is bounced."""
+    bed.wait_ready()
+    xa = peers.accepted(bed, "a", "xa.test")
+    xb = peers.accepted(bed, "b", "xb.test")
+    until_delivered(xa, xb, lambda i: message("xb.test", "xa.test", i), "probe-ab")
+    until_delivered(xb, xa, lambda i: message("xa.test", "xb.test", i), "probe-ba")
+
+    there = ("<message to='bob@xb.test/r' from='alice@xa.test/r' id='x1' type='chat'>"
+             "<body>Grüße &amp; &lt;friends&gt; ✓</body><thread>t-1</thread>"
+             "<x xmlns='urn:example:payload' a=\"double\" b='single'>  spaced <y/></x></message>")
+    xa.send(there)
+    got = xb.take(with_id("x1"), 5.0, "x1 from node a")
+    same_bytes(got, there)
+    back = ("<message to='alice@xa.test/r' from='bob@xb.test/r' id='x2'>"
+            "<body>zurück</body><p:z xmlns:p='urn:example:prefixed' p:k='v'/></message>")
+    xb.send(back)
+    got = xa.take(with_id("x2"), 5.0, "x2 from node b")
+    same_bytes(got, back)
+    # x2 came after x1 was delivered: any bounce of x1 would be here by now.
+    no_bounces(xa)
+    no_bounces(xb)
+    assert xb.find(with_id("x1"), 0.3) is None, "x1 delivered twice"
+
+
+def test_jabberd2_components_on_two_nodes_exchange_routes_byte_identical_and_unbounced(bed, peers):
+    """A jabberd2-protocol component on node a and one on node b (<bind/>, <route/>): each route arrives at the other exactly as sent, once, without error."""
+    bed.wait_ready()
+    ca = peers.bound(bed, "a", "ca.test")
+    cb = peers.bound(bed, "b", "cb.test")
+    knows(ca, "cb.test")
+    knows(cb, "ca.test")
+
+    there = ("<route to='cb.test' from='ca.test'><message xmlns='jabber:client' to='u@cb.test/r' "
+             "from='v@ca.test/r' id='j1' type='chat'><body>Grüße &amp; &lt;x/&gt; ✓</body>"
+             "<x xmlns='urn:example:payload' a=\"double\" b='single'>  spaced <y/></x>"
+             "</message></route>")
+    ca.send(there)
+    got = cb.take(with_id("j1"), 5.0, "route j1 from node a")
+    same_bytes(got, there, NS_COMPONENT)
+    back = ("<route xmlns:p='urn:example:prefixed' to='ca.test' from='cb.test'>"
+            "<p:iq type='get' id='j2' p:k='v'><query xmlns='jabber:iq:version'/></p:iq></route>")
+    cb.send(back)
+    got = ca.take(with_id("j2"), 5.0, "route j2 from node b")
+    same_bytes(got, back, NS_COMPONENT)
+    no_bounces(ca)
+    no_bounces(cb)
+    assert cb.find(with_id("j1"), 0.3) is None, "j1 delivered twice"
+
+
+def test_a_broadcast_reaches_each_component_on_the_other_nodes_once_and_not_its_sender(bed, peers):
+    """<route type='broadcast'> from a component on node a: exactly one copy at the component on b and at the one on c, byte for byte, none back at the sender."""
+    bed.wait_ready()
+    ba = peers.bound(bed, "a", "ba.test")
+    bb = peers.bound(bed, "b", "bb.test")
+    bc = peers.bound(bed, "c", "bc.test")
+    for peer, others in ((ba, ("bb.test", "bc.test")), (bb, ("ba.test",)), (bc, ("ba.test",))):
+        for name in others:
+            knows(peer, name)
+
+    sent = ("<route type='broadcast' from='ba.test'><presence xmlns='jabber:client' "
+            "from='ba.test' id='bcast-1'><status>everyone</status></presence></route>")
+    ba.send(sent)
+    for peer in (bb, bc):
+        same_bytes(peer.take(with_id("bcast-1"), 5.0, "the broadcast"), sent, NS_COMPONENT)
+    # Barriers both ways on each link: a second copy, or one sent back to a,
+    # was queued before them.
+    round_trip(ba, "ba.test", bb, "bb.test", "after-b")
+    round_trip(ba, "ba.test", bc, "bc.test", "after-c")
+    for peer in (ba, bb, bc):
+        copies = [e.raw for e in peer.kept if stanza_id(e) == "bcast-1"]
+        assert copies == [], "%s got the broadcast again: %s" % (peer.label, copies)
+    no_bounces(ba)
+
+
+# -- 2. binds that must be unique in the cluster ------------------------------------------
+
+
+def test_concurrent_binds_of_one_name_on_two_nodes_give_one_success_and_one_409(bed, peers):
+    """The same name without multi bound at once on nodes a and b (five names, each node first in turn): exactly one bind answered OK, the other error='409'; etcd holds one member and the winner's unique key; traffic from node c reaches the winner."""
+    bed.wait_ready()
+    on = {"a": peers.authenticated(bed, "a", "binder"), "b": peers.authenticated(bed, "b", "binder")}
+    sender = peers.bound(bed, "c", "sender.test")
+    for i in range(5):
+        name = "dup%d.test" % i
+        order = ("a", "b") if i % 2 == 0 else ("b", "a")
+        for node_id in order:
+            on[node_id].ask_bind(name)
+        answers = {node_id: on[node_id].bind_answer() for node_id in order}
+        errors = sorted((error or "") for _name, error in answers.values())
+        assert errors == ["", "409"], "%s: bind answers %s" % (name, answers)
+        winner = next(n for n, (_name, error) in answers.items() if error is None)
+        bed.wait_members(name, lambda ms: [m.node for m in ms] == [winner], 3.0,
+                         "one member, on node %s" % winner)
+        members = bed.members(name)
+        owner = bed.owner(name)
+        assert owner is not None and (owner.node, owner.member) == (winner, members[0].member), owner
+
+        knows(sender, name)
+        sender.send(route(name, "sender.test", "to-%s" % name))
+        on[winner].take(with_id("to-%s" % name), 5.0, "the route to %s at the winner" % name)
+    again = [e.raw for p in on.values() for e in p.kept if (stanza_id(e) or "").startswith("to-dup")]
+    assert again == [], "routes to the names arrived twice or at the loser: %s" % again
+    no_bounces(sender)
+
+
+def test_concurrent_default_route_binds_on_two_nodes_give_one_success_and_one_409(bed, peers):
+    """<bind><default/></bind> of two names at once on nodes a and b: one OK, one error='409'; etcd's default route is the winner's, and a route from node c to a name nobody bound reaches the winner."""
+    bed.wait_ready()
+    da = peers.authenticated(bed, "a", "default-a")
+    db = peers.authenticated(bed, "b", "default-b")
+    da.ask_bind("da.test", default=True)
+    db.ask_bind("db.test", default=True)
+    answers = {"a": da.bind_answer(), "b": db.bind_answer()}
+    assert sorted((error or "") for _n, error in answers.values()) == ["", "409"], answers
+    winner = "a" if answers["a"][1] is None else "b"
+    winner_name, winner_peer = ("da.test", da) if winner == "a" else ("db.test", db)
+    bed.wait_members(winner_name, lambda ms: [m.node for m in ms] == [winner], 3.0,
+                     "one member, on node %s" % winner)
+    default = bed.default_route()
+    assert default is not None and (default.name, default.node) == (winner_name, winner), default
+    loser_name = "db.test" if winner == "a" else "da.test"
+    assert bed.members(loser_name) == [], "the refused bind left a member"
+
+    sender = peers.bound(bed, "c", "elsewhere-sender.test")
+    until_delivered(sender, winner_peer, lambda i: route("nobody-bound-this.test",
+                                                         "elsewhere-sender.test", i), "default")
+    sender.send(route("nobody-bound-this.test", "elsewhere-sender.test", "via-default"))
+    got = winner_peer.take(with_id("via-default"), 5.0, "the route via the default route")
+    assert got.attrs.get("to") == "nobody-bound-this.test" and "error" not in got.attrs
+    no_bounces(sender)
+
+
+# -- 3. real jabberd2: sm on node a, c2s on node b ----------------------------------------
+
+
+DOMAIN = "example.test"
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+
+
+def bare(user):
+    return "%s@%s" % (user, DOMAIN)
+
+
+def full(user, resource="r"):
+    return "%s/%s" % (bare(user), resource)
+
+
+def presence(kind, sender):
+    return lambda p: p["type"] == kind and str(p["from"]) == sender
+
+
+def message_from(sender):
+    return lambda m: str(m["from"]) == sender
+
+
+async def login(clients, user, resource="r"):
+    client = await clients.login(full(user, resource), PASSWORDS[user])
+    client.send_presence()
+    return client
+
+
+async def subscribe(a, b):
+    """a subscribes to b's presence and b approves (RFC 6121 §3.1)."""
+    a.send_presence_subscription(pto=b.boundjid.bare, ptype="subscribe")
+    await b.wait_for("presence", presence("subscribe", a.boundjid.bare))
+    b.send_presence_subscription(pto=a.boundjid.bare, ptype="subscribed")
+    await a.wait_for("presence", presence("subscribed", b.boundjid.bare))
+    await a.wait_for("presence", presence("available", str(b.boundjid)))
+
+
+def test_jabberd2_sm_on_one_node_and_c2s_on_another_serve_chat_presence_and_offline(
+        request, tmp_path, bed):
+    """Debian's sm on node a, c2s on node b: two users register and log in, subscribe, see each other's presence, chat both ways, and a message to a user gone offline is stored and delivered, stamped, at her next login."""
+    bed.wait_ready()
+    stack = SplitStack(tmp_path / "jabberd2", bed["a"], bed["b"])
+    _track(request, stack)
+    try:
+        stack.start(timeout=10)   # c2s serves the domain once node b advertised a's sm to it
+
+        async def scenario():
+            async with Clients(stack.c2s_ip, stack.c2s_port) as clients:
+                for user, password in PASSWORDS.items():
+                    await clients.register(bare(user), password)
+                alice = await login(clients, "alice")
+                bob = await login(clients, "bob")
+                await subscribe(alice, bob)
+                await subscribe(bob, alice)
+
+                bob.send_presence(pshow="away", pstatus="on node b")
+                changed = await alice.wait_for("presence", presence("away", full("bob")))
+                assert changed["status"] == "on node b"
+
+                text = "Grüße über zwei Knoten & <xml> ✓"
+                alice.send_message(mto=full("bob"), mbody=text, mtype="chat")
+                got = await bob.wait_for("message", message_from(full("alice")))
+                assert (got["body"], got["type"], str(got["to"])) == (text, "chat", full("bob"))
+                bob.send_message(mto=bare("alice"), mbody="and back", mtype="chat")
+                got = await alice.wait_for("message", message_from(full("bob")))
+                assert got["body"] == "and back"
+
+                await bob.logout()
+                await alice.wait_for("presence", presence("unavailable", full("bob")))
+                bodies = ["while you were away", "second one"]
+                for body in bodies:
+                    alice.send_message(mto=bare("bob"), mbody=body, mtype="chat")
+                await alice.fetch_roster()     # answered after the sm filed the messages
+
+                bob = await login(clients, "bob", resource="again")
+                got = [await bob.wait_for("message", message_from(full("alice"))) for _ in bodies]
+                assert [m["body"] for m in got] == bodies
+                for m in got:
+                    assert m.xml.find("{urn:xmpp:delay}delay") is not None, m
+        run(scenario(), timeout=60)
+    finally:
+        stack.stop()
+
+
+# -- 4. a node killed -----------------------------------------------------------------------
+
+
+def test_a_killed_node_is_dropped_after_its_lease_and_serves_again_when_restarted(bed, peers):
+    """kill -9 of node b: its members stay in etcd until its lease expires, then node a's components are told <presence type='unavailable'/> for the names only b served (not for one c serves too) and packets to them bounce (404, XEP-0114 503); b restarted, new components bind there and traffic flows again."""
+    bed.wait_ready()
+    ka = peers.bound(bed, "a", "ka.test")
+    xa = peers.accepted(bed, "a", "xa.test")
+    peers.bound(bed, "b", "kb.test")
+    xb = peers.accepted(bed, "b", "xb.test")
+    peers.bound(bed, "b", "shared.test", multi="to")
+    shared_c = peers.bound(bed, "c", "shared.test", multi="to")
+    for name in ("kb.test", "xb.test", "shared.test"):
+        knows(ka, name)
+    until_delivered(xa, xb, lambda i: message("xb.test", "xa.test", i), "probe-xb")
+    assert sorted(m.node for m in bed.members("shared.test")) == ["b", "c"]
+
+    # b's lease cannot expire sooner than etcd's count of what is left of it
+    # (whole seconds) after this read.
+    left = bed.client.time_to_live(bed.nodes_in_etcd()["b"]).ttl
+    bed.kill_node("b")
+    killed = time.monotonic()
+    assert bed.members("kb.test"), "b's member vanished from etcd at once, not with its lease"
+
+    lost(ka, "kb.test", TTL + 4)
+    gone_after = time.monotonic() - killed
+    lost(ka, "xb.test", 3.0)
+    assert gone_after >= left - 0.5, (
+        "node a dropped kb.test %.2fs after b died, before b's lease (%d s left) can have expired"
+        % (gone_after, left))
+    assert "b" not in bed.nodes_in_etcd()
+    assert bed.members("kb.test") == [] and bed.members("xb.test") == []
+    assert [m.node for m in bed.members("shared.test")] == ["c"]
+
+    ka.send(route("kb.test", "ka.test", "after-ttl"))
+    bounced = ka.take(with_id("after-ttl"), 5.0, "the bounce of a route to kb.test")
+    assert bounced.attrs.get("error") == "404", bounced.raw
+    xa.send(message("xb.test", "xa.test", "after-ttl-x"))
+    error = xa.take(with_id("after-ttl-x"), 5.0, "the stanza error for xb.test")
+    assert error.attrs.get("type") == "error" and b"service-unavailable" in error.raw, error.raw
+    ka.send(route("shared.test", "ka.test", "still-shared"))
+    shared_c.take(with_id("still-shared"), 5.0, "shared.test on node c")
+    assert False not in advertised(ka, "shared.test"), "shared.test advertised as gone"
+
+    marks = {n: bed[n].log_mark() for n in ("a", "c")}
+    bed.start_node("b")
+    bed.wait_ready(["b"], timeout=10, since=marks)
+    kb = peers.bound(bed, "b", "kb.test")
+    knows(ka, "kb.test")
+    ka.send(route("kb.test", "ka.test", "back-1"))
+    assert "error" not in kb.take(with_id("back-1"), 5.0, "back-1 at the new kb.test").attrs
+    xb2 = peers.accepted(bed, "b", "xb.test")
+    until_delivered(xa, xb2, lambda i: message("xb.test", "xa.test", i), "probe-xb2")
+    xa.send(message("xb.test", "xa.test", "back-2"))
+    xb2.take(with_id("back-2"), 5.0, "back-2 at the new xb.test")
+    assert [m.node for m in bed.members("kb.test")] == ["b"]
+
+
+# -- 5. a node paused past its lease ----------------------------------------------------------
+
+
+def test_a_node_paused_past_its_lease_fences_itself_and_no_name_is_held_twice(bed, peers):
+    """SIGSTOP of node b past its TTL: its lease and names go; node a binds b's name meanwhile. SIGCONT: b logs that it fenced itself, closes its components, rejoins under a new lease; the name stays a's alone in etcd, a bind of it on b gets 409, and a new name binds on b and carries traffic."""
+    bed.wait_ready()
+    sa = peers.bound(bed, "a", "sa.test")
+    sb = peers.bound(bed, "b", "sb.test")
+    xsb = peers.accepted(bed, "b", "xsb.test")
+    knows(sa, "sb.test")
+    old_lease = bed.nodes_in_etcd()["b"]
+    mark = bed["b"].log_mark()
+
+    bed.pause_node("b")
+    bed.wait(lambda: "b" not in bed.nodes_in_etcd(), TTL + 4, "node b's lease expiring",
+             lambda: bed.shown_keys())
+    lost(sa, "sb.test", 4.0)
+    taker = peers.bound(bed, "a", "sb.test")        # free again: b's lease is gone
+    marks = {n: bed[n].log_mark() for n in ("a", "c")}
+
+    bed.resume_node("b")
+    bed.wait_log("b", r"node b fenced", 5.0, since=mark)
+    assert sb.closed_within(5.0), "b did not close sb.test's connection when it fenced"
+    assert xsb.closed_within(5.0), "b did not close xsb.test's connection when it fenced"
+    bed.wait_log("b", r"node b rejoined", 10.0, since=mark)
+    bed.wait(lambda: bed.nodes_in_etcd().get("b") not in (None, old_lease), 5.0,
+             "node b back under a new lease")
+    marks["b"] = bed.wait_log("b", r"node b fenced", 1.0, since=mark).end() + mark
+    bed.wait_linked(["b"], timeout=10, since=marks)
+
+    # No name is held twice: sb.test is a's, and so is every unique name.
+    assert [m.node for m in bed.members("sb.test")] == ["a"]
+    assert bed.owner("sb.test").node == "a"
+    table = bed.keys()
+    for key, (value, _kv) in table.items():
+        if isinstance(key, UniqueKey):
+            holders = [m for m in table if isinstance(m, MemberKey) and m.name == key.name]
+            assert [(m.node, m.member) for m in holders] == [(value.node, value.member)], (key, holders)
+    again = peers.authenticated(bed, "b", "rebinder")
+    again.ask_bind("sb.test")
+    assert again.bind_answer() == ("sb.test", "409")
+
+    nb = peers.bound(bed, "b", "sb-new.test")
+    knows(sa, "sb-new.test")
+    sa.send(route("sb-new.test", "sa.test", "after-rejoin"))
+    nb.take(with_id("after-rejoin"), 5.0, "a route to the name bound on b after it rejoined")
+    sa.send(route("sb.test", "sa.test", "to-taker"))
+    taker.take(with_id("to-taker"), 5.0, "sb.test at node a's component")
+    no_bounces(sa)
+
+
+# -- 6. etcd restarted ------------------------------------------------------------------------------
+
+
+ETCD_TTL = 6                # long enough for etcd to come back well within it
+
+
+def lease_refreshed(bed, lease, timeout):
+    """Wait until etcd shows `lease` counting down and then refreshed (a
+    keepalive got through)."""
+    seen = []
+
+    def refreshed():
+        info = bed.client.time_to_live(lease)
+        assert info is not None, "lease %x is gone" % lease
+        seen.append(info.ttl)
+        return any(later > earlier for earlier, later in zip(seen, seen[1:]))
+    bed.wait(refreshed, timeout, "lease %x refreshed" % lease, lambda: "ttls seen: %s" % seen)
+
+
+def test_etcd_killed_and_restarted_within_the_ttl_costs_no_traffic_and_no_member(bed_factory, peers):
+    """etcd SIGKILLed: routes between nodes a and b go on, both protocols; restarted (same data) within the lease TTL: every node and member key is still there under the same lease, the leases are refreshed again, nothing was advertised as gone, nobody fenced, and a new bind works."""
+    bed = bed_factory(lease_ttl=ETCD_TTL)
+    bed.wait_ready()
+    ea = peers.bound(bed, "a", "ea.test")
+    eb = peers.bound(bed, "b", "eb.test")
+    xea = peers.accepted(bed, "a", "xea.test")
+    xeb = peers.accepted(bed, "b", "xeb.test")
+    knows(ea, "eb.test")
+    knows(eb, "ea.test")
+    until_delivered(xea, xeb, lambda i: message("xeb.test", "xea.test", i), "probe-x")
+    before = {key: kv.lease for key, (_value, kv) in bed.keys().items()}
+    names = ("ea.test", "eb.test", "xea.test", "xeb.test")
+    assert {k.name for k in before if isinstance(k, MemberKey)} >= set(names), before
+
+    bed.kill_etcd()
+    killed = time.monotonic()
+    for i in range(10):
+        ea.send(route("eb.test", "ea.test", "down-ab-%d" % i))
+        eb.send(route("ea.test", "eb.test", "down-ba-%d" % i))
+        xea.send(message("xeb.test", "xea.test", "down-x-%d" % i))
+    for i in range(10):
+        eb.take(with_id("down-ab-%d" % i), 5.0, "down-ab-%d while etcd is down" % i)
+        ea.take(with_id("down-ba-%d" % i), 5.0, "down-ba-%d while etcd is down" % i)
+        xeb.take(with_id("down-x-%d" % i), 5.0, "down-x-%d while etcd is down" % i)
+    assert not bed.etcd.process.running(), "etcd came back by itself?"
+    bed.start_etcd()
+    away = time.monotonic() - killed
+    assert away < ETCD_TTL * 2 / 3, "etcd was away %.1fs: not within the TTL, the test proves nothing" % away
+
+    bed.wait(lambda: {k: kv.lease for k, (_v, kv) in bed.keys().items()} == before, 5.0,
+             "the same keys under the same leases after the restart",
+             lambda: "before: %s\nnow:\n%s" % (sorted(map(str, before)), bed.shown_keys()))
+    for node_id, lease in bed.nodes_in_etcd().items():
+        lease_refreshed(bed, lease, 2 * ETCD_TTL)
+    now = {k: kv.lease for k, (_v, kv) in bed.keys().items()}
+    assert now == before, "keys changed after a lease period: %s" % (set(before) ^ set(now))
+
+    for node_id in NODES:
+        assert not re.search(r"fenced", bed[node_id].log_text_of_run), "node %s fenced" % node_id
+    for peer, name in ((ea, "eb.test"), (eb, "ea.test")):
+        assert advertised(peer, name) == [], "%s saw %s advertised again: %s" % (
+            peer.label, name, advertised(peer, name))
+    late = peers.bound(bed, "c", "late.test")
+    knows(ea, "late.test")
+    ea.send(route("late.test", "ea.test", "after-restart"))
+    late.take(with_id("after-restart"), 5.0, "a route to a name bound after the restart")
+    round_trip(ea, "ea.test", eb, "eb.test", "after-restart")
+    for peer in (ea, eb, xea, xeb):
+        no_bounces(peer)
