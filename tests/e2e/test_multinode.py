@@ -467,6 +467,41 @@ def test_a_killed_node_is_dropped_after_its_lease_and_serves_again_when_restarte
     assert [m.node for m in bed.members("kb.test")] == ["b"]
 
 
+def test_what_survivors_hold_for_a_killed_node_is_delivered_or_bounced_never_lost(bed, peers):
+    """kill -9 of node b, then routes for its names from node a until its lease ends: each one is held by a
+    (b's members are still in the table), then placed again: those for a name c serves too reach c, those
+    for a name only b served bounce to their sender. sent = delivered + bounced, none twice."""
+    bed.wait_ready()
+    ka = peers.bound(bed, "a", "ka.test")
+    peers.bound(bed, "b", "only-b.test")
+    peers.bound(bed, "b", "both.test", multi="to")
+    both_c = peers.bound(bed, "c", "both.test", multi="to")
+    for name in ("only-b.test", "both.test"):
+        knows(ka, name)
+    bed.kill_node("b")
+    ids = {"only-b.test": [], "both.test": []}
+    n = 0
+    deadline = time.monotonic() + TTL + 4
+    # Until a's table drops b's members: every route sent meanwhile is held by a.
+    while bed.members("only-b.test") and time.monotonic() < deadline:
+        for name in ids:
+            n += 1
+            ids[name].append("held-%d" % n)
+            # Distinct users, so that both.test's placement sends some to b's member.
+            ka.send(route(name, "ka.test", ids[name][-1]).replace("u@%s" % name, "u%d@%s" % (n, name)))
+        time.sleep(0.05)
+    assert ids["both.test"], "b's members left etcd before a route could be sent"
+    lost(ka, "only-b.test", TTL + 4)
+    delivered = {stanza_id(e) for e in both_c.collect(3.0) if stanza_id(e)}
+    bounced = {stanza_id(e) for e in ka.collect(1.0) if e.attrs.get("error")}
+    for_both, for_b = set(ids["both.test"]), set(ids["only-b.test"])
+    assert for_both <= delivered, "routes for both.test not delivered: %s" % sorted(for_both - delivered)
+    assert for_b <= bounced, "routes for only-b.test neither delivered nor bounced: %s" % sorted(for_b - bounced)
+    assert not (for_both & bounced) and not (for_b & delivered)
+    duplicates = [e for e in both_c.kept if stanza_id(e) in for_both]
+    assert len(duplicates) == len(for_both), "a held route was delivered twice"
+
+
 # -- 5. a node paused past its lease ----------------------------------------------------------
 
 
