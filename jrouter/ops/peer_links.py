@@ -168,7 +168,7 @@ class PeerLinks:
             return False
         stream = link.stream
         stream.forward(route_raw, member, hops, tag, as_sent)
-        if stream.buffered > self.queue_limit:
+        if stream.unread > self.queue_limit:
             link.overflow()
         elif not link.woken:
             link.wake()
@@ -181,7 +181,7 @@ class PeerLinks:
             return False
         stream = link.stream
         stream.broadcast(route_raw, hops, tag)
-        if stream.buffered > self.queue_limit:
+        if stream.unread > self.queue_limit:
             link.overflow()
         elif not link.woken:
             link.wake()

@@ -85,6 +85,9 @@ _FORWARD = NS_PEER + " f"
 _FORWARD_AS_SENT = NS_PEER + " x"
 _BROADCAST = NS_PEER + " b"
 _HELLO = NS_PEER + " hello"
+# How many routes the sender of <a/> has read on this link so far (docs/cluster.md §3).
+_ACK = NS_PEER + " a"
+_ACK_HEAD = b"<a xmlns='" + NS_PEER.encode() + b"' n='"
 _DIGEST_URI = "jabberd-router/" + PEER_ROLE
 _ERRORS_PREFIX = "{%s}" % STREAM_ERRORS_NS
 #: The namespaces every peer stream header declares, and no others: a route
@@ -217,7 +220,7 @@ _StreamEvent: TypeAlias = Union[StreamOpen, Element, StreamClose]
 
 
 class Unsent(NamedTuple):
-    """A packet queued on a link that its socket never took in full, as it
+    """A packet queued on a link that the other node never said it read, as it
     was handed to ``forward``, or to ``broadcast`` (``member`` None); ``tag``
     is whatever the caller gave with it (its route, sender, ...)."""
 
@@ -267,8 +270,14 @@ class PeerStream:
         self._out: list[bytes] = []
         self._end = 0          # bytes queued since the stream began
         self._acked = 0        # of those, bytes the shell says it wrote
-        # (end offset, route, member, hops, tag) of each packet not written in full
+        # (end offset, route, member, hops, tag) of each packet the other
+        # node has not said it read (<a/>): written or not, it comes back
+        # from take_unsent, so that a dead node's kernel buffers lose nothing.
         self._records: deque[tuple[int, bytes, Optional[str], int, Any]] = deque()
+        self._peer_read = 0    # routes the other node said it read (its last <a n/>)
+        self._read_end = 0     # where the last of those ends in our stream
+        self._received = 0     # routes we read (delivered or dropped), what our <a/> says
+        self._said_received = 0
         self._markers: dict[str, list[bytes]] = {}
         self._as_sent_markers: dict[str, list[bytes]] = {}
         # Sending: the runs of packets in _out whose markers are still to be
@@ -306,23 +315,23 @@ class PeerStream:
         return data
 
     def sent(self, count: int) -> None:
-        """The shell wrote ``count`` more bytes of what it was handed: the
-        packets that ended in them are the other node's now."""
-        acked = self._acked = self._acked + count
-        records = self._records
-        if acked >= self._end:
-            records.clear()
-        else:
-            while records and records[0][0] <= acked:
-                records.popleft()
+        """The shell wrote ``count`` more bytes of what it was handed (the
+        packets in them stay ours until the other node says it read them)."""
+        self._acked += count
 
     @property
     def buffered(self) -> int:
         """Bytes queued or handed to the shell and not written yet."""
         return self._end - self._acked
 
+    @property
+    def unread(self) -> int:
+        """Bytes queued since the last route the other node said it read:
+        what a lost link hands back (the bound on a link counts these)."""
+        return self._end - self._read_end
+
     def take_unsent(self) -> list[Unsent]:
-        """The link is over: the packets its socket never took in full,
+        """The link is over: the packets the other node never said it read,
         oldest first. Nothing more is sent."""
         unsent = [Unsent(raw, member, hops, tag) for _end, raw, member, hops, tag in self._records]
         self._records.clear()
@@ -430,6 +439,7 @@ class PeerStream:
         events = self._events = []
         while data and self.state is not State.CLOSED and self.state is not State.STARTING_TLS:
             data = self._feed(data)
+        self._say_received()
         self._events = []
         return events
 
@@ -493,16 +503,20 @@ class PeerStream:
                               else Broadcast(event, hops))
                 left -= 1
                 continue
+            name = event.name
+            if name == _ACK:
+                self._on_read(event)
+                continue
             attrs = event.attrs
             hops = _HOP_VALUES.get(attrs.get("h", ""), 0)
             left = _FAST_COUNTS.get(attrs.get("n", ""), 0)
-            name = event.name
             as_sent = name == _FORWARD_AS_SENT
             member = attrs.get("m") if name == _FORWARD or as_sent else None
             if not (left and 0 < hops <= max_hops and (member or name == _BROADCAST)):
                 index, left, hops = position, 0, 0
                 break
         self.counters.packets_in += len(events) - before
+        self._received += len(events) - before
         self._announced, self._left = (member, hops), left
         self._announced_as_sent = as_sent
         return parsed[index:]
@@ -513,6 +527,7 @@ class PeerStream:
             if element.name != ROUTE:
                 self.fail("bad-format", f"{_what(element)} where a marker announced a <route/>")
             self._left -= 1
+            self._received += 1
             member, hops = self._announced
             if hops == 0:
                 self.counters.drops += 1
@@ -522,9 +537,32 @@ class PeerStream:
                                 if member is not None else Broadcast(element, hops))
         elif element.name == _STREAM_ERROR:
             self._on_stream_error(element)
+        elif element.name == _ACK:
+            self._on_read(element)
         else:
             self._announced, self._left = self._marker(element)
             self._announced_as_sent = element.name == _FORWARD_AS_SENT
+
+    def _on_read(self, element: Element) -> None:
+        """<a n='N'/>: the other node has read our first N routes; they are
+        its own now, and never come back from take_unsent."""
+        count = element.attrs.get("n", "")
+        if not (count.isdigit() and count.isascii()):
+            self.fail("bad-format", "<a/> needs a count (n)")
+        read = int(count)
+        records = self._records
+        if not self._peer_read <= read <= self._peer_read + len(records):
+            self.fail("bad-format", f"<a n='{read}'/> after {self._peer_read} of "
+                      f"{self._peer_read + len(records)} routes")
+        for _ in range(read - self._peer_read):
+            self._read_end = records.popleft()[0]
+        self._peer_read = read
+
+    def _say_received(self) -> None:
+        """Once per read that brought routes: how many we have read so far."""
+        if self._received != self._said_received and self.state is State.OPEN:
+            self._said_received = self._received
+            self._queue(_ACK_HEAD + b"%d'/>" % self._received)
 
     def _marker(self, element: Element) -> tuple[_Run, int]:
         """(what a marker announces, how many routes). A broken marker is a
@@ -579,6 +617,7 @@ class PeerStream:
         self.peer_node, self.peer_revision = ready.node, ready.revision
         self.reader.max_element_size = self.max_element_size
         self._move(State.OPEN)
+        self._read_end = self._end      # what came before (the negotiation) is no packet
         self._events.append(ready)
 
     def _on_stream_close(self, _event: StreamClose) -> None:

@@ -3,6 +3,8 @@
 import base64
 import itertools
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -616,28 +618,49 @@ def test_a_stream_error_during_negotiation_closes_quietly_too():
     assert d.state is State.CLOSED
 
 
-def test_take_unsent_returns_what_the_socket_never_took_in_full_with_tags():
-    """Four packets, a write that stops inside the third: the third and fourth come back, in order, with tags."""
-    d, _a = open_pair()
+def test_take_unsent_returns_every_packet_the_other_node_has_not_said_it_read_with_tags():
+    """Four packets written in full, the other node reads only the first two (it says so with <a n='2'/>):
+    the third and fourth come back, in order, with their tags, though the socket took them."""
+    d, a = open_pair()
     d.forward(b"<route n='0'/>", "m3", 2, tag=0)
     d.forward(b"<route n='1'/>", "m3", 2, tag=1)
     d.broadcast(b"<route n='2'/>", 1, tag=2)
     d.forward(b"<route n='3'/>", "m3", 2, tag=3)
     data = d.data_to_send()
-    cut = data.index(b"<route n='2'/>") + 5
-    d.sent(cut)
-    assert d.buffered == len(data) - cut
+    d.sent(len(data))
+    cut = data.index(b"<b xmlns=")
+    assert len(a.receive_data(data[:cut])) == 2
+    assert a.data_to_send() == b"<a xmlns='urn:jrouter:peer:0' n='2'/>"
+    assert d.receive_data(b"<a xmlns='urn:jrouter:peer:0' n='2'/>") == []
+    assert d.buffered == 0 and d.unread == len(data) - cut
     assert d.take_unsent() == [Unsent(b"<route n='2'/>", None, 1, 2), Unsent(b"<route n='3'/>", "m3", 2, 3)]
     assert d.state is State.CLOSED and d.data_to_send() == b""
 
 
-def test_nothing_is_unsent_once_every_byte_is_written():
-    """sent() of everything handed over: take_unsent is empty, buffered 0."""
-    d, _a = open_pair()
+def test_nothing_is_unsent_once_the_other_node_said_it_read_everything():
+    """Every packet read and acknowledged (one <a/> per read, the running count): take_unsent is empty."""
+    d, a = open_pair()
     for i in range(100):
         d.forward(ROUTE_250, "m", 1, tag=i)
+    converse(d, a, chunk=1000)
+    assert d.buffered == 0 and d.unread == 0 and d.take_unsent() == []
+
+
+def test_a_written_packet_not_yet_acknowledged_is_unsent():
+    """The socket took it, the other node never said it read it (it died): it comes back."""
+    d, _a = open_pair()
+    d.forward(ROUTE_250, "m", 1, tag="w")
     d.sent(len(d.data_to_send()))
-    assert d.buffered == 0 and d.take_unsent() == []
+    assert d.buffered == 0 and [u.tag for u in d.take_unsent()] == ["w"]
+
+
+@pytest.mark.parametrize("ack", [b"<a xmlns='urn:jrouter:peer:0' n='2'/>", b"<a xmlns='urn:jrouter:peer:0'/>",
+                                 b"<a xmlns='urn:jrouter:peer:0' n='-1'/>"])
+def test_an_acknowledgement_of_more_than_was_sent_or_without_a_count_breaks_the_link(ack):
+    d, _a = open_pair()
+    d.forward(ROUTE_250, "m", 1)
+    error = raise_from(d, ack)
+    assert error.condition == "bad-format"
 
 
 def test_queued_and_not_handed_over_counts_as_unsent():
@@ -694,7 +717,10 @@ def replay(make, data, cuts):
                 out.append(stream.data_to_send())
                 piece = stream.tls_started()
         out.append(stream.data_to_send())
-    return [_describe(e) for e in events], b"".join(out), stream.state
+    # One <a n/> per read that brought routes while the stream is open: how
+    # many there are depends on the cuts (their counts are tested elsewhere).
+    output = re.sub(rb"<a xmlns='urn:jrouter:peer:0' n='\d+'/>", b"", b"".join(out))
+    return [_describe(e) for e in events], output, stream.state
 
 
 def _describe(event):
