@@ -29,6 +29,17 @@ import enum
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeAlias
 
 from jrouter.errors import ConnectionClosed
+
+# CPython's own SHA-1 and constant-time comparison (what hmac.compare_digest
+# falls back to), the same answers: hashlib and hmac would load OpenSSL's
+# libcrypto, ~3.5 MiB resident for the process's life, at the first XEP-0114
+# handshake of a router that has no TLS to need it (docs/architecture.md, memory).
+try:
+    from _operator import _compare_digest
+    from _sha1 import sha1 as _sha1  # type: ignore[import-not-found]  # no stub in typeshed
+except ImportError:     # an interpreter built without them
+    from hashlib import sha1 as _sha1
+    from hmac import compare_digest as _compare_digest
 from jrouter.wire.counters import Counters
 from jrouter.wire.outbox import Outbox
 from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader
@@ -464,13 +475,8 @@ def handshake_refusal(offered: str, stream_id: str, secret: Optional[str]) -> Op
         return "handshake isn't long enough to be a sha1 hash"
     if secret is None:
         return NO_SECRET
-    # Imported here, once per handshake: hashlib and hmac bring OpenSSL's
-    # libcrypto (~3.5 MiB resident), which only authentication needs.
-    import hashlib
-    import hmac
-
-    expected = hashlib.sha1((stream_id + secret).encode()).hexdigest()
-    if not hmac.compare_digest(offered.encode(), expected.encode()):
+    expected = _sha1((stream_id + secret).encode()).hexdigest()
+    if not _compare_digest(offered.encode(), expected.encode()):
         return "hash didn't match, auth failed"
     return None
 

@@ -54,12 +54,21 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
-import hmac
 from dataclasses import dataclass
 from typing import Callable, Optional, TypedDict, Union
 
 from jrouter.errors import JrouterError, ProtocolError
+
+# CPython's own MD5 and constant-time comparison (hmac.compare_digest's
+# fallback), the same answers bit for bit: hashlib and hmac would load
+# OpenSSL's libcrypto, 3.4 MiB resident for the process's life, at the first
+# SASL exchange of a router that has no TLS to need it.
+try:
+    from _md5 import md5 as _md5  # type: ignore[import-not-found]  # no stub in typeshed
+    from _operator import _compare_digest
+except ImportError:     # an interpreter built without them
+    from hashlib import md5 as _md5
+    from hmac import compare_digest as _compare_digest
 
 __all__ = [
     "SaslError",
@@ -177,7 +186,7 @@ def quote(value: str) -> str:
 
 
 def _hex_md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
+    return _md5(data).hexdigest()
 
 
 def password_bytes(password: str) -> bytes:
@@ -208,7 +217,7 @@ def digest_response(
     byte, as `parse_directives` returns them); plain ASCII is the usual case.
     """
     raw = lambda s: s.encode("latin-1")  # noqa: E731 - raw strings back to bytes
-    secret = hashlib.md5(username + b":" + realm + b":" + password).digest()
+    secret = _md5(username + b":" + realm + b":" + password).digest()
     a1 = secret + b":" + raw(nonce) + b":" + raw(cnonce)
     if authzid:
         a1 += b":" + raw(authzid)
@@ -427,7 +436,7 @@ class SaslServer:
         )
         del password
         expected = digest_response(initiator=True, **args)
-        if not hmac.compare_digest(expected.encode("ascii"), d["response"].encode("latin-1")):
+        if not _compare_digest(expected.encode("ascii"), d["response"].encode("latin-1")):
             raise _Reject("not-authorized", TEXT_AUTH_ERROR)
         rspauth = digest_response(initiator=False, **args)
         authzid = d.get("authzid")
@@ -449,7 +458,7 @@ class SaslServer:
         required = ("username", "nonce", "cnonce", "nc", "digest-uri", "response")
         ok = (
             all(k in d for k in required)
-            and hmac.compare_digest(d["nonce"].encode("latin-1"), (self._nonce or "").encode("latin-1"))
+            and _compare_digest(d["nonce"].encode("latin-1"), (self._nonce or "").encode("latin-1"))
             and len(d["nc"]) == 8 and _is_hex(d["nc"]) and int(d["nc"], 16) == 1
             and len(d["response"]) == 32
             and d.get("qop", "auth") == "auth"
