@@ -43,7 +43,7 @@ import selectors
 import socket
 import time
 from array import array
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from jrouter.testing.component_client import (NS_ACCEPT, ComponentClient, RemoteProtocolError,
                                               State, header)
@@ -160,12 +160,14 @@ def setup_jabberd2(conn: Conn, user: str, password: str, deadline: float) -> Non
     conn.buf = client.hand_over()  # advertisements that came behind the reply
 
 
-def setup_all(protocol: str, n: int, port: int, deadline: float, *,
+def setup_all(protocol: str, n: int, ports: Sequence[int], deadline: float, *,
               user: str, password: str, secret: str) -> List[Conn]:
+    """Set up components 0..n-1, component i on ports[i % len(ports)] (one
+    port per node when several nodes act as one router)."""
     conns: List[Conn] = []
     try:
         for i in range(n):
-            conn = connect(i, port, deadline)
+            conn = connect(i, ports[i % len(ports)], deadline)
             conns.append(conn)
             if protocol == "jabberd2":
                 setup_jabberd2(conn, user, password, deadline)

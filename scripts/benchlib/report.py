@@ -8,7 +8,7 @@ result dicts the runner returns; no processes, no clock.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 BAR_WIDTH = 24
 
@@ -121,6 +121,12 @@ def problems(runs: Iterable[Dict[str, Any]]) -> List[str]:
             out.append(f"    {d['from']} -> {d['to']}: sent {d['sent']}, delivered "
                        f"{d['delivered']}, bounced {d['bounced']}, lost {d['lost']}, "
                        f"unsent {d['unsent']}")
+        for j, d in enumerate(r.get("links", [])):  # several nodes: what each node saw
+            out.append(f"    node n{j + 1}: forwarded in {d['forwarded_in']}, link packets out "
+                       f"{d['link_packets_out']}, in {d['link_packets_in']}, dropped "
+                       f"{d['dropped']}, bounced (hold full) {d['bounced_held_full']}")
+        if r.get("logs"):
+            out.append(r["logs"])
     return out
 
 
@@ -278,3 +284,134 @@ def memory_lines(runs: List[Dict[str, Any]]) -> List[str]:
     headers = ["idle components", "protocol", "router", "RSS before MiB", "RSS MiB",
                "peak RSS MiB", "KiB/component", "setup s", "RSS bar"]
     return table(headers, rows, left=3)
+
+
+def memory_ratios(runs: List[Dict[str, Any]], pairs: Sequence[Tuple[str, str]]
+                  ) -> List[Dict[str, Any]]:
+    """Per point (idle components, protocol) and pair (a, b) that both measured:
+    a's RSS over b's, and a's growth per component over b's (the runs shown)."""
+    shown = {(r["components"], r["protocol"], r["router"]): r for r in runs
+             if "error" not in r and not r.get("extra")}
+    points = list(dict.fromkeys((n, proto) for n, proto, _ in shown))
+    rows = []
+    for n, proto in points:
+        for a, b in pairs:
+            ra, rb = shown.get((n, proto, a)), shown.get((n, proto, b))
+            if ra is None or rb is None:
+                continue
+            rows.append({"components": n, "protocol": proto, "a": a, "b": b,
+                         "rss_a_kb": ra["router_rss_kb"], "rss_b_kb": rb["router_rss_kb"],
+                         "rss": ra["router_rss_kb"] / rb["router_rss_kb"],
+                         "per_component": (ra["per_component_kb"] / rb["per_component_kb"]
+                                           if rb["per_component_kb"] > 0 else None)})
+    return rows
+
+
+def memory_ratio_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    if not rows:
+        return ["memory ratios: none (they are over jabberd2 and over the first "
+                "--jrouter-tree, at points both measured)"]
+    body = [[str(r["components"]), r["protocol"], f"{r['a']}/{r['b']}",
+             f"{mib(r['rss_a_kb'])} / {mib(r['rss_b_kb'])}", f2(r["rss"]),
+             "" if r["per_component"] is None else f2(r["per_component"])] for r in rows]
+    return table(["idle components", "protocol", "routers", "RSS MiB", "x RSS",
+                  "x KiB/component"], body, left=3)
+
+
+# --------------------------------------------------------------------------
+# Several nodes as one router (--nodes)
+
+NODE_RUN_HEADERS = ["round", "protocol", "router", "stanzas/s", "p50 ms", "p99 ms", "max ms",
+                    "crossed %", "CPU s", "CPU s per node", "us/stanza", "gen CPU %",
+                    "other %", "lost"]
+
+NODES_LEGEND = [
+    "Several nodes: one etcd and k jrouter nodes with the same <cluster>, component i on",
+    "  node i % k, traffic i -> i+1. crossed %: packets that reached their node over a link",
+    "  from another node (the nodes' /status forwarded_in) / delivered (expected: the share",
+    "  of routes whose ends are on different nodes). CPU s, us/stanza: all nodes together;",
+    "  CPU s per node: n1+n2+...; peak RSS: the nodes' sum. 'x 1 node', 'x jabberd2':",
+    "  stanzas/s over that router's in the same round, median [min-max] over the rounds;",
+    "  'p50 +ms': median of the rounds' p50 minus 1 node's p50 (the latency a node adds).",
+    "",
+]
+
+
+def node_run_row(r: Dict[str, Any]) -> List[str]:
+    head = [str(r.get("round", "")), r["protocol"], r["router"]]
+    if "error" in r:
+        return head + ["failed"] + [""] * (len(NODE_RUN_HEADERS) - 4)
+    lat = r["latency_ms"]
+    several = r.get("nodes", 0) > 1
+    crossed = f"{100 * r['crossed_fraction']:.1f}" if "crossed_fraction" in r else "-"
+    per_node = "+".join(f2(c) for c in r.get("node_cpu_s", [])) if several else ""
+    return head + [n0(r["stanzas_per_s"]), f2(lat["p50"]), f2(lat["p99"]), f1(lat["max"]),
+                   crossed, f2(r["router_cpu_s"]), per_node, f1(r["cpu_us_per_stanza"]),
+                   n0(r["loadgen_cpu_pct"]), n0(r["other_cpu_pct"]), lost_cell(r)]
+
+
+def _by_round(runs: List[Dict[str, Any]], proto: str) -> Dict[int, Dict[str, Dict[str, Any]]]:
+    """round -> router -> the run, for the runs of `proto` that delivered everything."""
+    out: Dict[int, Dict[str, Dict[str, Any]]] = {}
+    for r in runs:
+        if r["protocol"] == proto and ok(r):
+            out.setdefault(r["round"], {})[r["router"]] = r
+    return out
+
+
+def _spread(values: List[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "-"
+    return (fmt.format(statistics.median(values)) + " ["
+            + fmt.format(min(values)) + "-" + fmt.format(max(values)) + "]")
+
+
+def nodes_overview(runs: List[Dict[str, Any]], protocols: Sequence[str],
+                   names: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per protocol and router: medians over the good rounds, and the per-round
+    comparisons with '1 node' and 'jabberd2' (stanzas/s ratio, added p50)."""
+    out = []
+    for proto in protocols:
+        rounds = _by_round(runs, proto)
+        for name in names:
+            good = [v[name] for _, v in sorted(rounds.items()) if name in v]
+            if not good:
+                continue
+            row: Dict[str, Any] = {"protocol": proto, "router": name, "rounds": len(good)}
+            row["stanzas_per_s"] = statistics.median(r["stanzas_per_s"] for r in good)
+            for q in ("p50", "p99"):
+                row[f"{q}_ms"] = statistics.median(r["latency_ms"][q] for r in good)
+            row["cpu_us_per_stanza"] = statistics.median(r["cpu_us_per_stanza"] for r in good)
+            row["peak_rss_kb"] = statistics.median(r["router_peak_rss_kb"] for r in good)
+            if "crossed_fraction" in good[0]:
+                row["crossed_fraction"] = statistics.median(r["crossed_fraction"] for r in good)
+                row["crossing_expected"] = good[0]["crossing_expected"]
+                row["node_cpu_s"] = [statistics.median(r["node_cpu_s"][j] for r in good)
+                                     for j in range(len(good[0]["node_cpu_s"]))]
+            for base, key in (("1 node", "x_1_node"), ("jabberd2", "x_jabberd2")):
+                pairs = [(v[name], v[base]) for _, v in sorted(rounds.items())
+                         if name in v and base in v]
+                row[key] = [a["stanzas_per_s"] / b["stanzas_per_s"] for a, b in pairs
+                            if b["stanzas_per_s"]]
+                if base == "1 node":
+                    row["p50_added_ms"] = [a["latency_ms"]["p50"] - b["latency_ms"]["p50"]
+                                           for a, b in pairs]
+            out.append(row)
+    return out
+
+
+def nodes_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    headers = ["protocol", "router", "rounds", "stanzas/s", "x 1 node", "x jabberd2",
+               "p50 ms", "p50 +ms", "p99 ms", "crossed % (expected)", "CPU s per node",
+               "us/stanza", "peak RSS MiB"]
+    body = []
+    for r in rows:
+        crossed = (f"{100 * r['crossed_fraction']:.1f} ({100 * r['crossing_expected']:.0f})"
+                   if "crossed_fraction" in r else "-")
+        per_node = "+".join(f2(c) for c in r["node_cpu_s"]) if "node_cpu_s" in r else "-"
+        added = r["p50_added_ms"]
+        body.append([r["protocol"], r["router"], str(r["rounds"]), n0(r["stanzas_per_s"]),
+                     _spread(r["x_1_node"]), _spread(r["x_jabberd2"]), f2(r["p50_ms"]),
+                     f"{statistics.median(added):+.2f}" if added else "-", f2(r["p99_ms"]),
+                     crossed, per_node, f1(r["cpu_us_per_stanza"]), mib(r["peak_rss_kb"])])
+    return table(headers, body, left=2)

@@ -80,10 +80,15 @@ class RouterError(Exception):
     """The router did not start, or died."""
 
 
-def write_config(directory: str, port: int) -> str:
-    """Write the three config files into `directory`; return router.xml's path."""
+def write_config(directory: str, port: int, extra: str = "") -> str:
+    """Write the three config files into `directory`; return router.xml's path.
+    `extra` (sections of router.xml, such as a node's `<cluster>`) goes last
+    in `<router>`."""
+    text = ROUTER_XML.format(port=port, dir=directory, secret=SECRET, user=USER)
+    if extra:
+        text = text.replace("</router>\n", extra.rstrip("\n") + "\n</router>\n")
     files = {
-        "router.xml": ROUTER_XML.format(port=port, dir=directory, secret=SECRET, user=USER),
+        "router.xml": text,
         "router-users.xml": USERS_XML.format(user=USER, password=PASSWORD),
         "router-filter.xml": FILTER_XML,
     }
@@ -98,6 +103,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> List[int]:
+    """`count` distinct loopback TCP ports nobody listens on right now (all
+    bound at once, so the kernel cannot hand out one of them twice)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def command(name: str, config: str, python: str) -> List[str]:
@@ -200,11 +220,20 @@ class Router:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start and wait until the port accepts connections; RouterError if not."""
+        self.spawn()
+        self.wait_listening(timeout)
+
+    def spawn(self) -> None:
+        """Start the process (several can then start at once; see wait_listening)."""
         env = dict(self.env, PYTHONUNBUFFERED="1")
         with open(self.logpath, "wb") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup(self.cpus))
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until the spawned process's port accepts connections; RouterError if not."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -8,6 +8,10 @@ Every run gets a fresh router process, so peak RSS (VmHWM) belongs to that
 run alone, and a crash or leak cannot spill into the next measurement.
 The router is pinned to one core and the load generator to the other
 (2-core machine: the router gets one core, the clients the other).
+
+A run of several nodes (`run_cluster`) starts one etcd and k jrouter nodes
+(benchlib.cluster) instead of the router, in a fresh directory too; where
+they run is `Settings.cluster_cpus`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import routers
+from . import cluster, routers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.dirname(HERE)
@@ -45,6 +49,33 @@ class Settings:
         avail = sorted(os.sched_getaffinity(0))
         return [avail[0]], avail[1:]
 
+    def cluster_cpus(self, k: int) -> Tuple[List[Optional[List[int]]], Optional[List[int]]]:
+        """(cpus of each of `k` nodes, load generator cpus); None: not pinned.
+
+        One node is pinned as a single router is (cpus()), so it is measured
+        as the references are.  Several nodes and the load generator are not
+        pinned: they share every core as the kernel schedules them; pinning
+        them would give one node a core of its own and make the other share
+        with the load generator (2 cores), or put every node on one core."""
+        if k == 1:
+            router, gen = self.cpus()
+            return [router], gen
+        return [None] * k, None
+
+    def cluster_cpu_policy(self, ks: List[int]) -> str:
+        """One sentence for the output: where the nodes and the generator run."""
+        router, gen = self.cpus()
+        if router is None:
+            return "nothing pinned: routers, nodes and load generator share every core"
+        several = [k for k in ks if k > 1]
+        text = (f"jabberd2, jrouter and 1 node on cpu {router[0]}, load generator on cpu "
+                f"{','.join(map(str, gen))}")
+        if several:
+            text += (f"; with {', '.join(map(str, several))} nodes nothing is pinned: the "
+                     f"nodes and the load generator share all {len(os.sched_getaffinity(0))} "
+                     f"cores as the kernel schedules them")
+        return text
+
 
 def setup_timeout(components: int) -> float:
     """Seconds allowed for connecting and authenticating `components`."""
@@ -68,13 +99,9 @@ def run(router: str, settings: Settings, *, mode: str, protocol: str, components
                               router_cpus, env)
         try:
             proc.start()
-            spec = dict(mode=mode, protocol=protocol, components=components, messages=messages,
-                        size=size, window=window, port=port, router_pid=proc.pid,
-                        time_limit=settings.time_limit, grace=settings.grace,
-                        stall=settings.stall, nap_us=settings.nap_us,
-                        setup_timeout=setup_timeout(components),
-                        user=routers.USER, password=routers.PASSWORD, secret=routers.SECRET,
-                        repo=REPO)
+            spec = load_spec(settings, mode=mode, protocol=protocol, components=components,
+                             messages=messages, size=size, window=window, ports=[port],
+                             router_pids=[proc.pid])
             result.update(loadgen(spec, gen_cpus))
             if not proc.alive():
                 result["error"] = (f"{router} died during the run (status "
@@ -86,6 +113,64 @@ def run(router: str, settings: Settings, *, mode: str, protocol: str, components
         finally:
             proc.stop()
     return result
+
+
+def load_spec(settings: Settings, **run: Any) -> Dict[str, Any]:
+    """The load generator's spec: the run's parameters, its bounds, the accounts."""
+    return dict(run, time_limit=settings.time_limit, grace=settings.grace,
+                stall=settings.stall, nap_us=settings.nap_us,
+                setup_timeout=setup_timeout(run["components"]),
+                user=routers.USER, password=routers.PASSWORD, secret=routers.SECRET, repo=REPO)
+
+
+def crossing(components: int, k: int) -> float:
+    """The share of the ring's routes i -> i+1 whose ends are on different
+    nodes, with component i on node i % k (what the links should carry)."""
+    if k < 2:
+        return 0.0
+    return sum(i % k != ((i + 1) % components) % k for i in range(components)) / components
+
+
+def run_cluster(k: int, settings: Settings, *, protocol: str, components: int,
+                messages: int, size: int = 200, window: int = 100) -> Dict[str, Any]:
+    """One etcd and `k` jrouter nodes as one router (benchlib.cluster), the
+    components spread over them (component i on node i % k), the throughput
+    traffic; then everything stopped.  The result is run()'s, with the
+    figures of each node and of the traffic across nodes; on failure
+    "error", with the nodes' logs."""
+    result: Dict[str, Any] = dict(router=cluster_label(k), nodes=k, mode="throughput",
+                                  protocol=protocol, components=components, messages=messages,
+                                  size=size, window=window,
+                                  crossing_expected=crossing(components, k))
+    node_cpus, gen_cpus = settings.cluster_cpus(k)
+    with tempfile.TemporaryDirectory(prefix="jrouter-bench-nodes-") as tmp:
+        nodes = cluster.Cluster(k, tmp, settings.python, REPO, node_cpus)
+        try:
+            nodes.start()
+            result["ready_s"] = nodes.ready_s
+            spec = load_spec(settings, mode="throughput", protocol=protocol,
+                             components=components, messages=messages, size=size,
+                             window=window, ports=nodes.ports, router_pids=nodes.pids,
+                             status_ports=nodes.status_ports, etcd_pid=nodes.etcd.pid)
+            result.update(loadgen(spec, gen_cpus))
+            dead = nodes.dead()
+            if dead:
+                result["error"] = f"a process died during the run:\n{dead}"
+            elif "error" in result or result.get("lost") or result.get("unsent"):
+                result["logs"] = nodes.logs(40)
+                if "error" in result:
+                    result["error"] += "\n" + result["logs"]
+        except routers.RouterError as e:  # ClusterError too: etcd, a node, no links
+            result["error"] = str(e)
+        finally:
+            nodes.stop()
+    if "crossed" in result and result.get("delivered"):
+        result["crossed_fraction"] = result["crossed"] / result["delivered"]
+    return result
+
+
+def cluster_label(k: int) -> str:
+    return f"{k} node" + ("s" if k > 1 else "")
 
 
 def loadgen(spec: Dict[str, Any], cpus: Optional[List[int]]) -> Dict[str, Any]:

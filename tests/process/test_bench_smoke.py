@@ -112,3 +112,27 @@ def test_bench_says_when_a_jrouter_tree_cannot_run_and_measures_the_others(tmp_p
     assert "broken tree" in doc["unavailable"]["bad"]
     assert [r["router"] for r in doc["runs"]] == ["jabberd2", "good"]
     assert [(p["a"], p["b"]) for p in doc["pair_ratios"]] == [("good", "jabberd2")]
+
+
+def test_bench_nodes_measures_each_node_count_beside_the_c_router():
+    """--nodes 1,2: per protocol a run of jabberd2, 1 node and 2 nodes that delivers
+    everything; with 2 nodes every packet crosses the link (component i on node i % 2),
+    and the overview has a figure for each k."""
+    result = bench("--nodes", "1,2", "--routers", "jabberd2", "--protocol", "both")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["all_delivered"] is True and "nodes" not in doc["unavailable"]
+    assert [(r["protocol"], r["router"]) for r in doc["runs"]] == [
+        (p, n) for p in ("jabberd2", "xep0114") for n in ("jabberd2", "1 node", "2 nodes")]
+    for run in doc["runs"]:
+        assert "error" not in run, run["error"]
+        assert run["delivered"] == COMPONENTS * MESSAGES and run["lost"] == 0
+    for run in (r for r in doc["runs"] if r["router"] != "jabberd2"):
+        assert len(run["node_cpu_s"]) == run["nodes"]
+        assert run["crossed_fraction"] == run["crossing_expected"] == (run["nodes"] - 1)
+    rows = {(r["protocol"], r["router"]): r for r in doc["nodes_overview"]}
+    assert set(rows) == {(p, n) for p in ("jabberd2", "xep0114")
+                         for n in ("jabberd2", "1 node", "2 nodes")}
+    for (proto, name), row in rows.items():
+        assert row["stanzas_per_s"] > 0 and len(row["x_1_node"]) == 1
+    assert "cpus: " in result.stderr and "2 nodes" in result.stderr
