@@ -229,6 +229,10 @@ class PeerSettings:
     pemfile: Optional[str] = None
     """Certificate chain and key (PEM) of this node's peer port, as
     ``<local><pemfile>``: when set, the peer port offers STARTTLS."""
+    cafile: Optional[str] = None
+    """CA certificates (PEM) the dialling node checks the dialled node's
+    certificate against (its chain, not its name: nodes are dialled by
+    address); None: not checked, TLS then keeps out a passive listener only."""
     tls: bool = False
     """Require TLS on every peer link, both ways (a dialled node that does
     not offer STARTTLS is not used); needs ``pemfile``.  When off, a link
@@ -337,7 +341,8 @@ _Readers = Mapping[str, Optional[Callable[[str], object]]]
 _CLUSTER: _Readers = {"name": grammar.token, "node": grammar.token, "peer": None, "etcd": None,
                       "hops": grammar.integer_from(1, 8)}
 _PEER: _Readers = {"ip": grammar.ip_literal, "port": grammar.port, "advertise": _advertise,
-                   "secret": _secret, "tls": grammar.boolean, "pemfile": _file}
+                   "secret": _secret, "tls": grammar.boolean, "pemfile": _file,
+                   "cafile": _file}
 _ETCD: _Readers = {"endpoint": _endpoint, "timeout": grammar.positive, "lease-ttl": _lease_ttl,
                    "bind-wait": grammar.non_negative}
 _REPEATABLE = ("cluster.etcd.endpoint",)
@@ -435,6 +440,7 @@ def _peer(el: etree._Element, problems: Problems) -> Optional[PeerSettings]:
     port = peer.required("port", "the port to listen on for the other nodes' links (<port>5348</port>)")
     secret = peer.required("secret", "the cluster's shared secret for peer links, the same on every node")
     advertise, pemfile = peer.get("advertise", None), peer.get("pemfile", None)
+    cafile = peer.get("cafile", None)
     tls = peer.get("tls", False)
     if ip is not None and ipaddress.ip_address(ip).is_unspecified and "advertise" not in peer.values:
         problems.add(peer.line("ip"), "cluster.peer.ip", f"{ip} listens on every address, so the other "
@@ -445,7 +451,8 @@ def _peer(el: etree._Element, problems: Problems) -> Optional[PeerSettings]:
                      "must offer STARTTLS on its peer port")
     if ip is None or port is None or secret is None:
         return None
-    return PeerSettings(ip=ip, port=port, secret=secret, advertise=advertise, pemfile=pemfile, tls=tls)
+    return PeerSettings(ip=ip, port=port, secret=secret, advertise=advertise, pemfile=pemfile,
+                        cafile=cafile, tls=tls)
 
 
 def _etcd(el: etree._Element, problems: Problems) -> Optional[EtcdSettings]:

@@ -24,6 +24,7 @@ from jrouter.config.filter_xml import FilterError, load_filter
 from jrouter.ops.logs import RouterLog
 from jrouter.ops.listener import raise_fd_limit
 from jrouter.ops.server import ListenError, RouterServer
+from jrouter.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import ssl
@@ -106,7 +107,7 @@ class RouterProcess:
                 cluster = self._join_cluster(self.config.cluster)
             self.server.start()
             status = self._start_status()
-        except ListenError as exc:     # the status endpoint's StatusListenError too
+        except (ListenError, ConfigurationError) as exc:  # StatusListenError too; a bad cafile
             log.error(str(exc))
             if cluster is not None:
                 cluster.stop()

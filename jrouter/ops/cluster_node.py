@@ -27,8 +27,9 @@ from jrouter.cluster.keys import (DefaultKey, DefaultValue, Key, MemberKey, Memb
                                   UniqueKey, Value)
 from jrouter.cluster.mirror import NodeJoined, NodeLeft, NodeUpdated
 from jrouter.config.grammar import host_port
+from jrouter.errors import ConfigurationError
 from jrouter.ops.cluster_agent import ClusterAgent, ClusterUnavailable
-from jrouter.ops.peer_links import PeerLinks
+from jrouter.ops.peer_links import PeerLinks, make_client_context
 from jrouter.routing.cluster_view import (Claim, ClusterView, Effect, RegisterMember, ReleaseClaim,
                                           UnregisterMember)
 from jrouter.routing.table import SINGLE
@@ -67,7 +68,9 @@ class ClusterNode:
                                on_link_up=self._link_up, on_link_down=self._link_down, log=log,
                                revision=lambda: self.revision, max_hops=settings.hops,
                                queue_limit=queue_limit or 16 << 20, max_element_size=stanza_limit,
-                               server_tls=self._peer_tls(), require_tls=settings.peer.tls)
+                               server_tls=self._peer_tls(),
+                               client_tls=self._client_tls(),
+                               require_tls=settings.peer.tls)
         self._dialled: dict[str, str] = {}        # node -> the address dialled
         self._writes: deque[Effect] = deque()
         self._write_ready = gevent.event.Event()
@@ -287,6 +290,14 @@ class ClusterNode:
         self.view.link_down(node, [(packet.member, packet.route_raw, packet.hops, packet.tag)
                                    for packet in unsent])
         self.router.on_effects()
+
+    def _client_tls(self) -> Any:
+        cafile = self.settings.peer.cafile
+        try:
+            return make_client_context(cafile)
+        except OSError as exc:        # ssl.SSLError too: not PEM certificates
+            raise ConfigurationError(f"cluster.peer.cafile {cafile}: cannot load CA certificates "
+                                     f"({exc})") from None
 
     def _peer_tls(self) -> Any:
         pemfile = self.settings.peer.pemfile

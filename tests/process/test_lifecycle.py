@@ -76,6 +76,22 @@ def test_config_errors_name_file_line_and_element(tmp_path):
     assert f"{config}:4" in result.stderr and "local.ip" in result.stderr
 
 
+def test_a_peer_cafile_that_cannot_be_loaded_exits_1_naming_it(tmp_path):
+    """<cluster><peer><cafile> that is no PEM: jrouter logs which file and why, and exits 1 before
+    it listens (no etcd is needed to find out)."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    cluster = ("<cluster><node>a</node><peer><ip>127.0.0.1</ip><port>%d</port>"
+               "<secret>0123456789abcdef-secret</secret><cafile>%s</cafile></peer>"
+               "<etcd><endpoint>http://127.0.0.1:%d</endpoint></etcd></cluster>"
+               % (free_port(), bad, free_port()))
+    files = write_router_config(tmp_path / "router", free_port(), extra=cluster)
+    result = run_argv(jrouter("-c", str(files.config)), timeout=30)
+    assert result.returncode == 1
+    log = files.log.read_text()
+    assert f"cluster.peer.cafile {bad}: cannot load CA certificates" in log, log
+
+
 @pytest.mark.parametrize("kind", ["jabberd2", "jrouter"])
 def test_empty_filter_file_exits_1(kind, tmp_path):
     """An empty router-filter.xml is fatal with exit code 1, as jabberd2."""

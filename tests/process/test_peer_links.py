@@ -20,7 +20,7 @@ import gevent.socket
 import pytest
 
 from jrouter.errors import ListenError
-from jrouter.ops.peer_links import PeerLinks
+from jrouter.ops.peer_links import PeerLinks, make_client_context
 from jrouter.ops.tls import make_server_context
 from jrouter.wire.peer_stream import Broadcast, Forwarded
 from tests.support.ports import free_port
@@ -401,6 +401,23 @@ def test_with_a_pemfile_links_run_over_tls_and_packets_stay_byte_identical(nodes
     assert send_many(a, "b", 1000) == 1000
     wait_for(lambda: len(b.got) == 1000, what="every packet over TLS")
     assert [e.route.raw for _n, e in b.got] == [route(i) for i in range(1000)]
+
+
+def test_with_a_cafile_the_dialler_links_only_to_a_node_whose_certificate_the_ca_signed(nodes, tmp_path, pemfile):
+    """<peer><cafile>: a dials b with b's (self-signed) certificate as its CA: the link comes up over TLS.
+    A CA that did not sign b's certificate: the handshake fails, the link never comes up."""
+    ca = pemfile + ".crt"                      # make_pemfile keeps the certificate beside the PEM
+    a, b, _port = pair(nodes, b={"server_tls": make_server_context(pemfile), "require_tls": True},
+                       a={"client_tls": make_client_context(ca)})
+    assert a.links.link_stream("b").tls_active
+    other_ca = str(make_pemfile(tmp_path, "other.pem")) + ".crt"
+    c = nodes("c", server_tls=make_server_context(pemfile), require_tls=True)
+    port = c.links.listen("127.0.0.1", free_port())[1]
+    d = nodes("b", client_tls=make_client_context(other_ca))     # 'b' < 'c': b dials
+    d.links.dial("c", "127.0.0.1", port)
+    wait_for(lambda: any("CERTIFICATE_VERIFY_FAILED" in line or "certificate verify failed" in line
+                         for line in d.lines), what="the refused certificate")
+    assert not d.ups() and not c.ups()
 
 
 def test_a_node_requiring_tls_refuses_a_node_without_it(nodes, pemfile):

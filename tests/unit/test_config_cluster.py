@@ -24,6 +24,7 @@ FULL = f"""<router>
       <advertise>Router-A.example.com:15348</advertise>
       <secret>{SECRET}</secret>
       <pemfile>/etc/jabberd2/peer.pem</pemfile>
+      <cafile>/etc/jabberd2/peer-ca.pem</cafile>
       <tls>yes</tls>
     </peer>
     <etcd>
@@ -70,7 +71,8 @@ def test_full_section_round_trip(tmp_path):
     assert cluster == ClusterSettings(
         name="prod-eu.1", node="node_a", hops=8,
         peer=PeerSettings(ip="0.0.0.0", port=5348, advertise="router-a.example.com:15348",
-                          secret=SECRET, pemfile="/etc/jabberd2/peer.pem", tls=True),
+                          secret=SECRET, pemfile="/etc/jabberd2/peer.pem",
+                          cafile="/etc/jabberd2/peer-ca.pem", tls=True),
         etcd=EtcdSettings(endpoints=("http://10.0.0.11:2379", "http://etcd-2.example:2379",
                                      "http://[2001:db8::13]:2379"),
                           timeout=1, lease_ttl=3, bind_wait=0))
@@ -84,7 +86,8 @@ def test_defaults(tmp_path):
         node="a", peer=PeerSettings(ip="10.0.0.1", port=5348, secret=SECRET),
         etcd=EtcdSettings(endpoints=("http://10.0.0.9:2379",)))
     assert (cluster.name, cluster.hops) == ("jrouter", 2)
-    assert (cluster.peer.advertise, cluster.peer.pemfile, cluster.peer.tls) == (None, None, False)
+    assert (cluster.peer.advertise, cluster.peer.pemfile, cluster.peer.cafile, cluster.peer.tls) == \
+        (None, None, None, False)
     assert (cluster.etcd.timeout, cluster.etcd.lease_ttl, cluster.etcd.bind_wait) == (2, 5, 10)
     assert cluster.peer.address == "10.0.0.1:5348"
 
@@ -146,7 +149,7 @@ def test_absent_section_is_none_and_changes_nothing_else(tmp_path):
      "timeout (5 s) must be less than lease-ttl (5 s)"),
     (minimal(etcd="<bind-wait>-1</bind-wait>"), 5, "cluster.etcd.bind-wait", "must not be negative, got -1"),
     (minimal(peer="<user>peer</user>"), 4, "cluster.peer.user",
-     "unknown element; <peer> takes <ip>, <port>, <advertise>, <secret>, <tls>, <pemfile>"),
+     "unknown element; <peer> takes <ip>, <port>, <advertise>, <secret>, <tls>, <pemfile>, <cafile>"),
     (minimal(top="<lease-ttl>5</lease-ttl>"), 3, "cluster.lease-ttl", "unknown element; <cluster> takes"),
     (minimal(top="<node>b</node>"), 3, "cluster.node", "given twice (first on line 3)"),
     (minimal(top="<hops>9</hops>"), 3, "cluster.hops", "must be between 1 and 8, got 9"),
@@ -226,6 +229,7 @@ def test_dist_example_uncommented_gives_the_documented_values(tmp_path):
         name="jrouter", node="node-a", hops=2,
         peer=PeerSettings(ip="10.0.0.1", port=5348, advertise="router-a.example.com:5348",
                           secret="change-this-to-a-long-random-secret", pemfile="/etc/jabberd2/peer.pem",
+                          cafile="/etc/jabberd2/peer-ca.pem",
                           tls=True),
         etcd=EtcdSettings(endpoints=("http://10.0.0.11:2379", "http://10.0.0.12:2379",
                                      "http://10.0.0.13:2379"), timeout=2, lease_ttl=5, bind_wait=10))
