@@ -15,6 +15,9 @@ Under ``/jrouter/<cluster>/``::
     default                          name, node, member             on <bind><default/>, only if
                                                                     absent, under the node's lease
     logs/<name>/<node>/<member>      bound                          on <bind><log/>, under the lease
+    slots/<name>/<slot>              identity, node, member         when a member of a name under a
+                                                                    slot policy takes the slot; no
+                                                                    lease: it outlives the member
 
 ``<name>`` is a bound name (a prepped domain), ``<node>`` the operator's
 node id, ``<member>`` the node's id for one connection. ``address`` is the
@@ -28,6 +31,15 @@ condition that ``unique/<name>`` is absent and nothing is under
 ``members_prefix(name)`` (the name served anywhere: 409, protocol §4.2
 step 3). A multi bind puts its member key alone. An unbind deletes its
 keys in one txn, so every mirror sees it as one revision.
+
+A slot key says which member holds the slot (the member is live while its
+member key exists) and which identity it is kept for after that member
+leaves (null: for the next identity-less member), so that an instance
+coming back on any node gets its slot again and every node numbers members
+alike (docs/cluster.md §8). It is written in one txn with the member key,
+on condition that its mod_revision is what the writer read: two nodes
+giving one slot away at once get one success. ``<slot>`` is its decimal
+number, 0 to 1023.
 
 Why log sinks carry the name: a connection may be the log sink of several
 names, and a later sink of a name replaces the earlier one (protocol §4.7),
@@ -56,13 +68,14 @@ from jrouter.errors import JrouterError
 from jrouter.routing.table import MULTI_FROM, MULTI_TO, SINGLE
 
 __all__ = ["ROOT", "LayoutError", "Layout", "prefix_end",
-           "NodeKey", "MemberKey", "UniqueKey", "DefaultKey", "LogKey", "Key",
-           "NodeValue", "MemberValue", "OwnerValue", "DefaultValue", "LogValue", "Value",
+           "NodeKey", "MemberKey", "UniqueKey", "DefaultKey", "LogKey", "SlotKey", "Key",
+           "NodeValue", "MemberValue", "OwnerValue", "DefaultValue", "LogValue", "SlotValue", "Value",
            "KINDS", "encode_value", "decode_value"]
 
 ROOT = "/jrouter/"
 _SAFE = "@:"    # besides letters, digits and '_.-~', which quote() never escapes
 KINDS = (SINGLE, MULTI_TO, MULTI_FROM)
+MAX_SLOT = 1023         # balance.MAX_SLOT_ID (not imported: keys.py must not know placement)
 
 
 class LayoutError(JrouterError, ValueError):
@@ -101,11 +114,17 @@ class LogKey:
     member: str
 
 
-Key: TypeAlias = Union[NodeKey, MemberKey, UniqueKey, DefaultKey, LogKey]
+@dataclass(frozen=True)
+class SlotKey:
+    name: str
+    slot: int
+
+
+Key: TypeAlias = Union[NodeKey, MemberKey, UniqueKey, DefaultKey, LogKey, SlotKey]
 
 # key class <-> first segment; the other segments are the class's fields, in order.
 _SECTION: dict[type, str] = {NodeKey: "nodes", MemberKey: "members", UniqueKey: "unique",
-                             DefaultKey: "default", LogKey: "logs"}
+                             DefaultKey: "default", LogKey: "logs", SlotKey: "slots"}
 _CLASS = {section: cls for cls, section in _SECTION.items()}
 _ARITY = {cls: len(fields(cls)) for cls in _SECTION}
 
@@ -141,7 +160,7 @@ class Layout:
 
     def key(self, key: Key) -> bytes:
         """The etcd key of ``key``."""
-        parts = [_SECTION[type(key)]] + [_segment(getattr(key, f.name)) for f in fields(key)]
+        parts = [_SECTION[type(key)]] + [_segment(_text_of(getattr(key, f.name))) for f in fields(key)]
         return self.prefix + "/".join(parts).encode("ascii")
 
     def parse(self, raw: bytes) -> Key:
@@ -155,12 +174,34 @@ class Layout:
         cls = _CLASS.get(section)
         if cls is None or len(parts) != _ARITY[cls]:
             raise LayoutError(f"{_shown(raw)} is not a key of this layout")
-        key: Key = cls(*map(_unsegment, parts))
+        texts = list(map(_unsegment, parts))
+        if cls is SlotKey:
+            return SlotKey(texts[0], _slot_number(texts[1]))
+        key: Key = cls(*texts)
         return key
 
     def members_prefix(self, name: str) -> bytes:
         """Every member key of ``name`` and no other's (for a compare over the range)."""
         return self.prefix + f"{_SECTION[MemberKey]}/{_segment(name)}/".encode("ascii")
+
+
+def _text_of(part: object) -> str:
+    """A key's field as the text of its segment (a slot number in decimal)."""
+    if isinstance(part, int) and not isinstance(part, bool):
+        if not 0 <= part <= MAX_SLOT:
+            raise LayoutError(f"a slot must be in 0..{MAX_SLOT}, got {part}")
+        return str(part)
+    if not isinstance(part, str):
+        raise LayoutError(f"a key segment must be a non-empty string, got {part!r}")
+    return part
+
+
+def _slot_number(text: str) -> int:
+    """A slot segment: decimal, no sign or leading zero, 0..MAX_SLOT."""
+    if not text.isascii() or not text.isdigit() or (len(text) > 1 and text[0] == "0") \
+            or int(text) > MAX_SLOT:
+        raise LayoutError(f"slot {text[:20]!r} is not a number in 0..{MAX_SLOT}")
+    return int(text)
 
 
 def _shown(raw: bytes) -> str:
@@ -238,9 +279,21 @@ class LogValue:
         _check(self)
 
 
-Value: TypeAlias = Union[NodeValue, MemberValue, OwnerValue, DefaultValue, LogValue]
+@dataclass(frozen=True)
+class SlotValue:
+    """slots/<name>/<slot>: the member that took it last, and the identity it is kept for."""
+
+    identity: Optional[str]  # null: kept for the next identity-less member
+    node: str
+    member: str
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+Value: TypeAlias = Union[NodeValue, MemberValue, OwnerValue, DefaultValue, LogValue, SlotValue]
 _VALUE_OF: dict[type, type] = {NodeKey: NodeValue, MemberKey: MemberValue, UniqueKey: OwnerValue,
-                               DefaultKey: DefaultValue, LogKey: LogValue}
+                               DefaultKey: DefaultValue, LogKey: LogValue, SlotKey: SlotValue}
 
 
 def _finite(v: object) -> bool:
@@ -289,6 +342,8 @@ def decode_value(key: UniqueKey, raw: bytes) -> OwnerValue: ...
 def decode_value(key: DefaultKey, raw: bytes) -> DefaultValue: ...
 @overload
 def decode_value(key: LogKey, raw: bytes) -> LogValue: ...
+@overload
+def decode_value(key: SlotKey, raw: bytes) -> SlotValue: ...
 
 
 def decode_value(key: Key, raw: bytes) -> Value:

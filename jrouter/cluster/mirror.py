@@ -32,7 +32,7 @@ nothing missed. Batches at or below the applied revision change nothing.
 One revision's changes come in this order, each group in key order:
 NodeLeft, NodeJoined, NodeUpdated, MemberLeft, MemberJoined (in member
 order), MemberUpdated, NameDown, NameUp, UniqueReleased, UniqueTaken,
-DefaultChanged, LogSinkChanged, Unreadable. A key created again (a new
+DefaultChanged, LogSinkChanged, SlotsChanged, Unreadable. A key created again (a new
 create_revision: a new bind, a node back under a new lease) leaves and
 joins, it is not an update. NameUp is a name's first member anywhere,
 NameDown its last gone: one router's ``type='unavailable'`` (protocol
@@ -43,6 +43,13 @@ Member order, per name: by the member key's create_revision, then by key.
 Every node computes it from the same revision, so it is the cluster's bind
 order (jabberd2's placement, protocol §6.2-6.3, needs one); a leaver does
 not swap the last member into its place as in one router.
+
+Slots, per name under a slot policy: ``slots/<name>/<slot>`` names the
+member that took the slot last and the identity it is kept for; the slot
+is live while that member's key exists. A member's slot is the one whose
+key names it (``slot_of``); a member no slot key names has none (an extra
+member: slot placement never picks it). SlotsChanged(name) says some slot
+key of the name changed in the revision.
 
 A key or value that keys.py cannot read is left out of the table and
 reported once as Unreadable, when it appears or changes.
@@ -56,12 +63,12 @@ from typing import (
     Collection, Iterable, Mapping, NamedTuple, Optional, Sequence, TypeAlias, TypeVar, Union, assert_never)
 
 from jrouter.cluster.keys import (
-    DefaultKey, Key, Layout, LayoutError, LogKey, MemberKey, NodeKey, UniqueKey, decode_value)
+    DefaultKey, Key, Layout, LayoutError, LogKey, MemberKey, NodeKey, SlotKey, UniqueKey, decode_value)
 
-__all__ = ["Put", "Delete", "Event", "Batch", "MemberRef", "Node", "Member", "DefaultRoute",
+__all__ = ["Put", "Delete", "Event", "Batch", "MemberRef", "Node", "Member", "DefaultRoute", "Slot",
            "NodeJoined", "NodeLeft", "NodeUpdated", "MemberJoined", "MemberLeft", "MemberUpdated",
            "NameUp", "NameDown", "UniqueTaken", "UniqueReleased", "DefaultChanged",
-           "LogSinkChanged", "Unreadable", "Change", "TableMirror"]
+           "LogSinkChanged", "SlotsChanged", "Unreadable", "Change", "TableMirror"]
 
 
 # -- what the I/O side hands in ------------------------------------------------
@@ -155,6 +162,17 @@ class DefaultRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class Slot:
+    """One slot of a name under a slot policy (slots/<name>/<slot>)."""
+
+    name: str
+    slot: int
+    identity: Optional[str]    # the identity it is kept for; None: any identity-less member
+    owner: MemberRef           # the member that took it last (live while its member key is)
+    mod_revision: int          # what a txn taking it over compares
+
+
+@dataclass(frozen=True, slots=True)
 class _Unique:
     name: str
     owner: MemberRef
@@ -245,6 +263,13 @@ class LogSinkChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotsChanged:
+    """Some slot key of ``name`` was written or deleted."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class Unreadable:
     """A key under the prefix that keys.py cannot read; also kept as its record."""
 
@@ -254,8 +279,8 @@ class Unreadable:
 
 Change: TypeAlias = Union[NodeJoined, NodeLeft, NodeUpdated, MemberJoined, MemberLeft, MemberUpdated,
                           NameUp, NameDown, UniqueTaken, UniqueReleased, DefaultChanged,
-                          LogSinkChanged, Unreadable]
-_Record: TypeAlias = Union[Node, Member, _Unique, DefaultRoute, _Sink, Unreadable]
+                          LogSinkChanged, SlotsChanged, Unreadable]
+_Record: TypeAlias = Union[Node, Member, _Unique, DefaultRoute, _Sink, Slot, Unreadable]
 _Write: TypeAlias = "tuple[bytes, Optional[_Record]]"   # (key, its entry or None: deleted)
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -282,6 +307,9 @@ def _read(layout: Layout, kv: Put) -> _Record:
             case LogKey(name=name, node=node, member=member):
                 decode_value(key, kv.value)
                 return _Sink(name, MemberRef(node, member), kv.create_revision)
+            case SlotKey(name=name, slot=slot):
+                v = decode_value(key, kv.value)
+                return Slot(name, slot, v.identity, MemberRef(v.node, v.member), kv.mod_revision)
             case _:
                 assert_never(key)
     except LayoutError as exc:
@@ -307,6 +335,8 @@ class TableMirror:
         self._default: Optional[DefaultRoute] = None
         self._sinks: dict[str, dict[bytes, _Sink]] = {}
         self._sink_of: dict[str, MemberRef] = {}                # name -> its latest sink
+        self._slots: dict[str, dict[int, Slot]] = {}
+        self._slot_held: dict[tuple[str, MemberRef], int] = {}  # (name, member) -> its slot
 
     # -- feeding ------------------------------------------------------------------
 
@@ -378,6 +408,14 @@ class TableMirror:
         """Name -> its log sink (the latest one bound)."""
         return MappingProxyType(self._sink_of)
 
+    def slots(self, name: str) -> Mapping[int, Slot]:
+        """``name``'s slot keys, by slot number."""
+        return MappingProxyType(self._slots.get(name, {}))
+
+    def slot_of(self, name: str, member: MemberRef) -> Optional[int]:
+        """The slot of ``name`` whose key names ``member``, if one does."""
+        return self._slot_held.get((name, member))
+
     # -- one revision (or a snapshot) -------------------------------------------------
 
     def _transition(self, writes: list[_Write]) -> list[Change]:
@@ -386,6 +424,7 @@ class TableMirror:
         touched = list(before.values()) + [record for _, record in writes]
         names = {r.name for r in touched if isinstance(r, Member)}
         sink_names = {r.name for r in touched if isinstance(r, _Sink)}
+        slot_names = {r.name for r in touched if isinstance(r, Slot)}
         served = {name: name in self._ordered for name in names}
         sinks = {name: self._sink_of.get(name) for name in sink_names}
         default = self._default
@@ -395,7 +434,7 @@ class TableMirror:
             self._reorder(name)
         for name in sink_names:
             self._pick_sink(name)
-        return self._changes(before, served, sinks, default)
+        return self._changes(before, served, sinks, default, slot_names)
 
     def _store(self, key: bytes, record: Optional[_Record]) -> None:
         old = self._records.pop(key, None)
@@ -416,6 +455,14 @@ class TableMirror:
             self._default = record if present else None
         elif isinstance(record, _Sink):
             _set(self._sinks.setdefault(record.name, {}), key, record, present)
+        elif isinstance(record, Slot):
+            slots = self._slots.setdefault(record.name, {})
+            _set(slots, record.slot, record, present)
+            held = (record.name, record.owner)
+            if present or self._slot_held.get(held) == record.slot:
+                _set(self._slot_held, held, record.slot, present)
+            if not slots:
+                del self._slots[record.name]
 
     def _reorder(self, name: str) -> None:
         members = self._by_name.get(name)
@@ -435,7 +482,8 @@ class TableMirror:
             self._sink_of.pop(name, None)
 
     def _changes(self, before: dict[bytes, Optional[_Record]], served: dict[str, bool],
-                 sinks: dict[str, Optional[MemberRef]], default: Optional[DefaultRoute]) -> list[Change]:
+                 sinks: dict[str, Optional[MemberRef]], default: Optional[DefaultRoute],
+                 slot_names: set[str]) -> list[Change]:
         """The change values between ``before`` (with the views saved beside it) and now."""
         gone: list[_Record] = []             # each list in key order
         came: list[_Record] = []
@@ -470,6 +518,7 @@ class TableMirror:
             out.append(DefaultChanged(default, self._default))
         out += [LogSinkChanged(name, sinks[name], self._sink_of.get(name))
                 for name in sorted(sinks) if sinks[name] != self._sink_of.get(name)]
+        out += [SlotsChanged(name) for name in sorted(slot_names)]
         return out + unreadable
 
 

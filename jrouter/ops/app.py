@@ -91,7 +91,8 @@ class RouterProcess:
         self.router = Router(self.config, users, log, make_id, random.randrange,
                              filter_rules=filter_rules)
         state = None
-        if self.config.placement_state_dir:
+        # A cluster's slots are its slot keys in etcd (docs/cluster.md §8), not a node's file.
+        if self.config.placement_state_dir and self.config.cluster is None:
             from jrouter.ops.placement_state import PlacementState   # json, tempfile: only then
 
             state = PlacementState(self.config.placement_state_dir, log.warning)

@@ -60,7 +60,7 @@ import gevent.lock
 from jrouter import __version__
 from jrouter.cluster.keys import (
     DefaultKey, DefaultValue, Key, Layout, LayoutError, LogKey, LogValue, MemberKey, MemberValue, NodeKey,
-    NodeValue, OwnerValue, UniqueKey, Value, encode_value)
+    NodeValue, OwnerValue, SlotKey, SlotValue, UniqueKey, Value, encode_value)
 from jrouter.cluster.mirror import Batch, Change, Delete, Put, TableMirror
 from jrouter.errors import JrouterError
 from jrouter.ops.etcd_client import (
@@ -252,6 +252,20 @@ class ClusterAgent:
     def release_default(self, name: str, member: str) -> None:
         """Delete the default route if our `member` bound as `name` still holds it (in the background)."""
         self._forget(self.layout.key(DefaultKey()), encode_value(DefaultValue(name, self.node, member)))
+
+    def claim_slot(self, key: SlotKey, value: SlotValue, mod_revision: int,
+                   member: MemberKey, member_value: MemberValue) -> tuple[bool, int]:
+        """Take a slot for our member and put its member key, in one txn, if
+        the slot key is still at ``mod_revision`` (0: absent): (taken, the
+        store's revision: when not taken, the mirror knows why once it is
+        there). ClusterUnavailable when etcd did not answer within bind_wait."""
+        raw, data = self.layout.key(key), encode_value(value)
+        own, member_data = self._own(member), encode_value(member_value)
+
+        def attempt(term: _Term) -> tuple[bool, int]:
+            return self.client.put_if_unchanged(raw, mod_revision,
+                                                [(raw, data, 0), (own, member_data, term.lease)])
+        return self._write(own, attempt)
 
     def register_log_sink(self, key: LogKey, value: LogValue) -> None:
         """Put a log sink key under the lease; ClusterUnavailable after bind_wait."""

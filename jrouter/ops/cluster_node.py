@@ -24,14 +24,14 @@ import gevent
 import gevent.event
 
 from jrouter.cluster.keys import (DefaultKey, DefaultValue, Key, MemberKey, MemberValue, OwnerValue,
-                                  UniqueKey, Value)
+                                  SlotKey, SlotValue, UniqueKey, Value)
 from jrouter.cluster.mirror import NodeJoined, NodeLeft, NodeUpdated
 from jrouter.config.grammar import host_port
 from jrouter.errors import ConfigurationError
 from jrouter.ops.cluster_agent import ClusterAgent, ClusterUnavailable
 from jrouter.ops.peer_links import PeerLinks, make_client_context
-from jrouter.routing.cluster_view import (Claim, ClusterView, Effect, RegisterMember, ReleaseClaim,
-                                          UnregisterMember)
+from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, RegisterMember,
+                                          ReleaseClaim, UnregisterMember)
 from jrouter.routing.table import SINGLE
 from jrouter.wire.peer_stream import Broadcast, Forwarded, Unsent, dials
 
@@ -246,6 +246,44 @@ class ClusterNode:
             refusal = self._claim(effect)
             self.view.claimed(effect, refusal, self.server.clock())
             self.server.flush()
+        elif isinstance(effect, ClaimSlot):
+            slot, refusal = self._claim_slot(effect)
+            self.view.slot_claimed(effect, slot, refusal, self.server.clock())
+            self.server.flush()
+
+    #: txns a slot claim tries before it gives up (each lost one means another
+    #: node took that slot meanwhile; the next choice sees it)
+    SLOT_ATTEMPTS = 8
+
+    def _claim_slot(self, claim: ClaimSlot) -> tuple[Optional[int], Optional[str]]:
+        """(slot, None) once the slot key and the member key are written;
+        (None, "409") when no slot is left, (None, "503") when etcd did not
+        answer, or kept being raced, within bind-wait."""
+        deadline = time.monotonic() + self.settings.etcd.bind_wait
+        connection = claim.connection
+        identity = connection.protocol_port.identity(connection)
+        for _ in range(self.SLOT_ATTEMPTS):
+            choice = self.view.choose_slot(claim, self.server.clock())
+            self.server.flush()         # a half-open instance it ended
+            if isinstance(choice, str):
+                return None, choice
+            if choice.held:
+                return choice.slot, None
+            try:
+                taken, revision = self.agent.claim_slot(
+                    SlotKey(claim.name, choice.slot), SlotValue(claim.identity, self.node, claim.member),
+                    choice.mod_revision, MemberKey(claim.name, self.node, claim.member),
+                    MemberValue(claim.kind, identity, time.time()))
+            except ClusterUnavailable:
+                return None, "503"
+            if taken:
+                return choice.slot, None
+            # Another node took it: choose again once the mirror has its write.
+            while self.agent.mirror.revision < revision and time.monotonic() < deadline:
+                gevent.sleep(0.005)
+            if time.monotonic() >= deadline:
+                break
+        return None, "503"
 
     def _claim(self, claim: Claim) -> Optional[str]:
         """None when every claim is ours; "409" when one is taken (those won

@@ -184,6 +184,19 @@ class EtcdClient:
         kvs = answer["responses"][0]["response_range"]["kvs"]
         return False, revision, _key_value(kvs[0])
 
+    def put_if_unchanged(self, key: bytes, mod_revision: int, puts: Sequence[tuple[bytes, bytes, int]]
+                         ) -> tuple[bool, int]:
+        """In one transaction, if `key`'s mod_revision is still `mod_revision`
+        (0: it is absent), put each (key, value, lease) of `puts`:
+        (done, the store's revision)."""
+        request = {
+            "compare": [{"key": _b64(key), "target": "MOD", "result": "EQUAL",
+                         "mod_revision": str(mod_revision)}],
+            "success": [{"request_put": _put(k, v, lease)} for k, v, lease in puts],
+        }
+        answer = self._call("/v3/kv/txn", request, repeatable=False)
+        return bool(answer.get("succeeded")), _revision(answer)
+
     def compact(self, revision: int) -> None:
         """Forget the history before `revision` (physically, before answering)."""
         self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True}, repeatable=False)

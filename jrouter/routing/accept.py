@@ -38,6 +38,7 @@ from jrouter.wire.xmlwrite import quoteattr
 
 if TYPE_CHECKING:
     from jrouter.routing.router import Router
+    from jrouter.routing.table import Route
     from jrouter.wire.connection import Connection, ContextKey
     from jrouter.wire.jid import JID
 
@@ -64,8 +65,11 @@ class AcceptPort:
         self._accept_context = router.output_context(NS_ACCEPT)
         self._route_heads: dict[tuple[str, str], bytes] = {}  # (to, from) -> b"<route ...>"
 
-    def online(self, connection: Connection, now: float) -> None:
-        """The handshake passed: bind the name the stream header asked for."""
+    def online(self, connection: Connection, now: float, reply: bytes = b"") -> None:
+        """The handshake passed: bind the name the stream header asked for,
+        then send ``reply`` (the ``<handshake/>``): on a node of a cluster a
+        name under a slot policy waits for etcd first, and the component,
+        which may send as soon as it has the reply, must be bound by then."""
         router = self.router
         requested: str = connection.requested_name  # type: ignore[assignment]  # the header had one
         jid = parse_jid(requested)
@@ -74,10 +78,35 @@ class AcceptPort:
         if name in router.aliases:
             connection.fail("host-unknown", "requested name is aliased")
         connection.payload_ns = router.config.component_namespaces.get(name, NS_ACCEPT)
-        joined = router.membership.join(connection, name, MULTI_FROM, now)
-        if joined is None:
-            connection.fail("conflict", f"all slots of '{name}' are taken")
         membership = router.membership
+        cluster = router.cluster
+        if cluster is None or not cluster.needs_slot(name):
+            if reply:                   # as one router always did: the reply, then the bind
+                connection.send(reply)
+            joined = membership.join(connection, name, MULTI_FROM, now)
+            if joined is None:
+                connection.fail("conflict", f"all slots of '{name}' are taken")
+            return self._announce(connection, name, joined, now)
+
+        def then(joined: Optional[tuple[Route, Optional[int]]], refusal: Optional[str],
+                 now: float) -> None:
+            if connection not in router.connections or connection.closing:
+                return          # gone while etcd gave it its slot
+            if joined is None:  # not in its own input: kick, not fail (house rule 3)
+                if refusal == "503":
+                    connection.kick("remote-server-timeout",
+                                    "the cluster's table (etcd) did not answer")
+                else:
+                    connection.kick("conflict", f"all slots of '{name}' are taken")
+                return router.disconnect(connection, now)
+            if reply:
+                connection.send(reply)
+            self._announce(connection, name, joined, now)
+        membership.join_then(connection, name, MULTI_FROM, now, then)
+
+    def _announce(self, connection: Connection, name: str, joined: tuple[Route, Optional[int]],
+                  now: float) -> None:
+        membership = self.router.membership
         membership.online(connection, *joined)
         membership.advertise(name, connection, available=True)
         membership.join_aliases(connection, name, MULTI_FROM, now)

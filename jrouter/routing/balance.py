@@ -24,7 +24,7 @@ import struct
 from collections import OrderedDict, deque
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Hashable, Mapping, Optional, Sequence
+from typing import Hashable, Iterable, Mapping, Optional, Sequence
 
 from jrouter.errors import MembershipError
 from jrouter.wire.jid import JID
@@ -209,19 +209,57 @@ class SlotTable:
 
     def claim(self, identity: Optional[str] = None) -> int:
         """Give a connecting member a slot id; SlotBusy / SlotsFull say why not."""
+        slot = self.choose(identity)
+        self.take(slot, identity)
+        return slot
+
+    def choose(self, identity: Optional[str] = None) -> int:
+        """The slot ``claim`` would give, without taking it (a node of a
+        cluster claims it in etcd first: docs/cluster.md §8)."""
         if identity is not None and identity in self._slot_of:
             slot = self._slot_of[identity]
             if slot in self._live:
                 raise SlotBusy(identity, slot)
-        elif identity is None and self._anonymous:
-            slot = min(self._anonymous)
-            self._anonymous.discard(slot)
-        else:
-            slot = self._free_slot()
-            if identity is not None:
+            return slot
+        if identity is None and self._anonymous:
+            return min(self._anonymous)
+        return self._free_slot()
+
+    def take(self, slot: int, identity: Optional[str] = None) -> None:
+        """``slot`` is live now, held by ``identity`` (a slot ``choose`` gave,
+        or one another node of the cluster took): whoever else it was
+        reserved for loses it."""
+        if not 0 <= slot < self.limit:
+            raise SlotsFull(f"slot {slot} is not one of the {self.limit} slots")
+        self._anonymous.discard(slot)
+        owner = self._owner.get(slot)
+        if owner is not None and owner != identity:
+            del self._slot_of[owner]
+            del self._owner[slot]
+        if identity is not None:
+            previous = self._slot_of.get(identity)
+            if previous is not None and previous != slot:
+                del self._owner[previous]
+            self._reserve(identity, slot)
+        self._update(self._live + (slot,) if slot not in self._live else None)
+
+    def reset(self, reserved: Mapping[int, Optional[str]], live: Iterable[int]) -> None:
+        """The whole state from the cluster's table: ``reserved`` slot ->
+        identity (None: kept for some identity-less member), ``live`` the
+        slots with a member now."""
+        self._slot_of.clear()
+        self._owner.clear()
+        self._anonymous.clear()
+        for slot, identity in reserved.items():
+            if not 0 <= slot < self.limit:
+                continue
+            if identity is None:
+                self._anonymous.add(slot)
+            elif identity not in self._slot_of:
                 self._reserve(identity, slot)
-        self._update(self._live + (slot,))
-        return slot
+        live_slots = tuple(slot for slot in live if 0 <= slot < self.limit)
+        self._anonymous.difference_update(live_slots)
+        self._update(live_slots)
 
     def release(self, slot: int) -> None:
         """The member in `slot` left; the slot stays reserved for its identity
@@ -269,12 +307,9 @@ class SlotTable:
             if slot not in live and slot not in self._owner and slot not in self._anonymous:
                 return slot
         if self._anonymous:  # reserved for an absent identity-less member: take it over
-            slot = min(self._anonymous)
-            self._anonymous.discard(slot)
-            return slot
+            return min(self._anonymous)
         for slot in range(self.limit):
-            if slot not in live:  # reserved by an absent identity: take it over
-                self.forget(self._owner[slot])
+            if slot not in live:  # reserved by an absent identity: take() forgets it
                 return slot
         raise SlotsFull(f"all {self.limit} slots are held by connected members")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Optional
 
 from jrouter.routing.balance import SlotBusy, SlotsFull
+from jrouter.routing.table import CLAIM
 from jrouter.wire.connection import NS_COMPONENT
 from jrouter.wire.xmlwrite import quoteattr
 
@@ -35,11 +36,34 @@ class Membership:
 
     # -- joining -------------------------------------------------------------
 
+    def join_then(self, connection: Connection, name: str, kind: str, now: float,
+                  then: Callable[[Optional[tuple[Route, Optional[int]]], Optional[str], float], None],
+                  alias_of: Optional[str] = None) -> None:
+        """``join``, then ``then(joined, refusal, now)``: at once, or, on a
+        node of a cluster, for a name under a slot policy, once etcd gave
+        the member its slot (every node numbers members alike: docs/cluster.md
+        §8). ``refusal`` is the error code when ``joined`` is None."""
+        cluster = self.router.cluster
+        if cluster is None or not cluster.needs_slot(name):
+            joined = self.join(connection, name, kind, now, alias_of)
+            return then(joined, None if joined is not None else "409", now)
+
+        def resume(slot: Optional[int], refusal: Optional[str], now: float) -> None:
+            if refusal is not None:
+                return then(None, refusal, now)
+            then(self.join(connection, name, kind, now, alias_of, slot), None, now)
+        cluster.claim_slot(connection, name, kind, resume)
+
     def join(self, connection: Connection, name: str, kind: str, now: float,
-             alias_of: Optional[str] = None) -> Optional[tuple[Route, Optional[int]]]:
+             alias_of: Optional[str] = None, slot: Optional[int] = CLAIM
+             ) -> Optional[tuple[Route, Optional[int]]]:
         """Make ``connection`` a member of ``name``; returns (route, slot),
-        or None when a slot policy has no slot left for it."""
+        or None when a slot policy has no slot left for it. ``slot``: the
+        one the cluster gave it (RouteTable.add)."""
         identity = connection.protocol_port.identity(connection)
+        if slot != CLAIM:
+            route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity, slot)
+            return self._joined(connection, name, kind, route, mixed, slot)
         try:
             route, mixed, slot = self.table.add(name, connection, kind, alias_of, identity)
         except SlotBusy as busy:
@@ -58,6 +82,10 @@ class Membership:
                 return self._refuse_full(connection, name)
         except SlotsFull:
             return self._refuse_full(connection, name)
+        return self._joined(connection, name, kind, route, mixed, slot)
+
+    def _joined(self, connection: Connection, name: str, kind: str, route: Route, mixed: bool,
+                slot: Optional[int]) -> tuple[Route, Optional[int]]:
         if mixed:
             self.log.error(f"Mixed route types for '{name}' bind request")
         connection.names[name] = kind
@@ -114,10 +142,12 @@ class Membership:
         jabberd2 gets this wrong for jabberd2-protocol components)."""
         for alias, target in self.router.aliases.items():
             if target == name and alias not in connection.names:
-                joined = self.join(connection, alias, kind, now, alias_of=name)
-                if joined is not None:
-                    self.online(connection, *joined, alias_of=name)
-                    self.advertise(alias, connection, available=True)
+                def then(joined: Optional[tuple[Route, Optional[int]]], _refusal: Optional[str],
+                         _now: float, alias: str = alias) -> None:
+                    if joined is not None:
+                        self.online(connection, *joined, alias_of=name)
+                        self.advertise(alias, connection, available=True)
+                self.join_then(connection, alias, kind, now, then, alias_of=name)
 
     # -- leaving -------------------------------------------------------------
 

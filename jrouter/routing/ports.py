@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from lxml import etree
 
     from jrouter.routing.router import Router
+    from jrouter.routing.table import Route
     from jrouter.wire.connection import Connection, ContextKey
     from jrouter.wire.jid import JID
     from jrouter.wire.xmlstream import Element
@@ -58,7 +59,7 @@ class Port(Protocol):
 
     advertised: bool
 
-    def online(self, connection: Connection, now: float) -> None: ...
+    def online(self, connection: Connection, now: float, reply: bytes = b"") -> None: ...
 
     def inbound(self, connection: Connection, element: Element, now: float) -> None: ...
 
@@ -80,8 +81,8 @@ class ComponentPort:
         self._dispatch: dict[str, Callable[[Connection, Element, float], None]] = {
             ROUTE: self._route, _BIND: self._bind, _UNBIND: self._unbind, _THROTTLE: self._throttle}
 
-    def online(self, connection: Connection, now: float) -> None:
-        pass                             # names come with <bind/>
+    def online(self, connection: Connection, now: float, reply: bytes = b"") -> None:
+        pass                             # names come with <bind/>; SASL has no reply here
 
     def inbound(self, connection: Connection, element: Element, now: float) -> None:
         handler = self._dispatch.get(element.name)
@@ -167,11 +168,21 @@ class ComponentPort:
     def _bound(self, connection: Connection, request: etree._Element, name: str, multi: bool,
                wants_default: bool, wants_log: bool, now: float) -> None:
         """The bind goes ahead: the name joins, the binder and the others hear of it."""
-        router = self.router
         kind = MULTI_TO if multi else SINGLE
-        joined = router.membership.join(connection, name, kind, now)
-        if joined is None:
-            return _reply(connection, request, "409")
+
+        def then(joined: Optional[tuple[Route, Optional[int]]], refusal: Optional[str],
+                 now: float) -> None:
+            if joined is None:
+                return _reply(connection, request, refusal or "409")
+            self._joined(connection, request, name, kind, joined, wants_default, wants_log, now)
+        self.router.membership.join_then(connection, name, kind, now, then)
+
+    def _joined(self, connection: Connection, request: etree._Element, name: str, kind: str,
+                joined: tuple[Route, Optional[int]], wants_default: bool, wants_log: bool,
+                now: float) -> None:
+        router = self.router
+        if connection not in router.connections or connection.closing:
+            return          # gone while the cluster gave it its slot
         if wants_default:
             router.table.default_name = name
             self.log.notice(f"[{name}] set as default route")

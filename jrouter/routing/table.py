@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 SINGLE = "single"
 MULTI_TO = "multi-to"          # jabberd2 components bound with multi: hash the stanza 'to'
 MULTI_FROM = "multi-from"      # XEP-0114 components: hash the stanza 'from'
+#: RouteTable.add's ``slot`` when the route's own SlotTable numbers the member
+#: (one router); a cluster's node passes the slot etcd gave, or None.
+CLAIM = -1
 
 
 class Route:
@@ -88,11 +91,15 @@ class RouteTable:
         return [route for route in self.routes.values() if route.members]
 
     def add(self, name: str, connection: Connection, kind: str, alias_of: Optional[str] = None,
-            identity: Optional[str] = None) -> tuple[Route, bool, Optional[int]]:
+            identity: Optional[str] = None, slot: Optional[int] = CLAIM
+            ) -> tuple[Route, bool, Optional[int]]:
         """Append ``connection`` to ``name``'s members; return (route, mixed,
         slot): ``mixed`` says the route already had another kind, ``slot`` is
-        the member's slot under a slot policy (else None). Raises
-        balance.SlotBusy / SlotsFull when no slot can be had."""
+        the member's slot under a slot policy (else None). Under a slot
+        policy ``slot`` CLAIM numbers it here (balance.SlotBusy / SlotsFull
+        when no slot can be had); a slot number is one the cluster gave it;
+        None: an extra member without a slot, which slot placement never
+        picks (a cluster member no slot key names)."""
         route = self.routes.get(name)
         mixed = False
         if route is None:
@@ -100,9 +107,13 @@ class RouteTable:
             route = Route(name, kind, alias_of, policy, self.remembered.get(name, {}))
         elif route.kind != kind and route.members:
             mixed = True
-        slot = None
-        if route.slots is not None:
-            slot = route.slots.claim(identity)
+        if route.slots is None:
+            slot = None
+        elif slot is not None:
+            if slot == CLAIM:
+                slot = route.slots.claim(identity)
+            else:
+                route.slots.take(slot, identity)
             route.by_slot[slot] = connection
             self._remember(route)
         self.routes[name] = route

@@ -300,7 +300,7 @@ class Connection:
         if version is not None:
             self.send(self._features())
 
-    def _authenticated(self, state: State, protocol: str, now: float) -> None:
+    def _authenticated(self, state: State, protocol: str, now: float, reply: bytes = b"") -> None:
         """The peer proved who it is: the router's namespace keys for its
         stream (only now: the router keeps every key it hands out), its
         protocol's port, and the port takes it from here."""
@@ -310,7 +310,7 @@ class Connection:
         self._header_namespaces = _NO_HEADER    # interned now: the header's copy goes
         self.router.log.notice(f"{self.label} authenticated as {self.auth_id}")
         self.protocol_port = self.router.protocol_port(protocol)
-        self.protocol_port.online(self, now)
+        self.protocol_port.online(self, now, reply)
 
     def _features(self) -> bytes:
         negotiating = self.state is State.NEGOTIATING or self.state is State.HANDSHAKE
@@ -414,9 +414,8 @@ class Connection:
         tree.text = None
         from lxml import etree
 
-        self.send(etree.tostring(tree))
         self.user = self.auth_id = self.requested_name
-        self._authenticated(State.LEGACY, XEP0114, now)
+        self._authenticated(State.LEGACY, XEP0114, now, etree.tostring(tree))
 
     # -- after authentication ----------------------------------------------------
 

@@ -622,3 +622,86 @@ def test_etcd_killed_and_restarted_within_the_ttl_costs_no_traffic_and_no_member
     round_trip(ea, "ea.test", eb, "eb.test", "after-restart")
     for peer in (ea, eb, xea, xeb):
         no_bounces(peer)
+
+
+# -- 7. placement agreed across nodes, and kept for survivors ------------------------------------
+
+CONSISTENT = "<clustering><policy name='hash.test' algorithm='consistent'/></clustering>"
+USERS = 60
+
+
+def placed_by(senders, members, phase):
+    """Each sender (name, peer) sends a route for every user of hash.test;
+    returns {user: member label} per sender, after checking that every
+    route reached exactly one member, once, unbounced."""
+    sent = {}
+    for name, sender in senders:
+        for user in range(USERS):
+            tag = "%s-%s-%d" % (phase, name, user)
+            sent[tag] = (name, user)
+            sender.send(route("hash.test", name, tag).replace("u@hash.test", "u%d@hash.test" % user))
+    got = {}
+    deadline = time.monotonic() + 10
+    while len(got) < len(sent) and time.monotonic() < deadline:
+        for label, member in members.items():
+            for element in member.collect(0.05):
+                tag = stanza_id(element)
+                if tag in sent:
+                    assert tag not in got, "%s arrived twice (at %s and %s)" % (tag, got[tag], label)
+                    got[tag] = label
+            member.forget(lambda e: stanza_id(e) in sent)
+    missing = sorted(set(sent) - set(got))
+    assert not missing, "%d of %d routes never arrived: %s; bounces: %s" % (
+        len(missing), len(sent), missing[:5], [s.shown() for _, s in senders])
+    by_sender = {name: {} for name, _ in senders}
+    for tag, label in got.items():
+        name, user = sent[tag]
+        by_sender[name][user] = label
+    return by_sender
+
+
+def test_consistent_placement_is_one_across_nodes_and_survivors_keep_their_users(bed_factory, peers):
+    """hash.test (algorithm='consistent') has a member on each of a, b, c; senders on a and c place
+    every user on the same member. kill -9 of b: after its lease, b's users are spread over a's and
+    c's members, and not one user of a's or c's member moves. b restarted with a new member: it gets
+    back b's users and no others."""
+    bed = bed_factory(clustering=CONSISTENT)
+    bed.wait_ready()
+    ka = peers.bound(bed, "a", "ka.test")
+    kc = peers.bound(bed, "c", "kc.test")
+    # a's and c's members bind at once: each node has its own before it hears of the other.
+    members = {node: peers.authenticated(bed, node, "hash.test") for node in ("a", "c")}
+    for member in members.values():
+        member.ask_bind("hash.test", multi="to")
+    for member in members.values():
+        assert member.bind_answer() == ("hash.test", None)
+    members["b"] = peers.bound(bed, "b", "hash.test", multi="to")
+    bed.wait_members("hash.test", lambda found: len(found) == 3, 6.0, "three members of hash.test")
+    time.sleep(0.5)             # every node's mirror has the three (the watch lags by ms)
+    senders = [("ka.test", ka), ("kc.test", kc)]
+
+    before = placed_by(senders, members, "p1")
+    assert before["ka.test"] == before["kc.test"], "nodes a and c place users differently"
+    home = before["ka.test"]
+    assert set(home.values()) == set(NODES), "a member got no user: %s" % home
+
+    bed.kill_node("b")
+    bed.wait_members("hash.test", lambda found: len(found) == 2, TTL + 4, "b's member gone")
+    time.sleep(0.5)
+    del members["b"]
+    after = placed_by(senders, members, "p2")
+    assert after["ka.test"] == after["kc.test"], "after b's loss, nodes a and c place users differently"
+    moved = sorted(user for user, label in home.items() if label != "b" and after["ka.test"][user] != label)
+    assert moved == [], "users of surviving members moved: %s" % moved
+    assert {after["ka.test"][user] for user, label in home.items() if label == "b"} <= {"a", "c"}
+
+    marks = {n: bed[n].log_mark() for n in ("a", "c")}
+    bed.start_node("b")
+    bed.wait_ready(["b"], timeout=10, since=marks)
+    members["b"] = peers.bound(bed, "b", "hash.test", multi="to")
+    bed.wait_members("hash.test", lambda found: len(found) == 3, 6.0, "b's new member")
+    time.sleep(0.5)
+    back = placed_by(senders, members, "p3")
+    assert back["ka.test"] == back["kc.test"], "after b's return, nodes a and c place users differently"
+    assert back["ka.test"] == home, "b's return moved users other than its own: %s" % sorted(
+        user for user in home if back["ka.test"][user] != home[user])

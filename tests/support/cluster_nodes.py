@@ -91,13 +91,14 @@ def answers_header(ip, port, timeout=3.0):
 class ClusterNode:
     """One jrouter node: its files and its runs (a RouterProcess each), newest last."""
 
-    def __init__(self, node_id, directory, etcd_endpoint, **cluster):
+    def __init__(self, node_id, directory, etcd_endpoint, clustering="", **cluster):
         self.node_id = node_id
         self.ip = "127.0.0.1"
         self.port, self.peer_port = free_ports(2, self.ip)
         self.files = write_router_config(
             directory, self.port, ip=self.ip,
-            extra=cluster_section(node_id, self.ip, self.peer_port, [etcd_endpoint], **cluster))
+            extra=cluster_section(node_id, self.ip, self.peer_port, [etcd_endpoint], **cluster)
+            + clustering)
         self.runs = []
         self.wanted = False          # started by the test and not stopped or killed since
         self._log_start = 0          # where the newest run's part of the log begins
@@ -220,13 +221,14 @@ class ClusterBed:
 
     `lease_ttl`, `bind_wait`, `timeout` (per etcd call) and `hops` go into
     every node's ``<cluster>``; small by default so that a dead node's
-    routes go within seconds.
+    routes go within seconds. `clustering`: a ``<clustering>`` section
+    (per-name policies) every node's router.xml gets too.
     """
 
     name = "cluster bed"
 
     def __init__(self, directory, node_ids=("a", "b", "c"), *, lease_ttl=3, bind_wait=2,
-                 timeout=1, hops=2, cluster=CLUSTER):
+                 timeout=1, hops=2, cluster=CLUSTER, clustering=""):
         self.directory = Path(directory)
         self.lease_ttl = lease_ttl
         self.layout = Layout(cluster)
@@ -235,7 +237,8 @@ class ClusterBed:
         self.nodes = {
             node_id: ClusterNode(node_id, self.directory / ("node-%s" % node_id),
                                  self.etcd.endpoint, name=cluster, timeout=timeout,
-                                 lease_ttl=lease_ttl, bind_wait=bind_wait, hops=hops)
+                                 lease_ttl=lease_ttl, bind_wait=bind_wait, hops=hops,
+                                 clustering=clustering)
             for node_id in node_ids}
         self._client = None
 

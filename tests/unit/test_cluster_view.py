@@ -78,9 +78,9 @@ class Etcd:
         return None
 
 
-def node_view(node, etcd=None):
-    """A node: the harness router, its view, and what it forwarded."""
-    net = Network()
+def node_view(node, etcd=None, **settings):
+    """A node: the harness router (``settings`` its Config's), its view, and what it forwarded."""
+    net = Network(**settings)
     forwarded = []
     etcd = etcd if etcd is not None else Etcd()
 
