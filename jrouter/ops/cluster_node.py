@@ -33,7 +33,7 @@ from jrouter.ops.peer_links import PeerLinks, make_client_context
 from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, RegisterMember,
                                           ReleaseClaim, UnregisterMember)
 from jrouter.routing.table import SINGLE
-from jrouter.wire.peer_stream import Broadcast, Forwarded, Unsent, dials
+from jrouter.wire.peer_stream import Broadcast, Forwarded, SessionNotice, Unsent, dials
 
 if TYPE_CHECKING:
     from jrouter.cluster.mirror import Change, Node
@@ -60,7 +60,8 @@ class ClusterNode:
                                   bind_wait=etcd.bind_wait, log=log)
         self.view = ClusterView(router, settings.node, self.agent.mirror, self._forward,
                                 self._broadcast, max_hops=settings.hops,
-                                hold_limit=queue_limit or 16 << 20)
+                                hold_limit=queue_limit or 16 << 20,
+                                session_notice=self._session_notice)
         self.view.on_effects = self._effects_queued
         self.view.shell_status = self.status
         router.cluster = self.view
@@ -312,10 +313,16 @@ class ClusterNode:
         for node in self.links.linked():
             self.links.broadcast(node, data, hops)
 
-    def _packet(self, node: str, event: Union[Forwarded, Broadcast]) -> None:
+    def _session_notice(self, data: bytes, member: str) -> None:
+        for node in self.links.linked():
+            self.links.session_notice(node, data, member)
+
+    def _packet(self, node: str, event: Union[Forwarded, Broadcast, SessionNotice]) -> None:
         if isinstance(event, Forwarded):
             self.view.forwarded(event.route, event.member, self.server.clock(), event.hops,
                                 event.as_sent)
+        elif isinstance(event, SessionNotice):
+            self.view.session_noticed(event.route, node, event.member, self.server.clock())
         else:
             self.view.broadcasted(event.route)
         self.router.on_effects()            # a flush once this read is handled

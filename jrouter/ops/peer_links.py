@@ -9,7 +9,7 @@ when it goes down with the packets it never sent.
 Must not know: routing. Which node gets a packet, and what to do with one a
 link handed back, are the router's: it gives callbacks
 
-    on_packet(node, event)          a Forwarded or Broadcast from node
+    on_packet(node, event)          a Forwarded, Broadcast or SessionNotice from node
     on_link_up(node)                a link to node is open (PeerReady)
     on_link_down(node, unsent)      it is gone; unsent: [peer_stream.Unsent]
 
@@ -54,7 +54,7 @@ from gevent.pool import Pool
 
 from jrouter.errors import ListenError
 from jrouter.ops.listener import Listener
-from jrouter.wire.peer_stream import (Broadcast, Forwarded, PeerAcceptor, PeerClosed, PeerDialer,
+from jrouter.wire.peer_stream import (Broadcast, Forwarded, PeerAcceptor, PeerClosed, PeerDialer, SessionNotice,
                                       PeerProtocolError, PeerReady, PeerStream, State, Unsent)
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class PeerLinks:
     read_size = 65536
 
     def __init__(self, node_id: str, secret: str, *,
-                 on_packet: Callable[[str, Union[Forwarded, Broadcast]], None],
+                 on_packet: Callable[[str, Union[Forwarded, Broadcast, SessionNotice]], None],
                  on_link_up: Callable[[str], None],
                  on_link_down: Callable[[str, list[Unsent]], None],
                  log: Optional[_Log] = None, revision: Callable[[], int] = lambda: 0,
@@ -176,11 +176,19 @@ class PeerLinks:
 
     def broadcast(self, node: str, route_raw: bytes, hops: int, tag: Any = None) -> bool:
         """Queue a broadcast route on the link to ``node``; False when none is open."""
+        return self._queue_on(node, lambda stream: stream.broadcast(route_raw, hops, tag))
+
+    def session_notice(self, node: str, route_raw: bytes, member: str) -> bool:
+        """Queue a session-control route our ``member`` sent on the link to
+        ``node``, to learn from; False when none is open."""
+        return self._queue_on(node, lambda stream: stream.session_notice(route_raw, member))
+
+    def _queue_on(self, node: str, queue: Callable[[PeerStream], None]) -> bool:
         link = self._up.get(node)
         if link is None or link.stream.state is not State.OPEN:
             return False
         stream = link.stream
-        stream.broadcast(route_raw, hops, tag)
+        queue(stream)
         if stream.unread > self.queue_limit:
             link.overflow()
         elif not link.woken:
@@ -427,7 +435,7 @@ class _Link:
             cls = event.__class__
             if self.finished:
                 return            # reported down (replaced, stopped) while a callback waited
-            if cls is Forwarded or cls is Broadcast:
+            if cls is Forwarded or cls is Broadcast or cls is SessionNotice:
                 on_packet(self.node, event)           # type: ignore[arg-type]  # set by PeerReady
             elif cls is PeerReady:
                 self._ready(event)                    # type: ignore[arg-type]

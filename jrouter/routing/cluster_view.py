@@ -85,6 +85,9 @@ if TYPE_CHECKING:
 Forward = Callable[[str, bytes, str, int, "Routed", bool], bool]
 #: broadcast(data, hops): a broadcast route's bytes to every other node.
 Broadcast = Callable[[bytes, int], None]
+#: session_notice(data, member): a session-control route a local member
+#: sent, to every other node, to learn from (docs/cluster.md §8, Affinity).
+SessionNoticeOut = Callable[[bytes, str], None]
 
 
 # -- what the shell carries out (take_effects) -------------------------------
@@ -248,12 +251,14 @@ class ClusterView:
 
     def __init__(self, router: Router, node: str, mirror: TableMirror,
                  forward: Forward, broadcast: Optional[Broadcast] = None,
-                 max_hops: int = 2, hold_limit: int = 16 << 20) -> None:
+                 max_hops: int = 2, hold_limit: int = 16 << 20,
+                 session_notice: Optional[SessionNoticeOut] = None) -> None:
         self.router = router
         self.node = node
         self.mirror = mirror
         self.send_forward = forward
         self.send_broadcast = broadcast
+        self.send_session_notice = session_notice
         self.max_hops = max_hops
         self.hold_limit = hold_limit          # bytes held for one node whose link is not open
         self.port = RemotePort(self, router.output_context(NS_COMPONENT))
@@ -717,6 +722,23 @@ class ClusterView:
         finally:
             self.hops_in = 0
         return True
+
+    def session_notice(self, sender: Connection, route: Element, key: Optional[ContextKey]) -> None:
+        """A session-control route from a local member (an sm's ``started``
+        or ``ended``, which this node learnt from): every other node learns
+        it too, so that each places the user on the member holding her
+        session, whichever node the packet for her comes from."""
+        member = self.ids.get(sender)
+        if member is not None and self.send_session_notice is not None:
+            self.send_session_notice(self.port.outbound(None, route, key), member)   # type: ignore[arg-type]
+
+    def session_noticed(self, route: Element, node: str, member: str, now: float) -> None:
+        """Another node's session notice: learnt as if its member had sent it here."""
+        sender = self.remote.get(MemberRef(node, member))
+        from_ = parse_jid(route.attrs.get("from") or "")
+        if sender is None or from_ is None:
+            return          # gone meanwhile: its entries went with it
+        self.router.placement.learn(self.router.table, sender, route, from_, now)  # type: ignore[arg-type]
 
     def broadcasted(self, route: Element) -> None:
         """A broadcast from another node: once to each of this node's

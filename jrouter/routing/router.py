@@ -32,7 +32,7 @@ from jrouter.routing import message_log
 from jrouter.routing.accept import AcceptPort
 from jrouter.routing.guard import AuthGuard
 from jrouter.routing.membership import Membership
-from jrouter.routing.placement import Choice, HOLD, Placement
+from jrouter.routing.placement import Choice, HOLD, SC_SESSION, Placement
 from jrouter.routing.ports import ComponentPort
 from jrouter.routing.redelivery import Redelivery
 from jrouter.routing.table import RouteTable
@@ -259,6 +259,8 @@ class Router:
             placement.remember_request(table, sender, element, from_, now)
         if placement.learning:
             placement.learn(table, sender, element, from_, now)
+            if self.cluster is not None and element.child_name == SC_SESSION:
+                self.cluster.session_notice(sender, element, key)   # the other nodes learn it too
         target = placement.target(route, element, to, now)
         if target.__class__ is Choice:
             return self._undeliverable(sender, route, element, key, target, now)

@@ -84,6 +84,9 @@ _FORWARD = NS_PEER + " f"
 # the receiving node gives an XEP-0114 member the stanza as it was sent.
 _FORWARD_AS_SENT = NS_PEER + " x"
 _BROADCAST = NS_PEER + " b"
+# Session-control routes a member of the sending node sent (``m``): the
+# receiver learns where sessions live from them and delivers nothing.
+_SESSION = NS_PEER + " s"
 _HELLO = NS_PEER + " hello"
 # How many routes the sender of <a/> has read on this link so far (docs/cluster.md §3).
 _ACK = NS_PEER + " a"
@@ -201,6 +204,20 @@ class Broadcast:
         return f"Broadcast({self.route!r}, {self.hops})"
 
 
+class SessionNotice:
+    """A session-control route that ``member`` of the sending node sent
+    (docs/cluster.md §8, Affinity): to learn from, not to deliver."""
+
+    __slots__ = ("route", "member")
+
+    def __init__(self, route: Element, member: str) -> None:
+        self.route = route
+        self.member = member
+
+    def __repr__(self) -> str:
+        return f"SessionNotice({self.route!r}, {self.member!r})"
+
+
 class PeerClosed:
     """The other end closed the stream: ``condition`` None for its
     ``</stream:stream>``, else the condition of its ``<stream:error/>``."""
@@ -215,7 +232,7 @@ class PeerClosed:
         return f"PeerClosed({self.condition!r}, {self.text!r})"
 
 
-PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, PeerClosed]
+PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, SessionNotice, PeerClosed]
 _StreamEvent: TypeAlias = Union[StreamOpen, Element, StreamClose]
 
 
@@ -280,6 +297,7 @@ class PeerStream:
         self._said_received = 0
         self._markers: dict[str, list[bytes]] = {}
         self._as_sent_markers: dict[str, list[bytes]] = {}
+        self._session_markers: dict[str, list[bytes]] = {}
         # Sending: the runs of packets in _out whose markers are still to be
         # written, as [position of the marker in _out, its head, count]; the
         # last, while the last thing queued is one of its routes, is _run.
@@ -288,6 +306,7 @@ class PeerStream:
         # Reading: what the last marker announced, and how many of its routes are still to come.
         self._announced: _Run = _DROP
         self._announced_as_sent = False
+        self._announced_session = False
         self._left = 0
         self._events: list[PeerEvent] = []
         self._restart_at: Optional[int] = None   # a stream restart after the element ending here
@@ -378,6 +397,17 @@ class PeerStream:
         if not 0 < hops <= self.max_hops:
             raise ValueError(f"hops must be 1..{self.max_hops}, not {hops}")
         self._packet(_BROADCAST_HEADS[hops], route_raw, None, hops, tag)
+
+    def session_notice(self, route_raw: bytes, member: str, tag: Any = None) -> None:
+        """Queue a session-control route that ``member`` (a connection of
+        this node) sent, for the other node to learn from; like a
+        broadcast, it is not handed back if the link is lost."""
+        if self.state is not State.OPEN:
+            raise PeerStateError(f"session notice while {self.state.value}")
+        heads = self._session_markers.get(member)
+        if heads is None:
+            heads = self._member_markers(self._session_markers, member, b"s")
+        self._packet(heads[1], route_raw, None, 1, tag)
 
     def _packet(self, head: bytes, route_raw: bytes, member: Optional[str], hops: int, tag: Any) -> None:
         """Queue one route: it joins the run of the packet queued just before
@@ -489,6 +519,7 @@ class PeerStream:
         max_hops = self.max_hops
         member, hops = self._announced
         as_sent = self._announced_as_sent
+        session = self._announced_session
         left = self._left
         index = len(parsed)
         for position, event in enumerate(parsed):
@@ -499,8 +530,11 @@ class PeerStream:
                 if event.name != ROUTE or hops == 0:
                     index = position
                     break
-                events.append(Forwarded(event, member, hops, as_sent) if member is not None
-                              else Broadcast(event, hops))
+                if member is None:
+                    events.append(Broadcast(event, hops))
+                else:
+                    events.append(Forwarded(event, member, hops, as_sent) if not session
+                                  else SessionNotice(event, member))
                 left -= 1
                 continue
             name = event.name
@@ -511,7 +545,8 @@ class PeerStream:
             hops = _HOP_VALUES.get(attrs.get("h", ""), 0)
             left = _FAST_COUNTS.get(attrs.get("n", ""), 0)
             as_sent = name == _FORWARD_AS_SENT
-            member = attrs.get("m") if name == _FORWARD or as_sent else None
+            session = name == _SESSION
+            member = attrs.get("m") if name == _FORWARD or as_sent or session else None
             if not (left and 0 < hops <= max_hops and (member or name == _BROADCAST)):
                 index, left, hops = position, 0, 0
                 break
@@ -519,6 +554,7 @@ class PeerStream:
         self._received += len(events) - before
         self._announced, self._left = (member, hops), left
         self._announced_as_sent = as_sent
+        self._announced_session = session
         return parsed[index:]
 
     def _on_packet(self, element: Element) -> None:
@@ -533,8 +569,12 @@ class PeerStream:
                 self.counters.drops += 1
                 return
             self.counters.packets_in += 1
-            self._events.append(Forwarded(element, member, hops, self._announced_as_sent)
-                                if member is not None else Broadcast(element, hops))
+            if member is None:
+                self._events.append(Broadcast(element, hops))
+            elif self._announced_session:
+                self._events.append(SessionNotice(element, member))
+            else:
+                self._events.append(Forwarded(element, member, hops, self._announced_as_sent))
         elif element.name == _STREAM_ERROR:
             self._on_stream_error(element)
         elif element.name == _ACK:
@@ -542,6 +582,7 @@ class PeerStream:
         else:
             self._announced, self._left = self._marker(element)
             self._announced_as_sent = element.name == _FORWARD_AS_SENT
+            self._announced_session = element.name == _SESSION
 
     def _on_read(self, element: Element) -> None:
         """<a n='N'/>: the other node has read our first N routes; they are
@@ -570,7 +611,7 @@ class PeerStream:
         announce routes to drop (counted)."""
         name = element.name
         attrs = element.attrs
-        if name == _FORWARD or name == _FORWARD_AS_SENT:
+        if name == _FORWARD or name == _FORWARD_AS_SENT or name == _SESSION:
             member = attrs.get("m")
             if not member:
                 self.fail("bad-format", f"a packet marker {_what(element)} without its member (m)")

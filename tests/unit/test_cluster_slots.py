@@ -10,8 +10,9 @@ Table); the routers are the in-memory harness's.
 from jrouter.cluster.keys import MemberKey, MemberValue, SlotKey, SlotValue, encode_value
 from jrouter.routing.cluster_view import ClaimSlot
 from jrouter.routing.policy import ClusterPolicy, PolicyTable
+from jrouter.routing.table import SINGLE
 
-from .test_cluster_view import LAYOUT, Etcd, Table, node_view
+from .test_cluster_view import LAYOUT, Etcd, Table, _element, node_view
 
 
 class SlotEtcd(Etcd):
@@ -189,3 +190,59 @@ def test_a_claim_whose_connection_went_meanwhile_deletes_its_member_key():
     peer.hang_up()
     etcd.run()
     assert [type(e).__name__ for _, e in etcd.writes] == ["UnregisterMember"]
+
+
+# -- session affinity learnt on one node, known on every node ----------------------------------
+
+SC = "http://jabberd.jabberstudio.org/ns/session/1.0"
+
+
+def test_a_session_started_on_one_node_places_its_user_there_from_every_node():
+    """Node a has two sm (sm0, sm1) of example.com under consistent hashing
+    with affinity='session'; node b has none. sm1 answers 'started' for a
+    user whose hash home is sm0: node a learns it from its own member, and
+    node b from a's session notice, so both place her packets on sm1 until
+    her session ends."""
+    etcd, [(net_a, view_a, _), (net_b, view_b, _)] = nodes("ab", algorithm="consistent",
+                                                            affinity="session")
+    notices = []
+    view_a.send_session_notice = lambda data, member: notices.append((data, member))
+    sms = {}
+    for instance in ("sm0", "sm1"):
+        sms[instance] = net_a.component(instance)
+        sms[instance].bind("example.com", multi="to")
+        sms[instance].take()
+    etcd.table.bind("c2s", "b", "b.1", SINGLE)        # the c2s the replies go to, on node b
+    ref = {("a", view_a.ids[peer.connection]): instance for instance, peer in sms.items()}
+    route_b = net_b.router.table.routes["example.com"]
+    home = {user: ref[net_b.router.placement.member_for(route_b, f"u{user}@example.com").ref]
+            for user in range(20)}
+    user = next(u for u, instance in home.items() if instance == "sm0")
+    jid = f"u{user}@example.com"
+
+    sms["sm1"].send(f"<route to='c2s' from='sm1'><sc:session xmlns:sc='{SC}' action='started' "
+                    f"target='{jid}/res' sc:sm='s-1' sc:c2s='8'/></route>")
+    assert [member for _, member in notices] == [view_a.ids[sms["sm1"].connection]]
+    for data, member in notices:
+        view_b.session_noticed(_element(data), "a", member, 0.0)
+    route_a = net_a.router.table.routes["example.com"]
+    assert net_a.router.placement.member_for(route_a, jid) is sms["sm1"].connection
+    holder, why = net_b.router.placement.explain(route_b, jid)
+    assert ref[holder.ref] == "sm1" and why.startswith("affinity")
+
+    notices.clear()
+    sms["sm1"].send(f"<route to='c2s' from='sm1'><sc:session xmlns:sc='{SC}' action='ended' "
+                    f"sc:sm='s-1' sc:c2s='8'/></route>")
+    for data, member in notices:
+        view_b.session_noticed(_element(data), "a", member, 0.0)
+    assert len(notices) == 1
+    assert ref[net_b.router.placement.member_for(route_b, jid).ref] == "sm0"
+
+
+def test_a_notice_from_a_member_gone_is_ignored():
+    etcd, [(net_b, view_b, _)] = nodes("b", algorithm="consistent", affinity="session")
+    data = (f"<route to='c2s' from='sm1'><sc:session xmlns:sc='{SC}' action='started' "
+            "target='u@example.com/res' sc:sm='s-1' sc:c2s='8'/></route>").encode()
+    view_b.session_noticed(_element(data), "a", "9", 0.0)
+    assert net_b.router.placement.affinities == {} or \
+        all(len(table) == 0 for table in net_b.router.placement.affinities.values())

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from jrouter.wire import peer_stream
 from jrouter.wire.peer_stream import (
     NS_COMPONENT, PEER_ROLE, ROUTE, Broadcast, Forwarded, PeerAcceptor, PeerAuthFailed,
-    PeerClosed, PeerDialer, PeerProtocolError, PeerReady, PeerStateError, State, Unsent, dials)
+    PeerClosed, PeerDialer, PeerProtocolError, PeerReady, PeerStateError, SessionNotice, State, Unsent,
+    dials)
 from jrouter.wire.xmlstream import StreamReader
 
 SECRET = "a cluster secret, 16+"
@@ -437,6 +438,28 @@ def test_broadcasts_go_both_ways_in_order_with_forwards():
     assert [e.hops for e in got] == [1, 2, 2]
     (back,) = pump(a, d)
     assert isinstance(back, Broadcast) and back.route.raw == ROUTE_250
+
+
+def test_session_notices_cross_with_their_sender_among_forwards_and_are_never_handed_back():
+    """<s m='SENDER' .../>: routes to learn from, read as SessionNotice (its
+    member is the sending node's member that sent it), in order with the
+    rest; a lost link does not hand them back (they are not packets for a member)."""
+    d, a = open_pair()
+    d.forward(ODD_ROUTES[1], "m1", 1)
+    d.session_notice(ROUTE_250, "sm-1")
+    d.session_notice(ODD_ROUTES[3], "sm-1")
+    d.forward(ODD_ROUTES[7], "m1", 1)
+    data = d.data_to_send()
+    assert b"<s xmlns='urn:jrouter:peer:0' h='1' m='sm-1' n='00002'/>" + ROUTE_250 + ODD_ROUTES[3] in data
+    d.sent(len(data))
+    got = a.receive_data(data)
+    assert [(type(e), e.route.raw, e.member) for e in got] == [
+        (Forwarded, ODD_ROUTES[1], "m1"), (SessionNotice, ROUTE_250, "sm-1"),
+        (SessionNotice, ODD_ROUTES[3], "sm-1"), (Forwarded, ODD_ROUTES[7], "m1")]
+    d.session_notice(ROUTE_250, "sm-2")
+    # Nothing acknowledged yet: all five come back, the notices without a
+    # member, so the router never takes one for a packet to place again.
+    assert [u.member for u in d.take_unsent()] == ["m1", None, None, "m1", None]
 
 
 def test_a_member_id_with_markup_characters_is_escaped_and_comes_back():
