@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 import gevent
 import gevent.event
 
-from jrouter.cluster.keys import (DefaultKey, DefaultValue, Key, MemberKey, MemberValue, OwnerValue,
-                                  SlotKey, SlotValue, UniqueKey, Value)
+from jrouter.cluster.keys import (DefaultKey, DefaultValue, Key, LogKey, LogValue, MemberKey, MemberValue,
+                                  OwnerValue, SlotKey, SlotValue, UniqueKey, Value)
 from jrouter.cluster.mirror import NodeJoined, NodeLeft, NodeUpdated
 from jrouter.config.grammar import host_port
 from jrouter.errors import ConfigurationError
 from jrouter.ops.cluster_agent import ClusterAgent, ClusterUnavailable
 from jrouter.ops.peer_links import PeerLinks, make_client_context
-from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, RegisterMember,
-                                          ReleaseClaim, UnregisterMember)
+from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, LogSinkKey,
+                                          RegisterMember, ReleaseClaim, UnregisterMember)
 from jrouter.routing.table import SINGLE
 from jrouter.wire.peer_stream import Broadcast, Forwarded, SessionNotice, Unsent, dials
 
@@ -180,6 +180,8 @@ class ClusterNode:
                 yield UniqueKey(held.name), OwnerValue(self.node, held.member)
             if held.default:
                 yield DefaultKey(), DefaultValue(held.name, self.node, held.member)
+            if held.sink:
+                yield LogKey(held.name, self.node, held.member), LogValue(bound)
 
     def _node_up(self, node: Node) -> None:
         if node.id == self.node or not dials(self.node, node.id):
@@ -238,6 +240,17 @@ class ClusterNode:
                                  f"the cluster's table yet ({exc})")
         elif isinstance(effect, UnregisterMember):
             agent.unregister_member(MemberKey(effect.name, self.node, effect.member))
+        elif isinstance(effect, LogSinkKey):
+            key = LogKey(effect.name, self.node, effect.member)
+            if not effect.bound:
+                agent.unregister_log_sink(key)
+                return
+            try:
+                agent.register_log_sink(key, LogValue(time.time()))
+            except ClusterUnavailable as exc:
+                # Written again when the node rejoins (held_keys).
+                self.log.warning(f"cluster: the log sink of '{effect.name}' is not in the "
+                                 f"cluster's table yet ({exc})")
         elif isinstance(effect, ReleaseClaim):
             if effect.unique:
                 agent.release_unique(effect.name, effect.member)

@@ -62,8 +62,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
-from jrouter.cluster.mirror import (DefaultChanged, Member, MemberJoined, MemberLeft, MemberRef,
-                                    SlotsChanged, TableMirror)
+from jrouter.cluster.mirror import (DefaultChanged, LogSinkChanged, Member, MemberJoined, MemberLeft,
+                                    MemberRef, SlotsChanged, TableMirror)
 from jrouter.routing.accept import WrappedRoute
 from jrouter.routing.balance import SlotBusy, SlotsFull, SlotTable
 from jrouter.routing.placement import HOLD, Choice
@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 #: a member on another node on the peer link to it; False when no link is
 #: open (the packet is not taken). ``tag`` comes back with it if the link
 #: loses it; ``as_sent``: an XEP-0114 stanza its member gets as it was sent.
-Forward = Callable[[str, bytes, str, int, "Routed", bool], bool]
+Forward = Callable[[str, bytes, str, int, "Optional[Routed]", bool], bool]
 #: broadcast(data, hops): a broadcast route's bytes to every other node.
 Broadcast = Callable[[bytes, int], None]
 #: session_notice(data, member): a session-control route a local member
@@ -100,6 +100,15 @@ class RegisterMember:
     member: str
     kind: str
     identity: Optional[str]
+
+
+@dataclass(frozen=True)
+class LogSinkKey:
+    """Put (``bound``, under the node's lease) or delete ``logs/<name>/<node>/<member>``."""
+
+    name: str
+    member: str
+    bound: bool
 
 
 @dataclass(frozen=True)
@@ -172,9 +181,10 @@ class HeldName:
     kind: str
     identity: Optional[str]
     default: bool
+    sink: bool = False          # the name's log sink (logs/<name>/<node>/<member>)
 
 
-Effect = Union[RegisterMember, UnregisterMember, Claim, ClaimSlot, ReleaseClaim]
+Effect = Union[RegisterMember, UnregisterMember, Claim, ClaimSlot, ReleaseClaim, LogSinkKey]
 #: A packet as routing keeps it to route again: (route, its sender's key, sender).
 Routed = tuple["Element", "Optional[ContextKey]", "Optional[Connection]"]
 
@@ -309,7 +319,8 @@ class ClusterView:
         identity = connection.protocol_port.identity(connection)
         self._effect(RegisterMember(name, self.member_id(connection), kind, identity))
 
-    def left(self, connection: Connection, name: str, kind: Optional[str], default: bool) -> None:
+    def left(self, connection: Connection, name: str, kind: Optional[str], default: bool,
+             sink: bool = False) -> None:
         """A connection of this node left ``name``: its keys go; its claims
         (a name without multi, the default route it held) are released."""
         if connection.protocol_port is self.port:
@@ -317,6 +328,8 @@ class ClusterView:
         member = self.ids.get(connection)
         if member is None:
             return
+        if sink:
+            self._effect(LogSinkKey(name, member, bound=False))
         self._effect(UnregisterMember(name, member))
         if kind == SINGLE or default:
             self._effect(ReleaseClaim(name, member, unique=kind == SINGLE, default=default))
@@ -327,6 +340,21 @@ class ClusterView:
               resume: Callable[[Optional[str], float], None]) -> None:
         """A bind that must be unique in the cluster waits for etcd (``claimed``)."""
         self._effect(Claim(connection, name, self.member_id(connection), unique, default, resume))
+
+    def log_sink_bound(self, connection: Connection, name: str) -> None:
+        """A local connection became ``name``'s log sink: its key, so that
+        every node copies what it routes to it (docs/cluster.md §8)."""
+        self._effect(LogSinkKey(name, self.member_id(connection), bound=True))
+
+    def copy_to_sink(self, sink: RemoteMember, data: bytes) -> None:
+        """A log copy (``type='log'``) for a sink on another node: over the
+        link if it is open, else lost, as a broadcast would be (a copy is
+        never held, nor placed again)."""
+        node, member = sink.ref
+        sink.counters.packets_out += 1
+        if self.waiting.get(node) is not None or \
+                not self.send_forward(node, data, member, 1, None, False):
+            self.counters.drops += 1
 
     def needs_slot(self, name: str) -> bool:
         """Whether a member of ``name`` must take its slot in etcd first."""
@@ -466,11 +494,12 @@ class ClusterView:
         """What this node holds in the table, to write again under a new
         lease: each name of each local connection, with its claims."""
         held: list[HeldName] = []
-        default = self.router.table.default_name
+        table = self.router.table
         for member, connection in self.local.items():
             identity = connection.protocol_port.identity(connection)
             for name, kind in connection.names.items():
-                held.append(HeldName(name, member, kind, identity, name == default))
+                held.append(HeldName(name, member, kind, identity, name == table.default_name,
+                                     table.log_sinks.get(name) is connection))
         return held
 
     def status(self) -> dict[str, Any]:
@@ -517,6 +546,8 @@ class ClusterView:
                 self._default(change)
             elif isinstance(change, SlotsChanged):
                 touched.add(change.name)
+            elif isinstance(change, LogSinkChanged):
+                self._log_sink(change)
         for name in touched:
             self.put_in_order(name)
             self._sync_slots(name)
@@ -556,6 +587,21 @@ class ClusterView:
             del self.remote[member.ref]
             return True
         return False
+
+    def _log_sink(self, change: LogSinkChanged) -> None:
+        """The table's log sink of a name: a remote one replaces ours, as a
+        later <log/> bind does in one router (protocol §4.7)."""
+        sinks = self.router.table.log_sinks
+        old = change.old
+        if old is not None and old.node != self.node:
+            holder = self.remote.get(old)
+            if holder is not None and sinks.get(change.name) is holder:
+                del sinks[change.name]
+        new = change.new
+        if new is not None and new.node != self.node:
+            holder = self.remote.get(new)
+            if holder is not None:
+                sinks[change.name] = holder     # type: ignore[assignment]
 
     def _default(self, change: DefaultChanged) -> None:
         table = self.router.table
@@ -625,7 +671,7 @@ class ClusterView:
         what waits already; broadcasts are lost with the link."""
         waiting = self.waiting.pop(node, None)
         for member, data, hops, tag in unsent:
-            if member is not None:
+            if member is not None and tag is not None:      # not a log copy
                 self._hold(node, member, data, hops, tag)   # type: ignore[arg-type]
         if waiting is not None:
             again = self.waiting.setdefault(node, _Waiting())
@@ -692,6 +738,13 @@ class ClusterView:
         sent, as from a component of this node."""
         self.counters.packets_in += 1
         key = self.port.plain      # a route on a peer link stands in a plain component context
+        if route.attrs.get("type") == "log":
+            target = self.local.get(member)      # a log copy: for its sink only, never placed again
+            if target is not None and not target.closing:
+                target.deliver(target.protocol_port.outbound(target, route, key))
+            else:
+                self.counters.drops += 1
+            return True
         if as_sent:
             route = _rewrapped(route)
         target = self.local.get(member)

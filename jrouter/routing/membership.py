@@ -155,7 +155,8 @@ class Membership:
               reply: Optional[Callable[[], None]] = None) -> None:
         """Take ``connection`` out of ``name`` (unbind, or its socket is gone)."""
         table = self.table
-        if table.log_sinks.get(name) is connection:
+        was_sink = table.log_sinks.get(name) is connection
+        if was_sink:
             del table.log_sinks[name]
         route = table.routes.get(name)
         remaining, slot = table.remove(name, connection)
@@ -168,7 +169,7 @@ class Membership:
             self.log.notice(f"[{name}] default route offline")
         cluster = self.router.cluster
         if cluster is not None:
-            cluster.left(connection, name, kind, was_default)
+            cluster.left(connection, name, kind, was_default, was_sink)
         self.log.notice(f"[{name}] offline")
         if reply is not None:
             reply()

@@ -189,6 +189,8 @@ class ComponentPort:
         if wants_log:
             router.table.log_sinks[name] = connection
             self.log.notice(f"[{name}] set as log sink")
+            if router.cluster is not None:
+                router.cluster.log_sink_bound(connection, name)     # every node copies to it
         membership = router.membership
         membership.online(connection, *joined)
         _reply(connection, request, None)

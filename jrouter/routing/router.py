@@ -333,16 +333,24 @@ class Router:
             self.bounce(sender, element, "503")
 
     def _copy_to_log_sinks(self, element: Element, key: Optional[ContextKey]) -> None:
+        cluster = self.cluster
         for sink in self.table.log_sinks.values():
-            if key is sink.context or key is None:
-                sink.deliver(element.with_attribute("type", "log"))
+            # A sink on another node reads the copy as a plain component stream does.
+            remote = cluster is not None and sink.protocol_port is cluster.port
+            context = cluster.port.plain if remote else sink.context    # type: ignore[union-attr]
+            if key is context or key is None:
+                data = element.with_attribute("type", "log")
             else:
                 from lxml import etree
                 import copy
 
                 tree = copy.deepcopy(element.tree())
                 tree.set("type", "log")
-                sink.deliver(etree.tostring(tree))
+                data = etree.tostring(tree)
+            if remote:
+                cluster.copy_to_sink(sink, data)        # type: ignore[union-attr, arg-type]
+            else:
+                sink.deliver(data)
 
     # -- the operator's question ---------------------------------------------
 

@@ -705,3 +705,42 @@ def test_consistent_placement_is_one_across_nodes_and_survivors_keep_their_users
     assert back["ka.test"] == back["kc.test"], "after b's return, nodes a and c place users differently"
     assert back["ka.test"] == home, "b's return moved users other than its own: %s" % sorted(
         user for user in home if back["ka.test"][user] != home[user])
+
+
+# -- 8. a log sink sees what every node routes ----------------------------------------------------
+
+
+def test_a_log_sink_on_one_node_gets_one_copy_of_every_route_any_node_places(bed, peers):
+    """<bind><log/> on node c: routes placed on a (to a component on b, and to one on a itself) and on
+    b reach their destinations and each reaches c's sink once, as type='log' copies."""
+    bed.wait_ready()
+    ka, ka2 = peers.bound(bed, "a", "ka.test"), peers.bound(bed, "a", "ka2.test")
+    kb = peers.bound(bed, "b", "kb.test")
+    sink = peers.authenticated(bed, "c", "log sink")
+    sink.ask_bind("logger", log=True)
+    assert sink.bind_answer() == ("logger", None)
+    for peer in (ka, kb):
+        knows(peer, "logger")
+    knows(ka, "kb.test")
+    knows(kb, "ka.test")
+    # The sink's key follows its member key: probe until a's copies reach it.
+    deadline = time.monotonic() + 6
+    n = 0
+    while True:
+        n += 1
+        ka.send(route("ka2.test", "ka.test", "probe-%d" % n))
+        if sink.find(with_id("probe-%d" % n), 0.25) is not None:
+            break
+        assert time.monotonic() < deadline, "no log copy from node a reached the sink on c"
+    time.sleep(0.3)
+    sink.forget(lambda e: (stanza_id(e) or "").startswith("probe-"))
+    sent = [(ka, "kb.test", "ka.test", "a-to-b"), (ka, "ka2.test", "ka.test", "a-to-a"),
+            (kb, "ka.test", "kb.test", "b-to-a")]
+    for sender, to, from_, tag in sent:
+        sender.send(route(to, from_, tag))
+    kb.take(with_id("a-to-b"), 5.0, "a-to-b at kb")
+    ka2.take(with_id("a-to-a"), 5.0, "a-to-a at ka2")
+    ka.take(with_id("b-to-a"), 5.0, "b-to-a at ka")
+    copies = [e for e in sink.collect(2.0) if stanza_id(e) in {tag for *_, tag in sent}]
+    assert sorted(stanza_id(e) for e in copies) == ["a-to-a", "a-to-b", "b-to-a"], [e.raw for e in copies]
+    assert all(e.attrs.get("type") == "log" for e in copies), [e.raw for e in copies]

@@ -532,9 +532,9 @@ class ComponentPeer(Peer):
                 return True
         return self.eof
 
-    def ask_bind(self, name, multi=None, default=False):
+    def ask_bind(self, name, multi=None, default=False, log=False):
         """Send a <bind/> (its answer: bind_answer)."""
-        self.client.bind(name, multi=multi, default=default)
+        self.client.bind(name, multi=multi, default=default, log=log)
         self._flush()
 
     def bind_answer(self, timeout=5.0):

@@ -383,3 +383,39 @@ def test_a_prefixed_xep0114_stanza_crosses_without_the_flag_and_still_means_the_
     gateway = net_a.legacy("gw.example")
     gateway.send(b"<message xmlns='jabber:component:accept' to='u@muc.example' from='v@gw.example'/>")
     assert view_a.as_sent_flags == [False] and len(forwarded) == 1
+
+
+def test_a_log_sink_on_another_node_gets_a_copy_of_what_this_node_routes_and_nothing_else():
+    """A <bind><log/> on node b: node a copies each route it places to it
+    (type='log'), over the link to b's member; b gives the copy to its sink
+    only, never to the route's own destination, even once the sink is gone."""
+    from jrouter.cluster.keys import LogKey, LogValue
+    etcd = Etcd()
+    net_a, view_a, forwarded = node_view("a", etcd)
+    net_b, view_b, _ = node_view("b", etcd)
+    table = Table(view_a, view_b)
+    sink = net_b.component(user="logger", password="pwl")
+    sink.bind("logger", log=True)
+    assert sink.stanzas()[0].get("error") is None
+    member = view_b.ids[sink.connection]
+    assert [(type(e).__name__, getattr(e, "bound", None)) for _, e in etcd.writes] == [
+        ("RegisterMember", None), ("LogSinkKey", True)]
+    table.bind("logger", "b", member, SINGLE)
+    table.txn(puts=[(LAYOUT.key(LogKey("logger", "b", member)), encode_value(LogValue(1.0)))])
+    sm, c2s = net_a.component("sm.example"), net_a.component("c2s.example")
+    packet = route_bytes("sm.example", "c2s.example")
+    c2s.send(packet)
+    assert [e.get("to") for e in sm.stanzas() if e.tag.endswith("route")] == ["sm.example"]  # here, and
+    ((to, copy),) = forwarded                                              # copied to b's sink
+    assert to == ("b", member) and _element(copy).attrs == {"to": "sm.example", "from": "c2s.example",
+                                                             "type": "log"}
+    view_b.forwarded(_element(copy), member, 0.0)
+    (got,) = sink.stanzas()
+    assert got.get("type") == "log" and got.get("to") == "sm.example"
+    sink.hang_up()
+    sm_b = net_b.component("sm.example")        # the route's own 'to', served on b too
+    view_b.forwarded(_element(copy), member, 0.0)
+    assert [e for e in sm_b.stanzas() if e.tag.endswith("route")] == []
+    assert view_b.counters.drops == 1
+    assert ("b", "LogSinkKey", False) in [(n, type(e).__name__, getattr(e, "bound", None))
+                                          for n, e in etcd.writes]
