@@ -262,7 +262,7 @@ class ClusterNode:
             self.server.flush()
         elif isinstance(effect, ClaimSlot):
             slot, refusal = self._claim_slot(effect)
-            self.view.slot_claimed(effect, slot, refusal, self.server.clock())
+            self.view.slots.claimed(effect, slot, refusal, self.server.clock())
             self.server.flush()
 
     #: txns a slot claim tries before it gives up (each lost one means another
@@ -277,7 +277,7 @@ class ClusterNode:
         connection = claim.connection
         identity = connection.protocol_port.identity(connection)
         for _ in range(self.SLOT_ATTEMPTS):
-            choice = self.view.choose_slot(claim, self.server.clock())
+            choice = self.view.slots.choose(claim, self.server.clock())
             self.server.flush()         # a half-open instance it ended
             if isinstance(choice, str):
                 return None, choice

@@ -80,7 +80,7 @@ class AcceptPort:
         connection.payload_ns = router.config.component_namespaces.get(name, NS_ACCEPT)
         membership = router.membership
         cluster = router.cluster
-        if cluster is None or not cluster.needs_slot(name):
+        if cluster is None or not cluster.slots.needs_slot(name):
             if reply:                   # as one router always did: the reply, then the bind
                 connection.send(reply)
             joined = membership.join(connection, name, MULTI_FROM, now)

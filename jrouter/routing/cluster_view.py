@@ -33,14 +33,12 @@ route) goes ahead, a claim (``Claim``): the bind waits for etcd's answer
 one success and one 409 (docs/cluster.md, §8).
 
 Under a slot policy (``consistent``, ``slots``) the slot numbers are the
-cluster's: a member joins only once etcd gave it its slot (``ClaimSlot``:
-the shell asks ``choose_slot`` what to take, then writes the slot key and
-the member key in one txn on condition that nobody took the slot since,
-and answers ``slot_claimed``). Each slot key names the member holding it
-and the identity it is kept for, outlives the member, and is read by every
-node alike: a remote member's slot is the one whose key names it, and each
-route's SlotTable is set from the slot keys after every batch
-(``_sync_slots``). So every node finds the same member in the same slot at
+cluster's: a member joins only once etcd gave it its slot (``ClaimSlot``;
+``cluster_slots.py`` chooses it and the shell writes it). Each slot key
+names the member holding it and the identity it is kept for, outlives the
+member, and is read by every node alike: a remote member's slot is the one
+whose key names it, and each route's SlotTable is set from the slot keys
+after every batch. So every node finds the same member in the same slot at
 the same revision, and an instance back on any node gets its slot again.
 
 Packets for a member on another node go to the shell's peer link with the
@@ -59,13 +57,14 @@ link's bytes (``forward`` takes a route and its member).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from jrouter.cluster.mirror import (DefaultChanged, LogSinkChanged, Member, MemberJoined, MemberLeft,
                                     MemberRef, SlotsChanged, TableMirror)
 from jrouter.routing.accept import WrappedRoute
-from jrouter.routing.balance import SlotBusy, SlotsFull, SlotTable
+from jrouter.routing.cluster_effects import (Claim, ClaimSlot, Effect, HeldName, LogSinkKey,
+                                             RegisterMember, ReleaseClaim, SlotChoice, UnregisterMember)
+from jrouter.routing.cluster_slots import ClusterSlots
 from jrouter.routing.placement import HOLD, Choice
 from jrouter.routing.table import SINGLE
 from jrouter.wire.connection import NS_COMPONENT
@@ -90,101 +89,10 @@ Broadcast = Callable[[bytes, int], None]
 SessionNoticeOut = Callable[[bytes, str], None]
 
 
-# -- what the shell carries out (take_effects) -------------------------------
+# The effects (cluster_effects.py) are named here too, where the shell and tests look for them.
+__all__ = ["ClusterView", "RemoteMember", "RemotePort", "RegisterMember", "UnregisterMember",
+           "LogSinkKey", "Claim", "ClaimSlot", "SlotChoice", "ReleaseClaim", "HeldName", "Effect"]
 
-@dataclass(frozen=True)
-class RegisterMember:
-    """Put ``members/<name>/<node>/<member>`` (under the node's lease)."""
-
-    name: str
-    member: str
-    kind: str
-    identity: Optional[str]
-
-
-@dataclass(frozen=True)
-class LogSinkKey:
-    """Put (``bound``, under the node's lease) or delete ``logs/<name>/<node>/<member>``."""
-
-    name: str
-    member: str
-    bound: bool
-
-
-@dataclass(frozen=True)
-class UnregisterMember:
-    """Delete a member key this node put."""
-
-    name: str
-    member: str
-
-
-@dataclass(eq=False)
-class Claim:
-    """A bind waiting for etcd: ``unique/<name>`` and/or the default route
-    for ``member``. The shell answers with ``ClusterView.claimed``."""
-
-    connection: Connection
-    name: str
-    member: str
-    unique: bool
-    default: bool
-    #: resume(refusal, now): the bind goes on (refusal None) or is answered
-    #: with the error code ("409": taken; "503": etcd did not answer)
-    resume: Callable[[Optional[str], float], None] = field(repr=False)
-
-
-@dataclass(eq=False)
-class ClaimSlot:
-    """A member of a name under a slot policy waiting for its slot: the shell
-    asks ``ClusterView.choose_slot`` which to take (again after a txn that
-    lost a race) and answers with ``ClusterView.slot_claimed``."""
-
-    connection: Connection
-    name: str
-    member: str
-    kind: str
-    identity: Optional[str]
-    #: resume(slot, refusal, now): the member joins in that slot (refusal
-    #: None) or is refused ("409": no slot left; "503": etcd did not answer)
-    resume: Callable[[Optional[int], Optional[str], float], None] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class SlotChoice:
-    """What to write for a ClaimSlot: take ``slot`` if its key is still at
-    ``mod_revision`` (0: absent); ``held``: the slot key names this member
-    already (an answer lost on the way), nothing to write."""
-
-    slot: int
-    mod_revision: int
-    held: bool = False
-
-
-@dataclass(frozen=True)
-class ReleaseClaim:
-    """Delete ``unique/<name>`` and/or the default route, if ``member`` still holds them."""
-
-    name: str
-    member: str
-    unique: bool
-    default: bool
-
-
-@dataclass(frozen=True)
-class HeldName:
-    """A name a local connection holds (``ClusterView.held_names``): its
-    member key, ``unique/<name>`` when its kind is single, the default route."""
-
-    name: str
-    member: str
-    kind: str
-    identity: Optional[str]
-    default: bool
-    sink: bool = False          # the name's log sink (logs/<name>/<node>/<member>)
-
-
-Effect = Union[RegisterMember, UnregisterMember, Claim, ClaimSlot, ReleaseClaim, LogSinkKey]
 #: A packet as routing keeps it to route again: (route, its sender's key, sender).
 Routed = tuple["Element", "Optional[ContextKey]", "Optional[Connection]"]
 
@@ -280,9 +188,8 @@ class ClusterView:
         self.run = ""           # set by the shell: this run's lease, so ids never repeat
         self.effects: list[Effect] = []
         self.on_effects: Callable[[], None] = _nothing
-        # (connection, name) waiting for a slot; then put in etcd with it already
-        self._slot_claims: set[tuple[Connection, str]] = set()
-        self._registered: set[tuple[Connection, str]] = set()
+        # Slot numbers under slot policies, agreed in etcd (cluster_slots.py).
+        self.slots = ClusterSlots(self)
         self.waiting: dict[str, _Waiting] = {}
         self.hops_in = 0        # while a forwarded packet is placed again: the hops it crossed
         # packets_in: routes other nodes sent here; drops: none could take
@@ -313,8 +220,7 @@ class ClusterView:
         member key (put already with a slot it claimed)."""
         if connection.protocol_port is self.port:
             return
-        if (connection, name) in self._registered:
-            self._registered.discard((connection, name))
+        if self.slots.registered(connection, name):
             return
         identity = connection.protocol_port.identity(connection)
         self._effect(RegisterMember(name, self.member_id(connection), kind, identity))
@@ -356,121 +262,6 @@ class ClusterView:
                 not self.send_forward(node, data, member, 1, None, False):
             self.counters.drops += 1
 
-    def needs_slot(self, name: str) -> bool:
-        """Whether a member of ``name`` must take its slot in etcd first."""
-        route = self.router.table.routes.get(name)
-        if route is not None:
-            return route.slots is not None
-        policies = self.router.table.policies
-        return policies is not None and policies.policy_for(name).algorithm != "jabberd2"
-
-    def claim_slot(self, connection: Connection, name: str, kind: str,
-                   resume: Callable[[Optional[int], Optional[str], float], None]) -> None:
-        """A local member of a name under a slot policy waits for its slot."""
-        identity = connection.protocol_port.identity(connection)
-        self._slot_claims.add((connection, name))
-        self._effect(ClaimSlot(connection, name, self.member_id(connection), kind, identity, resume))
-
-    def choose_slot(self, claim: ClaimSlot, now: float) -> Union[SlotChoice, str]:
-        """The slot a ClaimSlot takes, from the cluster's slot keys and the
-        members present; or the refusal ("409": none is left). A live
-        instance of the same identity on this node, under
-        replace='half-open', is ended first (it is half-open: protocol §6.5);
-        one on another node makes this one an extra identity-less member."""
-        name, identity = claim.name, claim.identity
-        held = self.mirror.slot_of(name, MemberRef(self.node, claim.member))
-        if held is not None:
-            return SlotChoice(held, 0, held=True)
-        slots = self._slot_table(name)
-        policy = self._policy(name)
-        try:
-            slot = slots.choose(identity)
-        except SlotBusy as busy:
-            route = self.router.table.routes.get(name)
-            old = route.by_slot.get(busy.slot) if route is not None else None
-            if policy.replace == "half-open" and old is not None and old in self.router.connections:
-                self.router.log.notice(f"[{name}] {claim.connection.label} replaces {old.label} "
-                                       f"(instance '{busy.identity}')")
-                old.kick("conflict", "replaced by a new connection of the same instance")
-                self.router.disconnect(old, now)
-                return self.choose_slot(claim, now)
-            claim.identity = identity = None       # an extra member, as jabberd2 allows
-            try:
-                slot = self._slot_table(name).choose(None)
-            except SlotsFull:
-                return "409"
-        except SlotsFull:
-            return "409"
-        record = self.mirror.slots(name).get(slot)
-        return SlotChoice(slot, record.mod_revision if record is not None else 0)
-
-    def slot_claimed(self, claim: ClaimSlot, slot: Optional[int], refusal: Optional[str],
-                     now: float) -> None:
-        """etcd's answer to a ClaimSlot: the member joins in ``slot`` (its
-        member key is in etcd already), or is refused."""
-        connection, name = claim.connection, claim.name
-        self._slot_claims.discard((connection, name))
-        gone = connection not in self.router.connections or connection.closing
-        if refusal is None and gone:
-            self._effect(UnregisterMember(name, claim.member))
-            return
-        if refusal is not None:
-            # A claim of unique/<name> or the default route made for this bind goes too.
-            self._effect(ReleaseClaim(name, claim.member, unique=True, default=True))
-            if refusal == "409":
-                self.router.log.notice(f"{connection.label} tried to bind '{name}', but all its "
-                                       "slots are taken in the cluster")
-            elif not gone:
-                self.router.log.notice(f"{connection.label} tried to bind '{name}', but the "
-                                       "cluster's table (etcd) did not answer in time")
-            if gone:
-                return
-        else:
-            self._registered.add((connection, name))
-        try:
-            claim.resume(slot, refusal, now)
-        finally:
-            self._registered.discard((connection, name))
-        if refusal is None and name not in connection.names:
-            self._effect(UnregisterMember(name, claim.member))
-
-    def _policy(self, name: str) -> Any:
-        route = self.router.table.routes.get(name)
-        if route is not None:
-            return route.policy
-        return self.router.table.policies.policy_for(name)      # type: ignore[union-attr]
-
-    def _slot_table(self, name: str) -> SlotTable:
-        """``name``'s slots as the cluster holds them, with the members present here."""
-        slots = SlotTable(self._policy(name).slots)
-        live: set[int] = set()
-        for member in self.mirror.members(name):
-            number = self.mirror.slot_of(name, member.ref)
-            if number is not None and member.node != self.node:   # ours: as the route has them
-                live.add(number)
-        route = self.router.table.routes.get(name)
-        by_slot = route.by_slot if route is not None else {}
-        slots.reset(self._reserved(name, by_slot), live.union(by_slot))
-        return slots
-
-    def _sync_slots(self, name: str) -> None:
-        """A route's SlotTable as the cluster's slot keys say, with its members."""
-        route = self.router.table.routes.get(name)
-        if route is None or route.slots is None:
-            return
-        route.slots.reset(self._reserved(name, route.by_slot), route.by_slot)
-
-    def _reserved(self, name: str, by_slot: dict[int, Connection]) -> dict[int, Optional[str]]:
-        """Slot -> the identity it is kept for, in slot order (the same on
-        every node): the slot keys', and a member's own for a slot whose key
-        the watch has not brought yet."""
-        records = self.mirror.slots(name)
-        reserved = {number: record.identity for number, record in records.items()}
-        for number, holder in by_slot.items():
-            if number not in records:
-                reserved[number] = holder.protocol_port.identity(holder)
-        return dict(sorted(reserved.items()))
-
     def claimed(self, claim: Claim, refusal: Optional[str], now: float) -> None:
         """etcd's answer to a claim: the bind goes on or is refused; a
         connection gone meanwhile gives back what it was granted."""
@@ -487,7 +278,7 @@ class ClusterView:
                                    "cluster's table (etcd) did not answer in time")
         claim.resume(refusal, now)
         if refusal is None and claim.name not in connection.names \
-                and (connection, claim.name) not in self._slot_claims:   # no slot left for it
+                and not self.slots.waiting(connection, claim.name):   # no slot left for it
             self._effect(ReleaseClaim(claim.name, claim.member, claim.unique, claim.default))
 
     def held_names(self) -> list[HeldName]:
@@ -550,7 +341,7 @@ class ClusterView:
                 self._log_sink(change)
         for name in touched:
             self.put_in_order(name)
-            self._sync_slots(name)
+            self.slots.sync(name)
         if gone:
             self._place_again_held(set(gone))
 

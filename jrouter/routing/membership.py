@@ -44,7 +44,7 @@ class Membership:
         the member its slot (every node numbers members alike: docs/cluster.md
         §8). ``refusal`` is the error code when ``joined`` is None."""
         cluster = self.router.cluster
-        if cluster is None or not cluster.needs_slot(name):
+        if cluster is None or not cluster.slots.needs_slot(name):
             joined = self.join(connection, name, kind, now, alias_of)
             return then(joined, None if joined is not None else "409", now)
 
@@ -52,7 +52,7 @@ class Membership:
             if refusal is not None:
                 return then(None, refusal, now)
             then(self.join(connection, name, kind, now, alias_of, slot), None, now)
-        cluster.claim_slot(connection, name, kind, resume)
+        cluster.slots.claim(connection, name, kind, resume)
 
     def join(self, connection: Connection, name: str, kind: str, now: float,
              alias_of: Optional[str] = None, slot: Optional[int] = CLAIM

@@ -1,5 +1,5 @@
 """Unit tests for slot numbers agreed across nodes (issue 13, item 4):
-``ClusterView.choose_slot``/``slot_claimed`` against a fake etcd as strict
+``ClusterSlots.choose``/``claimed`` against a fake etcd as strict
 as the real one about its one rule here: a txn that compares a slot key's
 mod_revision fails when anyone wrote the key since (etcd's compare on MOD).
 
@@ -44,23 +44,23 @@ class SlotEtcd(Etcd):
 
     def run(self):
         pending, self.pending = self.pending, []
-        choices = [(node, view, claim, view.choose_slot(claim, 0.0)) for node, view, claim in pending]
+        choices = [(node, view, claim, view.slots.choose(claim, 0.0)) for node, view, claim in pending]
         for node, view, claim, choice in choices:
             while not isinstance(choice, str):
                 key = LAYOUT.key(SlotKey(claim.name, choice.slot))
                 if choice.held or self.table.mods.get(key, 0) == choice.mod_revision:
                     break
                 self.lost_races += 1
-                choice = view.choose_slot(claim, 0.0)
+                choice = view.slots.choose(claim, 0.0)
             if isinstance(choice, str):
-                view.slot_claimed(claim, None, choice, 0.0)
+                view.slots.claimed(claim, None, choice, 0.0)
                 continue
             identity = claim.connection.protocol_port.identity(claim.connection)
             self.table.txn(puts=[
                 (key, encode_value(SlotValue(claim.identity, node, claim.member))),
                 (LAYOUT.key(MemberKey(claim.name, node, claim.member)),
                  encode_value(MemberValue(claim.kind, identity, 1.0)))])
-            view.slot_claimed(claim, choice.slot, None, 0.0)
+            view.slots.claimed(claim, choice.slot, None, 0.0)
 
 
 class SlotTableOfEtcd(Table):
