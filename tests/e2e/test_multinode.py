@@ -744,3 +744,75 @@ def test_a_log_sink_on_one_node_gets_one_copy_of_every_route_any_node_places(bed
     copies = [e for e in sink.collect(2.0) if stanza_id(e) in {tag for *_, tag in sent}]
     assert sorted(stanza_id(e) for e in copies) == ["a-to-a", "a-to-b", "b-to-a"], [e.raw for e in copies]
     assert all(e.attrs.get("type") == "log" for e in copies), [e.raw for e in copies]
+
+
+# -- 9. session affinity: a session start learnt by every node -------------------------------------
+
+SC = "http://jabberd.jabberstudio.org/ns/session/1.0"
+AFFINITY = "<clustering><policy name='sm.test' algorithm='consistent' affinity='session'/></clustering>"
+
+
+def test_a_live_session_stays_on_its_sm_from_every_node_when_another_sm_joins(bed_factory, peers):
+    """sm.test (consistent, affinity='session') has a member on a and one on b; c2s on c starts a session
+    for each of 30 users and the member that got each start answers 'started', as the real sm does. A third
+    member joins on a. Messages from s2s on b and from c2s on c still reach, for every user with a session,
+    the member holding it (node b saw none of the starts: it learnt them from the session notices), while
+    users without a session follow the new hash (some go to the new member)."""
+    bed = bed_factory(clustering=AFFINITY)
+    bed.wait_ready()
+    c2s = peers.bound(bed, "c", "c2s.test")
+    s2s = peers.bound(bed, "b", "s2s.test")
+    sms = {"sm0": peers.bound(bed, "a", "sm.test", multi="to"),
+           "sm1": peers.bound(bed, "b", "sm.test", multi="to")}
+    bed.wait_members("sm.test", lambda found: len(found) == 2, 6.0, "two sm members")
+    knows(s2s, "c2s.test")
+    time.sleep(0.5)
+    users = ["u%d@sm.test" % i for i in range(30)]
+    session = {}
+    for user in users:
+        c2s.send("<route to='sm.test' from='c2s.test'><sc:session xmlns:sc='%s' action='start' "
+                 "sc:c2s='c-%s' target='%s/res'/></route>" % (SC, user, user))
+    deadline = time.monotonic() + 10
+    while len(session) < len(users) and time.monotonic() < deadline:
+        for label, sm in sms.items():
+            for element in sm.collect(0.05):
+                if b"action='start'" in element.raw:
+                    user = re.search(rb"target='([^/']+)", element.raw).group(1).decode()
+                    session[user] = label
+                    sm.send("<route to='c2s.test' from='sm.test'><sc:session xmlns:sc='%s' "
+                            "action='started' sc:c2s='c-%s' sc:sm='%s-%s' target='%s/res'/></route>"
+                            % (SC, user, label, user, user))
+            sm.forget(lambda e: True)
+    assert len(session) == len(users), "session starts never reached an sm: %s" % sorted(set(users) - set(session))
+    started = [e for e in c2s.collect(2.0) if b"action='started'" in e.raw]
+    assert len(started) == len(users), "c2s got %d of %d 'started' replies" % (len(started), len(users))
+    assert set(session.values()) == {"sm0", "sm1"}
+
+    sms["sm2"] = peers.bound(bed, "a", "sm.test", multi="to")
+    bed.wait_members("sm.test", lambda found: len(found) == 3, 6.0, "the new member")
+    time.sleep(0.5)
+    guests = ["g%d@sm.test" % i for i in range(30)]          # no session anywhere
+
+    def reached(sender, sender_name, targets, tag):
+        for i, target in enumerate(targets):
+            sender.send("<route to='sm.test' from='%s'><message xmlns='jabber:client' to='%s' "
+                        "from='x@remote.test/r' id='%s-%d'><body>hi</body></message></route>"
+                        % (sender_name, target, tag, i))
+        got = {}
+        deadline = time.monotonic() + 10
+        while len(got) < len(targets) and time.monotonic() < deadline:
+            for label, sm in sms.items():
+                for element in sm.collect(0.05):
+                    found = re.search((r"id='%s-(\d+)'" % tag).encode(), element.raw)
+                    if found:
+                        got[targets[int(found.group(1))]] = label
+                sm.forget(lambda e: True)
+        assert len(got) == len(targets), "%s: %d of %d arrived" % (tag, len(got), len(targets))
+        return got
+
+    for sender, name, tag in ((s2s, "s2s.test", "from-b"), (c2s, "c2s.test", "from-c")):
+        got = reached(sender, name, users, tag + "-users")
+        moved = sorted(user for user in users if got[user] != session[user])
+        assert moved == [], "%s: users with a live session moved to another sm: %s" % (tag, moved)
+        placed = reached(sender, name, guests, tag + "-guests")
+        assert "sm2" in placed.values(), "%s: the new member got no user at all: %s" % (tag, placed)
