@@ -33,7 +33,7 @@ from jrouter.ops.peer_links import PeerLinks, make_client_context
 from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, LogSinkKey,
                                           RegisterMember, ReleaseClaim, UnregisterMember)
 from jrouter.routing.table import SINGLE
-from jrouter.wire.peer_stream import Broadcast, Forwarded, SessionNotice, Unsent, dials
+from jrouter.wire.peer_stream import Broadcast, Forwarded, ReplaceMember, SessionNotice, Unsent, dials
 
 if TYPE_CHECKING:
     from jrouter.cluster.mirror import Change, Node
@@ -72,6 +72,7 @@ class ClusterNode:
                                server_tls=self._peer_tls(),
                                client_tls=self._client_tls(),
                                require_tls=settings.peer.tls)
+        self.view.send_replace = self.links.replace_member
         self._dialled: dict[str, str] = {}        # node -> the address dialled
         self._writes: deque[Effect] = deque()
         self._write_ready = gevent.event.Event()
@@ -269,6 +270,16 @@ class ClusterNode:
     #: node took that slot meanwhile; the next choice sees it)
     SLOT_ATTEMPTS = 8
 
+    def _freed(self, name: str) -> bool:
+        """Wait (bind-wait at most) until nobody holds ``unique/<name>``: the
+        holder another node was asked to end has gone."""
+        deadline = time.monotonic() + self.settings.etcd.bind_wait
+        while self.agent.mirror.owner_of_unique(name) is not None:
+            if time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.01)
+        return True
+
     def _claim_slot(self, claim: ClaimSlot) -> tuple[Optional[int], Optional[str]]:
         """(slot, None) once the slot key and the member key are written;
         (None, "409") when no slot is left, (None, "503") when etcd did not
@@ -283,6 +294,13 @@ class ClusterNode:
                 return None, choice
             if choice.held:
                 return choice.slot, None
+            if choice.replacing is not None:
+                # Its node ends it: choose again once its member key has gone.
+                members = self.agent.mirror.members
+                while any(m.ref == choice.replacing for m in members(claim.name)) \
+                        and time.monotonic() < deadline:
+                    gevent.sleep(0.01)
+                continue
             try:
                 taken, revision = self.agent.claim_slot(
                     SlotKey(claim.name, choice.slot), SlotValue(claim.identity, self.node, claim.member),
@@ -304,7 +322,9 @@ class ClusterNode:
         are given back); "503" when etcd did not answer in bind-wait."""
         agent = self.agent
         try:
-            if claim.unique and not agent.claim_unique(claim.name, claim.member):
+            if claim.unique and not agent.claim_unique(claim.name, claim.member) \
+                    and not (claim.replacing and self._freed(claim.name)
+                             and agent.claim_unique(claim.name, claim.member)):
                 return "409"
             if claim.default and not agent.claim_default(claim.name, claim.member):
                 if claim.unique:
@@ -330,12 +350,15 @@ class ClusterNode:
         for node in self.links.linked():
             self.links.session_notice(node, data, member)
 
-    def _packet(self, node: str, event: Union[Forwarded, Broadcast, SessionNotice]) -> None:
+    def _packet(self, node: str,
+                event: Union[Forwarded, Broadcast, SessionNotice, ReplaceMember]) -> None:
         if isinstance(event, Forwarded):
             self.view.forwarded(event.route, event.member, self.server.clock(), event.hops,
                                 event.as_sent)
         elif isinstance(event, SessionNotice):
             self.view.session_noticed(event.route, node, event.member, self.server.clock())
+        elif isinstance(event, ReplaceMember):
+            self.view.replace_requested(node, event.member, self.server.clock())
         else:
             self.view.broadcasted(event.route)
         self.router.on_effects()            # a flush once this read is handled

@@ -56,6 +56,9 @@ class Claim:
     #: resume(refusal, now): the bind goes on (refusal None) or is answered
     #: with the error code ("409": taken; "503": etcd did not answer)
     resume: Callable[[Optional[str], float], None] = field(repr=False)
+    #: the holder on another node was asked to end (replace='half-open'):
+    #: a taken ``unique/<name>`` is waited for, within bind-wait
+    replacing: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,14 @@ class ClaimSlot:
 class SlotChoice:
     """What to write for a ClaimSlot: take ``slot`` if its key is still at
     ``mod_revision`` (0: absent); ``held``: the slot key names this member
-    already (an answer lost on the way), nothing to write."""
+    already (an answer lost on the way), nothing to write; ``replacing``:
+    nothing yet: the instance's old member on another node was asked to end
+    (replace='half-open'), choose again once it has left the table."""
 
     slot: int
     mod_revision: int
     held: bool = False
+    replacing: Optional[tuple[str, str]] = None     # (node, member) asked to end
 
 
 Effect = Union[RegisterMember, UnregisterMember, Claim, ClaimSlot, ReleaseClaim, LogSinkKey]

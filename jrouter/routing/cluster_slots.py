@@ -19,14 +19,14 @@ Must not know: etcd, sockets, the clock (``now`` is handed in).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union, cast
 
 from jrouter.cluster.mirror import MemberRef
 from jrouter.routing.balance import SlotBusy, SlotsFull, SlotTable
 from jrouter.routing.cluster_effects import ClaimSlot, ReleaseClaim, SlotChoice, UnregisterMember
 
 if TYPE_CHECKING:
-    from jrouter.routing.cluster_view import ClusterView
+    from jrouter.routing.cluster_view import ClusterView, RemoteMember
     from jrouter.wire.connection import Connection
 
 
@@ -89,6 +89,13 @@ class ClusterSlots:
                 old.kick("conflict", "replaced by a new connection of the same instance")
                 self.router.disconnect(old, now)
                 return self.choose(claim, now)
+            send_replace = self.view.send_replace
+            if policy.replace == "half-open" and old is not None and send_replace is not None \
+                    and old.protocol_port is self.view.port \
+                    and send_replace(*cast("RemoteMember", old).ref):
+                self.router.log.notice(f"[{name}] {claim.connection.label} replaces {old.label} "
+                                       f"(instance '{busy.identity}')")
+                return SlotChoice(busy.slot, 0, replacing=cast("RemoteMember", old).ref)
             claim.identity = identity = None       # an extra member, as jabberd2 allows
             try:
                 slot = self._table(name).choose(None)

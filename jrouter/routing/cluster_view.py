@@ -177,6 +177,9 @@ class ClusterView:
         self.send_forward = forward
         self.send_broadcast = broadcast
         self.send_session_notice = session_notice
+        #: send_replace(node, member): ask ``node`` to end its member (False: no link)
+        self.send_replace: Optional[Callable[[str, str], bool]] = None
+        self._replacing: dict[tuple[Connection, str], bool] = {}
         self.max_hops = max_hops
         self.hold_limit = hold_limit          # bytes held for one node whose link is not open
         self.port = RemotePort(self, router.output_context(NS_COMPONENT))
@@ -245,7 +248,30 @@ class ClusterView:
     def claim(self, connection: Connection, name: str, unique: bool, default: bool,
               resume: Callable[[Optional[str], float], None]) -> None:
         """A bind that must be unique in the cluster waits for etcd (``claimed``)."""
-        self._effect(Claim(connection, name, self.member_id(connection), unique, default, resume))
+        replacing = self._replacing.pop((connection, name), False)
+        self._effect(Claim(connection, name, self.member_id(connection), unique, default, resume,
+                           replacing))
+
+    def replace_remote(self, connection: Connection, name: str, holder: RemoteMember) -> bool:
+        """``connection`` is a new connection of the instance ``holder`` is,
+        on another node (replace='half-open'): that node is asked to end
+        it, and ``connection``'s claim of ``name`` waits for the name to be
+        free. False when no link to its node is open (the bind is refused)."""
+        node, member = holder.ref
+        if self.send_replace is None or not self.send_replace(node, member):
+            return False
+        self._replacing[(connection, name)] = True
+        return True
+
+    def replace_requested(self, node: str, member: str, now: float) -> None:
+        """Another node has a new connection of the instance our ``member`` is: it ends."""
+        target = self.local.get(member)
+        if target is None or target.closing:
+            return
+        self.router.log.notice(f"{target.label} is replaced by a new connection of the same "
+                               f"instance on node {node}")
+        target.kick("conflict", "replaced by a new connection of the same instance")
+        self.router.disconnect(target, now)
 
     def log_sink_bound(self, connection: Connection, name: str) -> None:
         """A local connection became ``name``'s log sink: its key, so that

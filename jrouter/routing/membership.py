@@ -101,13 +101,18 @@ class Membership:
         its own name (an sm's <id>): under replace='half-open' the old
         connection is ended and the name is free again."""
         holder = self.table.routes[name].members[0]
-        if holder is connection or holder.user != connection.user \
+        cluster = self.router.cluster
+        remote = cluster is not None and holder.protocol_port is cluster.port
+        if holder is connection or (holder.user != connection.user and not remote) \
                 or holder.protocol_port.identity(holder) != name:
             return False
         if not any(holder in route.members and route.policy.replace == "half-open"
                    for route in self.table.served()):
             return False
         self.log.notice(f"[{name}] {connection.label} replaces {holder.label} (instance '{name}')")
+        if remote:
+            # Its node ends it; the bind waits for the name (docs/cluster.md §8).
+            return cluster.replace_remote(connection, name, holder)   # type: ignore[union-attr, arg-type]
         self._replace(holder, now)
         return True
 

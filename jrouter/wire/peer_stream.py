@@ -87,6 +87,9 @@ _BROADCAST = NS_PEER + " b"
 # Session-control routes a member of the sending node sent (``m``): the
 # receiver learns where sessions live from them and delivers nothing.
 _SESSION = NS_PEER + " s"
+# <r m='MEMBER'/>: end your member MEMBER: a new connection of the same
+# instance arrived at the sending node (replace='half-open', protocol §6.5).
+_REPLACE = NS_PEER + " r"
 _HELLO = NS_PEER + " hello"
 # How many routes the sender of <a/> has read on this link so far (docs/cluster.md §3).
 _ACK = NS_PEER + " a"
@@ -218,6 +221,19 @@ class SessionNotice:
         return f"SessionNotice({self.route!r}, {self.member!r})"
 
 
+class ReplaceMember:
+    """The other node asks this one to end its member ``member``: a new
+    connection of the same instance arrived there (docs/cluster.md §8)."""
+
+    __slots__ = ("member",)
+
+    def __init__(self, member: str) -> None:
+        self.member = member
+
+    def __repr__(self) -> str:
+        return f"ReplaceMember({self.member!r})"
+
+
 class PeerClosed:
     """The other end closed the stream: ``condition`` None for its
     ``</stream:stream>``, else the condition of its ``<stream:error/>``."""
@@ -232,7 +248,7 @@ class PeerClosed:
         return f"PeerClosed({self.condition!r}, {self.text!r})"
 
 
-PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, SessionNotice, PeerClosed]
+PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, SessionNotice, ReplaceMember, PeerClosed]
 _StreamEvent: TypeAlias = Union[StreamOpen, Element, StreamClose]
 
 
@@ -441,6 +457,14 @@ class PeerStream:
         markers[member] = heads
         return heads
 
+    def replace_member(self, member: str) -> None:
+        """Ask the other node to end its member ``member`` (``<r/>``)."""
+        if self.state is not State.OPEN:
+            raise PeerStateError(f"replace while {self.state.value}")
+        if not member:
+            raise ValueError("a member id must not be empty")
+        self._queue(b"<r xmlns='%s' m=%s/>" % (NS_PEER.encode(), quoteattr(member).encode()))
+
     def ping(self) -> None:
         """Queue the keepalive, one space, on an open link (else nothing)."""
         if self.state is State.OPEN:
@@ -541,6 +565,9 @@ class PeerStream:
             if name == _ACK:
                 self._on_read(event)
                 continue
+            if name == _REPLACE:
+                self._on_replace(event)
+                continue
             attrs = event.attrs
             hops = _HOP_VALUES.get(attrs.get("h", ""), 0)
             left = _FAST_COUNTS.get(attrs.get("n", ""), 0)
@@ -579,6 +606,8 @@ class PeerStream:
             self._on_stream_error(element)
         elif element.name == _ACK:
             self._on_read(element)
+        elif element.name == _REPLACE:
+            self._on_replace(element)
         else:
             self._announced, self._left = self._marker(element)
             self._announced_as_sent = element.name == _FORWARD_AS_SENT
@@ -598,6 +627,12 @@ class PeerStream:
         for _ in range(read - self._peer_read):
             self._read_end = records.popleft()[0]
         self._peer_read = read
+
+    def _on_replace(self, element: Element) -> None:
+        member = element.attrs.get("m")
+        if not member:
+            self.fail("bad-format", "<r/> needs the member to end (m)")
+        self._events.append(ReplaceMember(member))
 
     def _say_received(self) -> None:
         """Once per read that brought routes: how many we have read so far."""

@@ -24,7 +24,7 @@ import time
 import pytest
 from lxml import etree
 
-from jrouter.cluster.keys import MemberKey, UniqueKey
+from jrouter.cluster.keys import MemberKey, SlotKey, UniqueKey
 from tests.support.cluster_nodes import (NS_ACCEPT, NS_COMPONENT, ClusterBed, ComponentPeer, SplitStack,
                                          advertised, advertisement, stanza_id)
 from tests.support.xmpp import Clients, run
@@ -816,3 +816,68 @@ def test_a_live_session_stays_on_its_sm_from_every_node_when_another_sm_joins(be
         assert moved == [], "%s: users with a live session moved to another sm: %s" % (tag, moved)
         placed = reached(sender, name, guests, tag + "-guests")
         assert "sm2" in placed.values(), "%s: the new member got no user at all: %s" % (tag, placed)
+
+
+# -- 10. replace='half-open' across nodes -------------------------------------------------------------
+
+HALF_OPEN = ("<clustering><policy name='sm.test' replace='half-open'/>"
+             "<policy name='gw.test' algorithm='slots' slots='2' replace='half-open'/></clustering>")
+STREAM_ERROR = "http://etherx.jabber.org/streams error"
+
+
+def test_an_sm_back_through_another_node_replaces_its_half_open_connection(bed_factory, peers):
+    """An sm bound its id (sm-1) and sm.test on node a, then its connection went half-open (it reads
+    nothing more). The same sm comes back through node b (a balancer in front of the nodes): under
+    replace='half-open' its bind of sm-1 succeeds, node a ends the old connection (stream error
+    conflict), etcd holds sm-1 for b's member, and routes for sm-1 from node a reach the new one."""
+    bed = bed_factory(clustering=HALF_OPEN)
+    bed.wait_ready()
+    old = peers.authenticated(bed, "a", "sm (first connection)")
+    for name, multi in (("sm-1", None), ("sm.test", "to")):
+        old.ask_bind(name, multi=multi)
+        assert old.bind_answer() == (name, None)
+    watcher_b = peers.bound(bed, "b", "kb.test")
+    ka = peers.bound(bed, "a", "ka.test")
+    knows(watcher_b, "sm-1")
+    knows(ka, "kb.test")
+    new = peers.authenticated(bed, "b", "sm (back through b)")
+    new.ask_bind("sm-1")
+    assert new.bind_answer(timeout=6.0) == ("sm-1", None)
+    error = old.take(lambda e: e.name == STREAM_ERROR, 5.0, "the old connection's stream error")
+    assert b"conflict" in error.raw, error.raw
+    assert old.closed_within(5.0)
+    owner = bed.owner("sm-1")
+    assert owner is not None and owner.node == "b", owner
+    assert bed.wait_log("a", r"is replaced by a new connection of the same instance on node b", 2.0)
+    until_delivered(ka, new, lambda i: route("sm-1", "ka.test", i), "probe-sm")
+    ka.send(route("sm-1", "ka.test", "after-replace"))
+    new.take(with_id("after-replace"), 5.0, "a route for sm-1 at the new connection")
+
+
+def test_a_gateway_copy_back_through_another_node_replaces_its_half_open_connection_in_its_slot(
+        bed_factory, peers):
+    """XEP-0114 copies of gw.test (algorithm='slots', replace='half-open') gw-1 on a and gw-2 on b. gw-1
+    comes back through b while its first connection is half-open: node a ends that one (conflict) and
+    the new connection takes gw-1's slot, so gw-1's users are placed on it from every node."""
+    bed = bed_factory(clustering=HALF_OPEN)
+    bed.wait_ready()
+    old = peers._keep(ComponentPeer.accepted(bed.address("a"), "gw.test", instance="gw-1",
+                                             label="gw-1 (first connection) on node a"))
+    peers._keep(ComponentPeer.accepted(bed.address("b"), "gw.test", instance="gw-2",
+                                       label="gw-2 on node b"))
+    bed.wait_members("gw.test", lambda found: len(found) == 2, 6.0, "gw-1 and gw-2")
+    def slots():
+        return {key.slot: value for key, (value, _kv) in bed.keys().items() if isinstance(key, SlotKey)}
+    before = slots()
+    assert sorted(v.identity for v in before.values()) == ["gw-1", "gw-2"], before
+    (gw1_slot,) = [slot for slot, v in before.items() if v.identity == "gw-1"]
+    assert before[gw1_slot].node == "a"
+    time.sleep(0.3)
+    peers._keep(ComponentPeer.accepted(bed.address("b"), "gw.test", instance="gw-1",
+                                       label="gw-1 (back through node b)"))
+    error = old.take(lambda e: e.name == STREAM_ERROR, 5.0, "the old connection's stream error")
+    assert b"conflict" in error.raw, error.raw
+    assert sorted(m.node for m in bed.members("gw.test")) == ["b", "b"], bed.shown_keys()
+    after = slots()
+    assert sorted(after) == sorted(before), "slots changed: %s -> %s" % (before, after)
+    assert after[gw1_slot].identity == "gw-1" and after[gw1_slot].node == "b", after

@@ -468,10 +468,11 @@ class ComponentPeer(Peer):
         return peer
 
     @classmethod
-    def accepted(cls, address, name, secret="secret", label=None):
-        """An XEP-0114 component of `name` on node `address`, handshake done."""
+    def accepted(cls, address, name, secret="secret", label=None, instance=None):
+        """An XEP-0114 component of `name` on node `address`, handshake done
+        (`instance`: its stream header's 'from')."""
         peer = cls(*address, label=label or "%s (XEP-0114) on port %d" % (name, address[1]))
-        return peer.handshake(name, secret)
+        return peer.handshake(name, secret, instance)
 
     def _read(self, deadline):
         """Read once unless something is parsed already (waiting until

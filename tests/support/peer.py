@@ -162,8 +162,9 @@ class Peer:
             raise AssertionError(f"bind {name} refused: {outcome.error}")
         return self
 
-    def handshake(self, name, secret="secret"):
-        self.client.open(header(NS_ACCEPT, version=False, to=name))
+    def handshake(self, name, secret="secret", instance=None):
+        """XEP-0114 header (``instance``: its 'from', the copy's identity) and handshake."""
+        self.client.open(header(NS_ACCEPT, version=False, to=name, from_=instance))
         self._flush()
         self.next()
         self.client.handshake(secret)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from jrouter.wire import peer_stream
 from jrouter.wire.peer_stream import (
     NS_COMPONENT, PEER_ROLE, ROUTE, Broadcast, Forwarded, PeerAcceptor, PeerAuthFailed,
-    PeerClosed, PeerDialer, PeerProtocolError, PeerReady, PeerStateError, SessionNotice, State, Unsent,
+    PeerClosed, PeerDialer, PeerProtocolError, PeerReady, PeerStateError, ReplaceMember, SessionNotice, State, Unsent,
     dials)
 from jrouter.wire.xmlstream import StreamReader
 
@@ -460,6 +460,19 @@ def test_session_notices_cross_with_their_sender_among_forwards_and_are_never_ha
     # Nothing acknowledged yet: all five come back, the notices without a
     # member, so the router never takes one for a packet to place again.
     assert [u.member for u in d.take_unsent()] == ["m1", None, None, "m1", None]
+
+
+def test_a_replace_request_names_the_member_to_end_and_one_without_it_breaks_the_link():
+    """<r m='MEMBER'/>: the other node has a new connection of that member's
+    instance (replace='half-open'); the member id survives markup."""
+    d, a = open_pair()
+    d.forward(ROUTE_250, "m1", 1)
+    d.replace_member("s'm<1")
+    got = pump(d, a)
+    assert [type(e) for e in got] == [Forwarded, ReplaceMember] and got[1].member == "s'm<1"
+    with pytest.raises(PeerProtocolError) as failed:
+        a.receive_data(b"<r xmlns='urn:jrouter:peer:0'/>")
+    assert failed.value.condition == "bad-format"
 
 
 def test_a_member_id_with_markup_characters_is_escaped_and_comes_back():
