@@ -217,6 +217,9 @@ class ClusterView:
         member = self.ids.pop(connection, None)
         if member is not None:
             del self.local[member]
+        if self._replacing and connection not in self.router.connections:   # gone: its asks too
+            for key in [key for key in self._replacing if key[0] is connection]:
+                del self._replacing[key]
 
     def joined(self, connection: Connection, name: str, kind: str) -> None:
         """A connection of this node joined ``name`` (Membership.join): its
