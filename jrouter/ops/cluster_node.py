@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import gevent
 import gevent.event
@@ -225,9 +225,7 @@ class ClusterNode:
 
     def _drain_writes(self, timeout: float) -> None:
         self._take_effects()
-        deadline = time.monotonic() + timeout
-        while self._writes and time.monotonic() < deadline:
-            gevent.sleep(0.01)
+        _wait_until(lambda: not self._writes, time.monotonic() + timeout)
 
     def _write(self, effect: Effect) -> None:
         agent = self.agent
@@ -273,12 +271,8 @@ class ClusterNode:
     def _freed(self, name: str) -> bool:
         """Wait (bind-wait at most) until nobody holds ``unique/<name>``: the
         holder another node was asked to end has gone."""
-        deadline = time.monotonic() + self.settings.etcd.bind_wait
-        while self.agent.mirror.owner_of_unique(name) is not None:
-            if time.monotonic() >= deadline:
-                return False
-            gevent.sleep(0.01)
-        return True
+        return _wait_until(lambda: self.agent.mirror.owner_of_unique(name) is None,
+                           time.monotonic() + self.settings.etcd.bind_wait)
 
     def _claim_slot(self, claim: ClaimSlot) -> tuple[Optional[int], Optional[str]]:
         """(slot, None) once the slot key and the member key are written;
@@ -296,10 +290,9 @@ class ClusterNode:
                 return choice.slot, None
             if choice.replacing is not None:
                 # Its node ends it: choose again once its member key has gone.
-                members = self.agent.mirror.members
-                while any(m.ref == choice.replacing for m in members(claim.name)) \
-                        and time.monotonic() < deadline:
-                    gevent.sleep(0.01)
+                old = choice.replacing
+                _wait_until(lambda: all(m.ref != old for m in self.agent.mirror.members(claim.name)),
+                            deadline)
                 continue
             try:
                 taken, revision = self.agent.claim_slot(
@@ -311,8 +304,7 @@ class ClusterNode:
             if taken:
                 return choice.slot, None
             # Another node took it: choose again once the mirror has its write.
-            while self.agent.mirror.revision < revision and time.monotonic() < deadline:
-                gevent.sleep(0.005)
+            _wait_until(lambda: self.agent.mirror.revision >= revision, deadline)
             if time.monotonic() >= deadline:
                 break
         return None, "503"
@@ -387,3 +379,13 @@ class ClusterNode:
         from jrouter.ops.tls import make_server_context
 
         return make_server_context(pemfile)
+
+
+def _wait_until(condition: Callable[[], bool], deadline: float) -> bool:
+    """Poll ``condition`` (what the agent's greenlet changes) until it holds
+    or ``time.monotonic()`` passes ``deadline``; whether it held."""
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        gevent.sleep(0.005)
+    return True
