@@ -636,14 +636,18 @@ def _rewrapped(route: Element) -> Element:
     """The WrappedRoute the sending node had: its bytes, and the stanza as
     sent (the wrap's declaration taken out again); ``route`` itself if it
     does not have the wrap's form."""
+    if route.child_name is None:
+        return route
     payload = route.first_child()
+    raw = route.raw
+    # The wrap's form: the payload is all there is between the start tag and </route>.
+    if len(raw) != route.child_start + len(payload) + 8 or not raw.endswith(b"</route>"):
+        return route
     name_end = payload.find(_WRAP_DECLARATION)
-    head = route.raw[:route.child_start]
-    if route.child_name is None or name_end <= 1 \
-            or route.raw != head + payload + b"</route>":
+    if name_end <= 1:
         return route
     as_sent = payload[:name_end] + payload[name_end + len(_WRAP_DECLARATION):]
-    return WrappedRoute(head, payload, route.attrs, route.child_name,
+    return WrappedRoute(raw[:route.child_start], payload, route.attrs, route.child_name,
                         route.child_attrs or {}, as_sent)
 
 

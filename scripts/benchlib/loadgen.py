@@ -74,7 +74,8 @@ def throughput(spec: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.monotonic()
     conns = peers.setup_all(spec["protocol"], spec["components"], spec["ports"], deadline,
                             user=spec["user"], password=spec["password"], secret=spec["secret"])
-    engine = peers.Engine(spec["protocol"], conns, nap=spec.get("nap_us", 0) / 1e6)
+    engine = peers.Engine(spec["protocol"], conns, nap=spec.get("nap_us", 0) / 1e6,
+                          step=spec.get("step", 1))
     try:
         wait_known(spec, deadline)
         if spec["protocol"] == "jabberd2":

@@ -14,7 +14,9 @@ outside the clock, each one the client role's to say and to read.  Then the
 role hands over what it read past the last reply, every socket turns
 non-blocking and one `selectors` loop drives them all, on bytes alone.
 
-Topology: N components in a ring; component i sends to component (i+1) % N.
+Topology: N components in a ring; component i sends to component (i+step) % N
+(step 1 unless the spec says otherwise: with several nodes, step k keeps every
+route on one node, see --traffic in jrouter-bench).
 Everything component j receives while the clock runs therefore comes from
 component j-1 (or is a bounce of its own message), so arrivals are attributed
 without parsing: the engine only *counts*.  With N = 1 the component sends to
@@ -219,10 +221,10 @@ class Traffic:
     """Counters and the receive/refill logic of one phase (warm-up or measure)."""
 
     def __init__(self, engine: "Engine", messages: int, window: int, size: int) -> None:
-        n = len(engine.conns)
-        self.engine, self.n = engine, n
+        n, step = len(engine.conns), engine.step
+        self.engine, self.n, self.step = engine, n, step
         self.messages, self.window = messages, window
-        self.templates = [template(engine.protocol, i, (i + 1) % n, size) for i in range(n)]
+        self.templates = [template(engine.protocol, i, (i + step) % n, size) for i in range(n)]
         self.sent = [0] * n
         self.delivered = [0] * n  # indexed by sender
         self.bounced = [0] * n  # indexed by sender
@@ -275,7 +277,7 @@ class Traffic:
         self.last_arrival = self.progress = time.monotonic()
         j = conn.index
         errors = region.count(b" error=", 0, cut) + region.count(b"<error", 0, cut)
-        src = (j - 1) % self.n
+        src = (j - self.step) % self.n
         self.delivered[src] += len(stamps) - errors
         self.refill(src)
         if errors:
@@ -286,8 +288,8 @@ class Traffic:
 class Engine:
     """The selectors loop over all component sockets."""
 
-    def __init__(self, protocol: str, conns: List[Conn], nap: float = 0.0) -> None:
-        self.protocol, self.conns, self.nap = protocol, conns, nap
+    def __init__(self, protocol: str, conns: List[Conn], nap: float = 0.0, step: int = 1) -> None:
+        self.protocol, self.conns, self.nap, self.step = protocol, conns, nap, step
         self.sel = selectors.DefaultSelector()
         for conn in conns:
             self.sel.register(conn.sock, selectors.EVENT_READ, conn)
@@ -373,16 +375,17 @@ class Engine:
 
     def wait_advertised(self, deadline: float, everyone: bool) -> List[str]:
         """jabberd2 protocol: read `<presence from=X/>` (protocol §4.3) until each
-        component has seen its ring successor (or, if `everyone`, all others).
+        component has seen the one it sends to (or, if `everyone`, all others).
         Returns the names still missing, per component, if time ran out."""
         n = len(self.conns)
 
         def need(conn: Conn) -> set:
-            if n == 1:
-                return set()
             if everyone:
                 return {comp_name(k) for k in range(n) if k != conn.index}
-            return {comp_name((conn.index + 1) % n)}
+            # a component is not advertised to itself (one component, or a
+            # step of N: each sends to itself)
+            peer = (conn.index + self.step) % n
+            return set() if peer == conn.index else {comp_name(peer)}
 
         needs = {conn.index: need(conn) for conn in self.conns}
 
@@ -465,7 +468,7 @@ def lost_detail(t: Traffic) -> List[Dict[str, object]]:
     for i in range(t.n):
         lost = t.sent[i] - t.delivered[i] - t.bounced[i]
         if lost or t.bounced[i] or t.sent[i] < t.messages:
-            out.append({"from": comp_name(i), "to": comp_name((i + 1) % t.n),
+            out.append({"from": comp_name(i), "to": comp_name((i + t.step) % t.n),
                         "sent": t.sent[i], "delivered": t.delivered[i],
                         "bounced": t.bounced[i], "lost": lost,
                         "unsent": t.messages - t.sent[i]})

@@ -327,10 +327,11 @@ NODE_RUN_HEADERS = ["round", "protocol", "router", "stanzas/s", "p50 ms", "p99 m
 
 NODES_LEGEND = [
     "Several nodes: one etcd and k jrouter nodes with the same <cluster>, component i on",
-    "  node i % k, traffic i -> i+1. crossed %: packets that reached their node over a link",
-    "  from another node (the nodes' /status forwarded_in) / delivered (expected: the share",
-    "  of routes whose ends are on different nodes). CPU s, us/stanza: all nodes together;",
-    "  CPU s per node: n1+n2+...; peak RSS: the nodes' sum. 'x 1 node', 'x jabberd2':",
+    "  node i % k, traffic i -> i+1 (ring) or i+k (local). crossed %: packets that reached",
+    "  their node over a link from another node (the nodes' /status forwarded_in) /",
+    "  delivered (expected: the share of routes whose ends are on different nodes).",
+    "  CPU s, us/stanza: all nodes together; CPU s per node: n1+n2+...; peak RSS: the",
+    "  nodes' sum. 'x 1 node', 'x jabberd2':",
     "  stanzas/s over that router's in the same round, median [min-max] over the rounds;",
     "  'p50 +ms': median of the rounds' p50 minus 1 node's p50 (the latency a node adds).",
     "",

@@ -123,25 +123,26 @@ def load_spec(settings: Settings, **run: Any) -> Dict[str, Any]:
                 user=routers.USER, password=routers.PASSWORD, secret=routers.SECRET, repo=REPO)
 
 
-def crossing(components: int, k: int) -> float:
-    """The share of the ring's routes i -> i+1 whose ends are on different
+def crossing(components: int, k: int, step: int = 1) -> float:
+    """The share of the ring's routes i -> i+step whose ends are on different
     nodes, with component i on node i % k (what the links should carry)."""
     if k < 2:
         return 0.0
-    return sum(i % k != ((i + 1) % components) % k for i in range(components)) / components
+    return sum(i % k != ((i + step) % components) % k for i in range(components)) / components
 
 
 def run_cluster(k: int, settings: Settings, *, protocol: str, components: int,
-                messages: int, size: int = 200, window: int = 100) -> Dict[str, Any]:
+                messages: int, size: int = 200, window: int = 100,
+                step: int = 1) -> Dict[str, Any]:
     """One etcd and `k` jrouter nodes as one router (benchlib.cluster), the
     components spread over them (component i on node i % k), the throughput
-    traffic; then everything stopped.  The result is run()'s, with the
+    traffic (component i sends to i + `step`); then everything stopped.  The result is run()'s, with the
     figures of each node and of the traffic across nodes; on failure
     "error", with the nodes' logs."""
     result: Dict[str, Any] = dict(router=cluster_label(k), nodes=k, mode="throughput",
                                   protocol=protocol, components=components, messages=messages,
-                                  size=size, window=window,
-                                  crossing_expected=crossing(components, k))
+                                  size=size, window=window, step=step,
+                                  crossing_expected=crossing(components, k, step))
     node_cpus, gen_cpus = settings.cluster_cpus(k)
     with tempfile.TemporaryDirectory(prefix="jrouter-bench-nodes-") as tmp:
         nodes = cluster.Cluster(k, tmp, settings.python, REPO, node_cpus)
@@ -150,7 +151,8 @@ def run_cluster(k: int, settings: Settings, *, protocol: str, components: int,
             result["ready_s"] = nodes.ready_s
             spec = load_spec(settings, mode="throughput", protocol=protocol,
                              components=components, messages=messages, size=size,
-                             window=window, ports=nodes.ports, router_pids=nodes.pids,
+                             window=window, step=step, ports=nodes.ports,
+                             router_pids=nodes.pids,
                              status_ports=nodes.status_ports, etcd_pid=nodes.etcd.pid)
             result.update(loadgen(spec, gen_cpus))
             dead = nodes.dead()

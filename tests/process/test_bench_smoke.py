@@ -136,3 +136,29 @@ def test_bench_nodes_measures_each_node_count_beside_the_c_router():
     for (proto, name), row in rows.items():
         assert row["stanzas_per_s"] > 0 and len(row["x_1_node"]) == 1
     assert "cpus: " in result.stderr and "2 nodes" in result.stderr
+
+
+def test_bench_nodes_local_traffic_keeps_every_route_on_its_node():
+    """--traffic local: component i sends to i+k, on its own node, so with 2
+    nodes nothing crosses a link (the nodes' forwarded_in counters say 0) and
+    everything is delivered."""
+    result = bench("--nodes", "2", "--routers", "jrouter", "--protocol", "xep0114",
+                   "--traffic", "local", "--components", "4")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    runs = {r["router"]: r for r in doc["runs"]}
+    assert set(runs) == {"jrouter", "2 nodes"}
+    two = runs["2 nodes"]
+    assert "error" not in two, two["error"]
+    assert two["step"] == 2 and two["delivered"] == 4 * MESSAGES and two["lost"] == 0
+    assert two["crossed"] == 0 and two["crossed_fraction"] == two["crossing_expected"] == 0
+    assert "i -> i+k" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--traffic", "local"), "--traffic goes with --nodes"),
+    (("--nodes", "2,3", "--traffic", "local"), "a multiple of every node count"),
+])
+def test_bench_refuses_local_traffic_it_cannot_keep_local(args, message):
+    result = bench(*args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
