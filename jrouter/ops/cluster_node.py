@@ -356,12 +356,14 @@ class ClusterNode:
         self.router.on_effects()            # a flush once this read is handled
 
     def _link_up(self, node: str) -> None:
-        self.view.link_up(node)
+        stream = self.links.link_stream(node)
+        self.view.link_up(node, stream.peer_read if stream is not None else None)
         self.router.on_effects()
 
     def _link_down(self, node: str, unsent: list[Unsent]) -> None:
-        self.view.link_down(node, [(packet.member, packet.route_raw, packet.hops, packet.tag)
-                                   for packet in unsent])
+        self.view.link_down(node, [(packet.member, packet.route_raw, packet.hops, packet.tag,
+                                    packet.number) for packet in unsent],
+                            unsent[0].sequence if unsent else "")
         self.router.on_effects()
 
     def _client_tls(self) -> Any:

@@ -36,6 +36,14 @@ protocol §3.9). ``forward`` returns False from then on.
 A second link from a node already linked replaces the first (it has
 restarted, or the old link is half-open): the old one goes down first
 (``on_link_down``), then the new one comes up.
+
+Resuming: each link's streams give the routes they send an id (``sequence``)
+in their hello, and say how many routes of the other node's last link they
+read (``read_before``: the link still up, or the last one that went down;
+counted once each read's packets are all dispatched, so never more than was
+delivered). ``link_stream(node).peer_read`` is then the other node's word on
+our last link, for the router to skip what it would send twice
+(docs/cluster.md §3, Resuming).
 """
 
 from __future__ import annotations
@@ -148,6 +156,8 @@ class PeerLinks:
         self.clock = clock
         self.new_id = new_id
         self._up: dict[str, _Link] = {}        # node -> its open link
+        # node -> (its sequence id, routes we read) of the last link from it that went down
+        self._read_from: dict[str, tuple[str, int]] = {}
         self._links: set[_Link] = set()        # every link with a socket, open or not
         self._dialers: dict[str, Greenlet] = {}
         self._pool = Pool()
@@ -279,7 +289,8 @@ class PeerLinks:
             return self._run_link(sock, (host, port), node, PeerDialer(
                 self.node_id, self._secret, cnonce=self.new_id, expect_node=node,
                 revision=self.revision, require_tls=self.require_tls, max_hops=self.max_hops,
-                max_element_size=self.max_element_size))
+                max_element_size=self.max_element_size, sequence=self.new_id(),
+                read_before=self._read_before))
         except Exception as exc:           # the hub would print it; the loop must go on
             self.log.notice(f"[{host}, port={port}] peer link with node '{node}' failed: {exc!r}")
             return None
@@ -291,7 +302,16 @@ class PeerLinks:
         self._run_link(sock, address, None, PeerAcceptor(
             self.node_id, self._secret, make_id=self.new_id, revision=self.revision,
             offer_tls=self.server_tls is not None, require_tls=self.require_tls,
-            max_hops=self.max_hops, max_element_size=self.max_element_size))
+            max_hops=self.max_hops, max_element_size=self.max_element_size,
+            sequence=self.new_id(), read_before=self._read_before))
+
+    def _read_before(self, node: str) -> Optional[tuple[str, int]]:
+        """(sequence, routes read) of the last link from ``node``: the one up
+        (its count stops when the new link replaces it), or the last one down."""
+        link = self._up.get(node)
+        if link is not None and link.stream.peer_sequence:
+            return link.stream.peer_sequence, link.read_routes
+        return self._read_from.get(node)
 
     def _run_link(self, sock: socket.socket, address: tuple, dialled: Optional[str],
                   stream: PeerStream) -> Optional[float]:
@@ -389,6 +409,8 @@ class _Link:
         self.finished = False         # down() ran
         self._deadline = gevent.Timeout(links.negotiation_timeout)
         self.last_read = self.last_write = links.clock()
+        #: routes read on this link whose packets were all dispatched
+        self.read_routes = 0
 
     # -- reading -------------------------------------------------------------------
 
@@ -424,6 +446,8 @@ class _Link:
             data = bytes(view[:received])
             self.last_read = links.clock()
             self._dispatch(stream.receive_data(data))
+            if not self.finished:
+                self.read_routes = stream.routes_read
             if stream.starting_tls:
                 self._start_tls()
             if stream.state is State.CLOSED:
@@ -571,6 +595,8 @@ class _Link:
         node = self.node
         if node is not None and links._up.get(node) is self:
             del links._up[node]
+            if self.stream.peer_sequence:
+                links._read_from[node] = (self.stream.peer_sequence, self.read_routes)
         if self.writer is not None and self.writer is not gevent.getcurrent():
             self.writer.kill(block=True, timeout=1.0)
         try:

@@ -157,11 +157,13 @@ class RemoteMember:
 class _Waiting:
     """Packets for one node's members that its link did not take, oldest first."""
 
-    __slots__ = ("packets", "size")
+    __slots__ = ("packets", "size", "sequence")
 
     def __init__(self) -> None:
-        self.packets: deque[tuple[str, bytes, int, Routed]] = deque()  # member, data, hops, routed
+        # member, data, hops, routed, and its number on the lost link `sequence` (0: none)
+        self.packets: deque[tuple[str, bytes, int, Routed, int]] = deque()
         self.size = 0
+        self.sequence = ""
 
 
 class ClusterView:
@@ -195,6 +197,7 @@ class ClusterView:
         self.slots = ClusterSlots(self)
         self.waiting: dict[str, _Waiting] = {}
         self.hops_in = 0        # while a forwarded packet is placed again: the hops it crossed
+        self.not_resent = 0     # held routes a node's hello said it had read on the lost link
         # packets_in: routes other nodes sent here; drops: none could take
         # it, or past the hop limit; bounces: more held for a node than allowed
         self.counters = Counters()
@@ -332,6 +335,7 @@ class ClusterView:
             "dropped": self.counters.drops,
             "bounced_held_full": self.counters.bounces,
             "held_for_nodes": {node: len(waiting.packets) for node, waiting in self.waiting.items()},
+            "not_resent": self.not_resent,
         }
         status.update(self.shell_status())
         return status
@@ -470,7 +474,8 @@ class ClusterView:
         if self.send_broadcast is not None:
             self.send_broadcast(data, 1)
 
-    def _hold(self, node: str, member: str, data: bytes, hops: int, routed: Routed) -> None:
+    def _hold(self, node: str, member: str, data: bytes, hops: int, routed: Routed,
+              number: int = 0) -> None:
         waiting = self.waiting.get(node)
         if waiting is None:
             waiting = self.waiting[node] = _Waiting()
@@ -482,17 +487,21 @@ class ClusterView:
             if sender is not None and sender in self.router.connections:
                 self.router.bounce(sender, route, "503")
             return
-        waiting.packets.append((member, data, hops, routed))
+        waiting.packets.append((member, data, hops, routed, number))
         waiting.size += len(data)
 
-    def link_down(self, node: str, unsent: Iterable[tuple[Optional[str], bytes, int, object]]) -> None:
-        """The link to ``node`` went down; ``unsent`` (member, data, hops, tag)
-        is what its socket never took, oldest first: held again, ahead of
-        what waits already; broadcasts are lost with the link."""
+    def link_down(self, node: str, unsent: Iterable[tuple[Optional[str], bytes, int, object, int]],
+                  sequence: str = "") -> None:
+        """The link to ``node`` went down; ``unsent`` (member, data, hops, tag,
+        number) is what ``node`` did not say it read, oldest first, numbered
+        on the link ``sequence``: held again, ahead of what waits already;
+        broadcasts are lost with the link."""
         waiting = self.waiting.pop(node, None)
-        for member, data, hops, tag in unsent:
+        for member, data, hops, tag, number in unsent:
             if member is not None and tag is not None:      # not a log copy
-                self._hold(node, member, data, hops, tag)   # type: ignore[arg-type]
+                self._hold(node, member, data, hops, tag, number)   # type: ignore[arg-type]
+        if sequence and node in self.waiting:
+            self.waiting[node].sequence = sequence
         if waiting is not None:
             again = self.waiting.setdefault(node, _Waiting())
             again.packets.extend(waiting.packets)
@@ -500,18 +509,31 @@ class ClusterView:
         if not any(ref.node == node for ref in self.remote):
             self._place_again_held(self._held_refs(node))   # its members left already
 
-    def link_up(self, node: str) -> None:
-        """The link to ``node`` is open: what was held for it goes out."""
+    def link_up(self, node: str, read: Optional[tuple[str, int]] = None) -> None:
+        """The link to ``node`` is open: what was held for it goes out, but
+        for what ``read`` (its hello: a lost link's sequence, how many of its
+        routes it read) says it had read already (docs/cluster.md §3, Resuming)."""
         waiting = self.waiting.pop(node, None)
         if waiting is None:
             return
         packets = waiting.packets
+        if read is not None and waiting.sequence == read[0]:
+            count = read[1]
+            kept = deque(packet for packet in packets if not 0 < packet[4] <= count)
+            if len(kept) < len(packets):
+                self.router.log.notice(f"node '{node}' had read {len(packets) - len(kept)} of the "
+                                       f"routes its lost link handed back: not sent again")
+            self.not_resent += len(packets) - len(kept)
+            packets = waiting.packets = kept
+            waiting.size = sum(len(packet[1]) for packet in kept)
+        waiting.sequence = ""       # the numbers are the lost link's: said once
         while packets:
-            member, data, hops, routed = packets.popleft()
+            member, data, hops, routed, _number = packets[0]
             if not self.send_forward(node, data, member, hops, routed, _as_sent(routed)):
-                packets.appendleft((member, data, hops, routed))
+                waiting.packets = deque(packet[:4] + (0,) for packet in packets)
                 self.waiting[node] = waiting
                 return
+            packets.popleft()
 
     def _held_refs(self, node: str) -> set[MemberRef]:
         waiting = self.waiting.get(node)
@@ -522,7 +544,7 @@ class ClusterView:
         for them is placed again by their names' policies (redelivery)."""
         for node in list(self.waiting):
             waiting = self.waiting[node]
-            keep: deque[tuple[str, bytes, int, Routed]] = deque()
+            keep: deque[tuple[str, bytes, int, Routed, int]] = deque()
             again: list[Routed] = []
             for packet in waiting.packets:
                 if gone is None or MemberRef(node, packet[0]) in gone:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import re
 from collections import deque
 from typing import Any, Callable, NamedTuple, NoReturn, Optional, TypeAlias, Union
 
@@ -165,16 +166,22 @@ class PeerStateError(JrouterError, RuntimeError):
 
 class PeerReady:
     """The link is open: the other end is node ``node``, whose table was at
-    ``revision`` when it said hello."""
+    ``revision`` when it said hello. ``sequence``: the id it gave the routes
+    it sends on this link ('' if none); ``read``: (the sequence of a
+    previous link of ours, how many of its routes it had read), or None
+    (docs/cluster.md §3, Resuming)."""
 
-    __slots__ = ("node", "revision")
+    __slots__ = ("node", "revision", "sequence", "read")
 
-    def __init__(self, node: str, revision: int) -> None:
+    def __init__(self, node: str, revision: int, sequence: str = "",
+                 read: Optional[tuple[str, int]] = None) -> None:
         self.node = node
         self.revision = revision
+        self.sequence = sequence
+        self.read = read
 
     def __repr__(self) -> str:
-        return f"PeerReady({self.node!r}, {self.revision})"
+        return f"PeerReady({self.node!r}, {self.revision}, {self.sequence!r}, {self.read!r})"
 
 
 class Forwarded:
@@ -255,15 +262,22 @@ _StreamEvent: TypeAlias = Union[StreamOpen, Element, StreamClose]
 class Unsent(NamedTuple):
     """A packet queued on a link that the other node never said it read, as it
     was handed to ``forward``, or to ``broadcast`` (``member`` None); ``tag``
-    is whatever the caller gave with it (its route, sender, ...)."""
+    is whatever the caller gave with it (its route, sender, ...). ``number``:
+    its place among the routes sent on the link whose id is ``sequence`` (1
+    for the first), which a later link's hello may say the other node had
+    read after all."""
 
     route_raw: bytes
     member: Optional[str]
     hops: int
     tag: Any
+    number: int = 0
+    sequence: str = ""
 
 
 _HOP_VALUES = {str(n): n for n in range(1, 256)}
+#: A link's sequence id (our make_id gives 40 of [0-9a-z]).
+_SEQUENCE = re.compile(r"[0-9A-Za-z]{1,64}")
 #: Members whose marker bytes are kept; past it the cache starts again.
 _MARKER_CACHE = 4096
 #: The most routes one marker announces (its count is written in 5 digits,
@@ -284,10 +298,21 @@ class PeerStream:
     _handlers: dict[State, dict[type, Callable[[Any, Any], None]]]
 
     def __init__(self, local_node: str, max_hops: int, max_element_size: int,
-                 revision: Callable[[], int]) -> None:
+                 revision: Callable[[], int], sequence: str = "",
+                 read_before: Optional[Callable[[str], Optional[tuple[str, int]]]] = None) -> None:
         if not 1 <= max_hops <= 255:
             raise ValueError("max_hops must be 1..255")
+        if sequence and not _SEQUENCE.fullmatch(sequence):
+            raise ValueError("a sequence id is 1..64 of [0-9A-Za-z]")
         self.local_node = local_node
+        # The id of the routes we send on this link, said in our hello; and
+        # read_before(node): (sequence, routes read) of the last link from
+        # node, said in our hello so that node does not send them again.
+        self.sequence = sequence
+        self.read_before = read_before
+        self.peer_sequence = ""                 # the other end's, from its hello
+        #: What the other end's hello said it had read of a link of ours: (sequence, count).
+        self.peer_read: Optional[tuple[str, int]] = None
         self.max_hops = max_hops
         self.revision = revision
         self.max_element_size = max_element_size
@@ -360,6 +385,11 @@ class PeerStream:
         return self._end - self._acked
 
     @property
+    def routes_read(self) -> int:
+        """Routes read on this link so far (delivered or dropped): what our <a/> says."""
+        return self._received
+
+    @property
     def unread(self) -> int:
         """Bytes queued since the last route the other node said it read:
         what a lost link hands back (the bound on a link counts these)."""
@@ -368,7 +398,10 @@ class PeerStream:
     def take_unsent(self) -> list[Unsent]:
         """The link is over: the packets the other node never said it read,
         oldest first. Nothing more is sent."""
-        unsent = [Unsent(raw, member, hops, tag) for _end, raw, member, hops, tag in self._records]
+        first = self._peer_read + 1
+        sequence = self.sequence
+        unsent = [Unsent(raw, member, hops, tag, number, sequence)
+                  for number, (_end, raw, member, hops, tag) in enumerate(self._records, first)]
         self._records.clear()
         self._out.clear()
         self._runs.clear()
@@ -672,25 +705,45 @@ class PeerStream:
             self.fail("invalid-namespace", "a peer stream declares the component namespace "
                       "and xmlns:stream, nothing else")
 
-    def _hello(self) -> bytes:
-        return (f"<hello xmlns='{NS_PEER}' node={quoteattr(self.local_node)} "
-                f"revision='{int(self.revision())}'/>").encode()
+    def _hello(self, peer: Optional[str]) -> bytes:
+        """Our hello to node ``peer``: who we are, our table's revision, the
+        id of the routes we send, and how many routes of its last link we read."""
+        parts = [f"<hello xmlns='{NS_PEER}' node={quoteattr(self.local_node)} "
+                 f"revision='{int(self.revision())}'"]
+        if self.sequence:
+            parts.append(f" seq='{self.sequence}'")
+        read = self.read_before(peer) if self.read_before is not None and peer else None
+        if read is not None:
+            parts.append(f" of='{read[0]}' read='{int(read[1])}'")
+        parts.append("/>")
+        return "".join(parts).encode()
 
     def _read_hello(self, element: Element) -> Optional[PeerReady]:
         """The other end's <hello/> (None: its stream error ended the link)."""
         if element.name != _HELLO:
             self._unexpected(element, "<hello/>")
             return None
-        node = element.attrs.get("node")
-        revision = element.attrs.get("revision", "")
+        attrs = element.attrs
+        node = attrs.get("node")
+        revision = attrs.get("revision", "")
         if not node or not revision.isdigit() or not revision.isascii():
             self.fail("bad-format", "<hello/> needs a node and a revision")
         if node == self.local_node:
             self.fail("conflict", f"node '{node}' is this node: a link to itself")
-        return PeerReady(node, int(revision))
+        sequence = attrs.get("seq", "")
+        if sequence and not _SEQUENCE.fullmatch(sequence):
+            self.fail("bad-format", "<hello/> with a bad sequence id (seq)")
+        of, count = attrs.get("of"), attrs.get("read")
+        read: Optional[tuple[str, int]] = None
+        if of is not None or count is not None:
+            if not (of and _SEQUENCE.fullmatch(of) and count and count.isdigit() and count.isascii()):
+                self.fail("bad-format", "<hello/> says what it read with a sequence (of) and a count (read)")
+            read = (of, int(count))
+        return PeerReady(node, int(revision), sequence, read)
 
     def _opened(self, ready: PeerReady) -> None:
         self.peer_node, self.peer_revision = ready.node, ready.revision
+        self.peer_sequence, self.peer_read = ready.sequence, ready.read
         self.reader.max_element_size = self.max_element_size
         self._move(State.OPEN)
         self._read_end = self._end      # what came before (the negotiation) is no packet
@@ -790,13 +843,15 @@ class PeerDialer(PeerStream):
     ``expect_node``: the node it meant to reach (another answering is a
     stale address: the link is refused). ``cnonce``: the SASL client nonce
     source. ``use_tls``: take STARTTLS when offered; ``require_tls``: refuse
-    a node that does not offer it. The header goes out at once."""
+    a node that does not offer it. ``sequence`` and ``read_before``: see
+    PeerStream (both ends take them). The header goes out at once."""
 
     def __init__(self, node_id: str, secret: str, *, cnonce: Callable[[], str],
                  expect_node: Optional[str] = None, revision: Callable[[], int] = lambda: 0,
                  use_tls: bool = True, require_tls: bool = False, max_hops: int = 2,
-                 max_element_size: int = 0) -> None:
-        super().__init__(node_id, max_hops, max_element_size, revision)
+                 max_element_size: int = 0, sequence: str = "",
+                 read_before: Optional[Callable[[str], Optional[tuple[str, int]]]] = None) -> None:
+        super().__init__(node_id, max_hops, max_element_size, revision, sequence, read_before)
         self._handlers = _DIALER
         self.expect_node = expect_node
         self.use_tls = use_tls or require_tls
@@ -808,7 +863,7 @@ class PeerDialer(PeerStream):
         self._queue(stream_header(NS_COMPONENT, to=PEER_ROLE, from_=self.local_node, version="1.0"))
         self.header_sent = True
         if self.authenticated:
-            self._queue(self._hello())     # pipelined: the acceptor reads it after its answer
+            self._queue(self._hello(self.expect_node))   # pipelined: the acceptor reads it after its answer
 
     def _on_header(self, header: StreamOpen) -> None:
         self._check_header(header)
@@ -877,10 +932,12 @@ class PeerAcceptor(PeerStream):
 
     def __init__(self, local_node_id: str, secret: str, *, make_id: Callable[[], str],
                  revision: Callable[[], int] = lambda: 0, offer_tls: bool = False,
-                 require_tls: bool = False, max_hops: int = 2, max_element_size: int = 0) -> None:
+                 require_tls: bool = False, max_hops: int = 2, max_element_size: int = 0,
+                 sequence: str = "",
+                 read_before: Optional[Callable[[str], Optional[tuple[str, int]]]] = None) -> None:
         if require_tls and not offer_tls:
             raise ValueError("require_tls needs offer_tls")
-        super().__init__(local_node_id, max_hops, max_element_size, revision)
+        super().__init__(local_node_id, max_hops, max_element_size, revision, sequence, read_before)
         self._handlers = _ACCEPTOR
         self.make_id = make_id
         self.offer_tls = offer_tls
@@ -957,7 +1014,7 @@ class PeerAcceptor(PeerStream):
         if ready.node != self.peer_node:
             self.fail("invalid-from", f"<hello/> from node '{ready.node}' on the link "
                       f"node '{self.peer_node}' authenticated")
-        self._queue(self._hello())
+        self._queue(self._hello(self.peer_node))
         self._opened(ready)
 
 

@@ -467,6 +467,46 @@ def test_a_killed_node_is_dropped_after_its_lease_and_serves_again_when_restarte
     assert [m.node for m in bed.members("kb.test")] == ["b"]
 
 
+def test_a_link_lost_between_live_nodes_sends_nothing_twice(bed_factory, peers):
+    """Node a dials node b through a relay. With b's writes back to a dropped
+    (its acknowledgements too), 200 stanzas from a component on a reach one
+    on b; then the relay cuts the link. a holds all 200 (b never said it read
+    them) and, when a new link is up, b's hello says it read 200 routes of
+    the lost one (docs/cluster.md §3, Resuming): none is sent again. Without
+    that, each would arrive twice."""
+    bed = bed_factory(("a", "b"), relayed=("b",))
+    bed.wait_ready()
+    relay = bed["b"].relay
+    xa = peers.accepted(bed, "a", "xa.test")
+    xb = peers.accepted(bed, "b", "xb.test")
+    until_delivered(xa, xb, lambda i: message("xb.test", "xa.test", i), "probe-ab")
+    time.sleep(0.2)              # b's acknowledgements of the probes reach a
+    mark = bed["a"].log_mark()
+    relay.mute = True
+    for i in range(200):
+        xa.send(message("xb.test", "xa.test", "m-%d" % i))
+    for i in range(200):
+        xb.take(with_id("m-%d" % i), 5.0, "m-%d at node b" % i)
+    time.sleep(0.3)              # b's acknowledgements went out (and were dropped)
+    relay.mute = False
+    relay.cut()
+    down = bed.wait_log("a", r"peer link with node 'b' down \((\d+) packets not sent\)", 5.0,
+                        since=mark)
+    handed_back = int(down.group(1))
+    assert handed_back >= 200, "what b never acknowledged comes back: %d" % handed_back
+    skipped = bed.wait_log("a", r"node 'b' had read (\d+) of the routes its lost link handed back",
+                           10.0, since=mark)
+    assert int(skipped.group(1)) == handed_back
+    assert bed["a"].linked_to(mark) == {"b"}
+    # held routes go out on the new link before anything newer: once this one
+    # is in, anything sent again would be too
+    xa.send(message("xb.test", "xa.test", "after-cut"))
+    xb.take(with_id("after-cut"), 5.0, "after-cut at node b")
+    again = [e for e in xb.collect(0.5) if (stanza_id(e) or "").startswith("m-")]
+    assert again == [], "%d stanzas delivered twice, e.g. %r" % (len(again), again[:1])
+    no_bounces(xa)
+
+
 def test_what_survivors_hold_for_a_killed_node_is_delivered_or_bounced_never_lost(bed, peers):
     """kill -9 of node b, then routes for its names from node a until its lease ends: each one is held by a
     (b's members are still in the table), then placed again: those for a name c serves too reach c, those

@@ -24,6 +24,7 @@ from jrouter.ops.peer_links import PeerLinks, make_client_context
 from jrouter.ops.tls import make_server_context
 from jrouter.wire.peer_stream import Broadcast, Forwarded
 from tests.support.ports import free_port
+from tests.support.relay import MutingRelay
 from tests.support.tls import make_pemfile
 
 pytestmark = pytest.mark.timeout(60)
@@ -290,6 +291,39 @@ def test_a_node_that_stops_reading_overflows_the_bound_and_its_packets_come_back
     assert tags[0] <= len(received), "nothing b never read is missing from what came back"
     print(f"\noverflow: {taken} packets taken, {len(unsent)} handed back ({tags[0]} acknowledged by b); "
           f"b read {len(received) - tags[0]} of those from its socket after the close (duplicates)")
+
+
+def test_after_a_link_lost_between_live_nodes_the_new_hello_says_how_many_routes_were_read(nodes):
+    """b reads 300 routes but its acknowledgements never reach a (the relay drops b's writes);
+    the relay is cut: a hands back all 300, numbered 1..300 on the lost link's sequence. On the
+    new link b's hello says it read 300 of that sequence (docs/cluster.md §3, Resuming), so
+    the router can skip them instead of sending duplicates."""
+    b = nodes("b")
+    b_port = b.links.listen("127.0.0.1", free_port())[1]
+    relay = MutingRelay("127.0.0.1", b_port)
+    try:
+        a = nodes("a", tunables={"backoff_first": 0.05, "backoff_max": 0.1})
+        a.links.dial("b", "127.0.0.1", relay.port)
+        wait_for(lambda: a.ups() and b.ups(), what="the link up at both ends")
+        assert a.links.link_stream("b").peer_read is None       # a first link: nothing to resume
+        relay.mute = True
+        assert send_many(a, "b", 300) == 300
+        wait_for(lambda: len(b.got) == 300, what="b reads all 300")
+        assert a.links.link_stream("b").unread > 0, "no acknowledgement reached a"
+        relay.mute = False
+        relay.cut()
+        wait_for(lambda: a.downs() and b.downs(), what="the link down at both ends")
+        (_down, _node, unsent) = a.downs()[0]
+        assert [u.tag for u in unsent] == list(range(300))
+        assert [u.number for u in unsent] == list(range(1, 301))
+        sequence = unsent[0].sequence
+        assert sequence and {u.sequence for u in unsent} == {sequence}
+        wait_for(lambda: len(a.ups()) == 2 and len(b.ups()) == 2, what="the new link up")
+        assert a.links.link_stream("b").peer_read == (sequence, 300)
+        assert b.links.link_stream("a").peer_read[1] == 0     # b sent a nothing
+        assert a.links.link_stream("b").sequence != sequence   # the new link numbers afresh
+    finally:
+        relay.stop()
 
 
 # -- replacement, keepalive, dead links, refusals ----------------------------------------------------

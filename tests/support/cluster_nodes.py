@@ -40,6 +40,7 @@ from jrouter.wire.xmlstream import Element, StreamClose, StreamOpen
 from .etcd import EtcdServer
 from .jabberd2 import Jabberd2Stack, RouterAddress, write_c2s_config, C2sProcess
 from .peer import Peer, PeerClosed, header
+from .relay import MutingRelay
 from .ports import free_ports, wait_until
 from .routers import RouterProcess, write_router_config
 
@@ -58,14 +59,16 @@ class BedTimeout(AssertionError):
 
 
 def cluster_section(node, peer_ip, peer_port, endpoints, *, name=CLUSTER, secret=PEER_SECRET,
-                    timeout=1, lease_ttl=3, bind_wait=2, hops=2):
+                    timeout=1, lease_ttl=3, bind_wait=2, hops=2, advertise=None):
     """The ``<cluster>`` element of one node (conf/router.xml.dist)."""
     endpoint_xml = "".join("      <endpoint>%s</endpoint>\n" % escape(e) for e in endpoints)
+    advertise_xml = ("      <advertise>%s</advertise>\n" % escape(advertise)) if advertise else ""
     return (
         "  <cluster>\n"
         "    <name>%s</name>\n"
         "    <node>%s</node>\n"
-        "    <peer>\n      <ip>%s</ip>\n      <port>%d</port>\n      <secret>%s</secret>\n    </peer>\n"
+        "    <peer>\n      <ip>%s</ip>\n      <port>%d</port>\n      <secret>%s</secret>\n"
+        + advertise_xml + "    </peer>\n"
         "    <etcd>\n%s      <timeout>%d</timeout>\n      <lease-ttl>%d</lease-ttl>\n"
         "      <bind-wait>%d</bind-wait>\n    </etcd>\n"
         "    <hops>%d</hops>\n"
@@ -91,10 +94,15 @@ def answers_header(ip, port, timeout=3.0):
 class ClusterNode:
     """One jrouter node: its files and its runs (a RouterProcess each), newest last."""
 
-    def __init__(self, node_id, directory, etcd_endpoint, clustering="", **cluster):
+    def __init__(self, node_id, directory, etcd_endpoint, clustering="", relayed=False, **cluster):
         self.node_id = node_id
         self.ip = "127.0.0.1"
         self.port, self.peer_port = free_ports(2, self.ip)
+        # relayed: the other nodes dial it through a MutingRelay (<advertise>), which
+        # a test can mute one way or cut while both ends live
+        self.relay = MutingRelay(self.ip, self.peer_port) if relayed else None
+        if self.relay is not None:
+            cluster["advertise"] = "%s:%d" % (self.ip, self.relay.port)
         self.files = write_router_config(
             directory, self.port, ip=self.ip,
             extra=cluster_section(node_id, self.ip, self.peer_port, [etcd_endpoint], **cluster)
@@ -228,7 +236,7 @@ class ClusterBed:
     name = "cluster bed"
 
     def __init__(self, directory, node_ids=("a", "b", "c"), *, lease_ttl=3, bind_wait=2,
-                 timeout=1, hops=2, cluster=CLUSTER, clustering=""):
+                 timeout=1, hops=2, cluster=CLUSTER, clustering="", relayed=()):
         self.directory = Path(directory)
         self.lease_ttl = lease_ttl
         self.layout = Layout(cluster)
@@ -238,7 +246,7 @@ class ClusterBed:
             node_id: ClusterNode(node_id, self.directory / ("node-%s" % node_id),
                                  self.etcd.endpoint, name=cluster, timeout=timeout,
                                  lease_ttl=lease_ttl, bind_wait=bind_wait, hops=hops,
-                                 clustering=clustering)
+                                 clustering=clustering, relayed=node_id in relayed)
             for node_id in node_ids}
         self._client = None
 
@@ -263,6 +271,8 @@ class ClusterBed:
         """Stop every node (SIGCONT first), then etcd; remove etcd's data dir."""
         for node in self.nodes.values():
             node.stop(timeout)
+            if node.relay is not None:
+                node.relay.stop()
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -11,11 +11,12 @@ Bounded: it serves until stopped, every socket times out, nothing retries.
 When one side closes, both sockets are shut down, as a proxy would.
 """
 
-import socket
 import threading
 import time
 
 from lxml import etree
+
+from .relay import Relay
 
 UP, DOWN = "up", "down"   # up: what the connecting component sent; down: what the router sent
 
@@ -84,63 +85,21 @@ def _header_offsets(data):
         i = j + 1
 
 
-class WireTap:
+class WireTap(Relay):
     def __init__(self, target_ip, target_port, ip="127.0.0.1"):
-        self.target = (target_ip, target_port)
-        self.listener = socket.socket()
-        self.listener.bind((ip, 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.5)
-        self.ip, self.port = self.listener.getsockname()
         self.connections = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
+        super().__init__(target_ip, target_port, ip)
 
-    def _accept_loop(self):
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            conn = Connection(len(self.connections) + 1, client, server)
-            self.connections.append(conn)
-            for source, sink, direction in ((client, server, UP), (server, client, DOWN)):
-                threading.Thread(target=self._pump, args=(conn, source, sink, direction),
-                                 daemon=True).start()
+    def _accepted(self, client, server):
+        conn = Connection(len(self.connections) + 1, client, server)
+        self.connections.append(conn)
+        return [(client, server, UP, conn), (server, client, DOWN, conn)]
 
-    def _pump(self, conn, source, sink, direction):
-        source.settimeout(1.0)
-        while not self._stop.is_set():
-            try:
-                data = source.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            with conn.lock:
-                conn.chunks.append((time.monotonic(), direction, data))
-            try:
-                sink.sendall(data)
-            except OSError:
-                break
+    def _chunk(self, conn, direction, data):
+        with conn.lock:
+            conn.chunks.append((time.monotonic(), direction, data))
+        return data
+
+    def _ended(self, conn, source, sink):
         conn.closed.set()
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def stop(self):
-        self._stop.set()
-        self.listener.close()
-        self._thread.join(timeout=2)
+        super()._ended(conn, source, sink)

@@ -268,11 +268,64 @@ def test_what_a_lost_link_never_sent_is_placed_again_when_its_node_leaves():
     (_, data), = forwarded
     local = net.component("muc.example", multi=True)    # a member here too, from now on
     c2s.take()
-    view.link_down("b", [("b.1", data, 1, (_element(packet), None, c2s.connection))])
+    view.link_down("b", [("b.1", data, 1, (_element(packet), None, c2s.connection), 1)], "s1")
     assert local.raw() == b"" and c2s.stanzas() == []     # held while b's lease lives
     table.unbind("muc.example", "b", "b.1")                 # its lease expired
     net.settle()
     assert local.raw() == packet and c2s.stanzas() == []
+
+
+def _lost_link(sent_ok):
+    """Node a, member b.1 of muc.example on node b, four routes sent on link
+    's1' (numbered 1..4 there) that b never acknowledged, handed back."""
+    net, view, forwarded = node_view("a")
+    Table(view).bind("muc.example", "b", "b.1")
+    c2s = net.component("c2s.example")
+    packets = [route_bytes("muc.example", "c2s.example", str(i)) for i in range(4)]
+    for packet in packets:
+        c2s.send(packet)
+    unsent = [("b.1", data, 1, (_element(packet), None, c2s.connection), number)
+              for number, ((_, data), packet) in enumerate(zip(forwarded, packets), 1)]
+    sent = []
+
+    def forward(node, data, member, hops, routed, as_sent):
+        if sent_ok(len(sent)):
+            sent.append(data)
+            return True
+        return False
+    view.send_forward = forward
+    view.link_down("b", unsent, "s1")
+    return view, packets, sent
+
+
+def test_a_new_link_does_not_send_again_what_its_hello_says_the_lost_link_delivered():
+    """b's hello on the new link: of link s1 it read 3 routes. Only the 4th
+    goes out again (docs/cluster.md §3, Resuming); the count shows it."""
+    view, packets, sent = _lost_link(lambda n: True)
+    view.link_up("b", ("s1", 3))
+    assert sent == packets[3:] and view.not_resent == 3
+    assert view.status()["not_resent"] == 3 and "b" not in view.waiting
+
+
+@pytest.mark.parametrize("read", [None, ("s0", 4), ("s1", 0)])
+def test_a_new_link_sends_again_everything_held_without_a_count_for_the_lost_link(read):
+    """No word on s1 (a restarted node), a count of another link, or 0 read:
+    everything held goes out, in order."""
+    view, packets, sent = _lost_link(lambda n: True)
+    view.link_up("b", read)
+    assert sent == packets and view.not_resent == 0
+
+
+def test_a_lost_links_numbers_are_forgotten_once_a_new_link_took_part_of_what_was_held():
+    """The new link took two routes and then no more: the two left lose their
+    numbers, so a later hello's count (of another link) never skips them."""
+    view, packets, sent = _lost_link(lambda n: n < 2)
+    view.link_up("b", None)
+    assert sent == packets[:2]
+    assert [packet[4] for packet in view.waiting["b"].packets] == [0, 0]
+    view.send_forward = lambda node, data, member, hops, routed, as_sent: sent.append(data) or True
+    view.link_up("b", ("s1", 4))
+    assert sent == packets and view.not_resent == 0
 
 
 def test_broadcasts_cross_once_and_reach_each_local_connection_once():

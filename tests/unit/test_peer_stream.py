@@ -107,6 +107,51 @@ def test_a_pair_opens_and_each_end_learns_the_others_node_and_revision():
     assert (d.peer_node, a.peer_node, d.peer_revision, a.peer_revision) == ("b", "a", 42, 7)
 
 
+def test_each_hello_names_the_routes_its_end_sends_and_what_it_read_of_the_last_link():
+    """seq: the id of the routes each end sends on this link; of/read: what
+    read_before(other node) says of the other node's last link. Each end's
+    PeerReady carries both; the numbers of what comes back from take_unsent
+    are on the link's own sequence (docs/cluster.md §3, Resuming)."""
+    asked = []
+
+    def read_before(node):
+        asked.append(node)
+        return {"b": ("oldb", 17), "a": ("olda", 0)}[node]
+    d = dialer("a", sequence="seqa", read_before=read_before, expect_node="b")
+    a = acceptor("b", sequence="seqb", read_before=read_before)
+    got_d, got_a = converse(d, a)
+    (ready_d,) = [e for e in got_d if isinstance(e, PeerReady)]
+    (ready_a,) = [e for e in got_a if isinstance(e, PeerReady)]
+    assert (ready_d.sequence, ready_d.read) == ("seqb", ("olda", 0))
+    assert (ready_a.sequence, ready_a.read) == ("seqa", ("oldb", 17))
+    assert (d.peer_sequence, d.peer_read, a.peer_sequence, a.peer_read) == \
+        ("seqb", ("olda", 0), "seqa", ("oldb", 17))
+    assert sorted(asked) == ["a", "b"]
+    d.forward(ROUTE_250, "m", 1, tag="t")
+    assert d.take_unsent() == [Unsent(ROUTE_250, "m", 1, "t", 1, "seqa")]
+
+
+def test_a_hello_without_sequence_or_count_opens_a_link_that_resumes_nothing():
+    d, a = open_pair()
+    assert (d.peer_sequence, d.peer_read, a.peer_sequence, a.peer_read) == ("", None, "", None)
+
+
+@pytest.mark.parametrize("attrs", [b"seq='a b'", b"read='3'", b"of='s1'", b"of='s1' read='-1'",
+                                   b"of='' read='2'", b"seq='" + b"x" * 65 + b"'"])
+def test_a_hello_with_a_broken_sequence_or_count_breaks_the_link(attrs):
+    d = dialer("a")
+    a = acceptor("b")
+    d._hello = lambda peer: b"<hello xmlns='urn:jrouter:peer:0' node='a' revision='1' " + attrs + b"/>"
+    with pytest.raises(PeerProtocolError) as caught:
+        converse(d, a)
+    assert caught.value.condition == "bad-format" and a.state is State.CLOSED
+
+
+def test_a_sequence_id_the_hello_could_not_carry_is_refused_at_once():
+    with pytest.raises(ValueError):
+        dialer("a", sequence="not one")
+
+
 def states_seen(d, a):
     """Every state each end passes through, fed one byte at a time."""
     seen_d, seen_a = [d.state], [a.state]
@@ -669,7 +714,7 @@ def test_take_unsent_returns_every_packet_the_other_node_has_not_said_it_read_wi
     assert a.data_to_send() == b"<a xmlns='urn:jrouter:peer:0' n='2'/>"
     assert d.receive_data(b"<a xmlns='urn:jrouter:peer:0' n='2'/>") == []
     assert d.buffered == 0 and d.unread == len(data) - cut
-    assert d.take_unsent() == [Unsent(b"<route n='2'/>", None, 1, 2), Unsent(b"<route n='3'/>", "m3", 2, 3)]
+    assert d.take_unsent() == [Unsent(b"<route n='2'/>", None, 1, 2, 3), Unsent(b"<route n='3'/>", "m3", 2, 3, 4)]
     assert d.state is State.CLOSED and d.data_to_send() == b""
 
 
