@@ -112,6 +112,9 @@ def _cluster_families(cluster: dict[str, Any]) -> list[Metric]:
                                         "forwarded to this one", value=cluster["forwarded_in"]))
     families.append(CounterMetricFamily("jrouter_node_forward_drops", "Forwarded routes no member "
                                         "could take, or past <cluster><hops>", value=cluster["dropped"]))
+    families.append(CounterMetricFamily("jrouter_node_not_resent", "Routes a lost link handed back "
+                                        "that the node's next hello said it had read: not sent "
+                                        "again", value=cluster.get("not_resent", 0)))
     held = GaugeMetricFamily("jrouter_node_held_packets", "Packets waiting for the link to a node",
                              labels=["peer"])
     for node, count in cluster["held_for_nodes"].items():

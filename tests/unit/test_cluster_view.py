@@ -407,6 +407,7 @@ def test_status_and_metrics_show_the_node_its_table_and_its_links():
     assert samples[("jrouter_peer_link_up", (("peer", "b"),))] == 1
     assert samples[("jrouter_peer_link_packets_out_total", (("peer", "b"),))] == 3
     assert samples[("jrouter_node_forwarded_in_total", ())] == 1
+    assert samples[("jrouter_node_not_resent_total", ())] == 0
     text = format_status(snapshot(net.router, 0.0))
     assert "Cluster test: node a, joined, table at revision 42" in text
     assert any(line.split()[:3] == ["b", "127.0.0.1:2", "linked"] for line in text.splitlines())
