@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import gevent
 import gevent.event
@@ -29,11 +29,11 @@ from jrouter.cluster.mirror import NodeJoined, NodeLeft, NodeUpdated
 from jrouter.config.grammar import host_port
 from jrouter.errors import ConfigurationError
 from jrouter.ops.cluster_agent import ClusterAgent, ClusterUnavailable
-from jrouter.ops.peer_links import PeerLinks, make_client_context
+from jrouter.ops.peer_links import LinkPacket, PeerLinks, make_client_context
 from jrouter.routing.cluster_view import (Claim, ClaimSlot, ClusterView, Effect, LogSinkKey,
                                           RegisterMember, ReleaseClaim, UnregisterMember)
 from jrouter.routing.table import SINGLE
-from jrouter.wire.peer_stream import Broadcast, Forwarded, ReplaceMember, SessionNotice, Unsent, dials
+from jrouter.wire.peer_stream import AffinityNotice, Forwarded, ReplaceMember, SessionNotice, Unsent, dials
 
 if TYPE_CHECKING:
     from jrouter.cluster.mirror import Change, Node
@@ -73,6 +73,7 @@ class ClusterNode:
                                client_tls=self._client_tls(),
                                require_tls=settings.peer.tls)
         self.view.send_replace = self.links.replace_member
+        self.view.send_affinity_notice = self._affinity_notice
         self._dialled: dict[str, str] = {}        # node -> the address dialled
         self._writes: deque[Effect] = deque()
         self._write_ready = gevent.event.Event()
@@ -342,11 +343,17 @@ class ClusterNode:
         for node in self.links.linked():
             self.links.session_notice(node, data, member)
 
-    def _packet(self, node: str,
-                event: Union[Forwarded, Broadcast, SessionNotice, ReplaceMember]) -> None:
+    def _affinity_notice(self, name: str, key: str, owner: str, member: str) -> None:
+        for node in self.links.linked():
+            self.links.affinity_notice(node, name, key, owner, member)
+
+    def _packet(self, node: str, event: LinkPacket) -> None:
         if isinstance(event, Forwarded):
             self.view.forwarded(event.route, event.member, self.server.clock(), event.hops,
                                 event.as_sent)
+        elif isinstance(event, AffinityNotice):
+            self.view.affinity_noticed(event.name, event.key, event.node, event.member,
+                                       self.server.clock())
         elif isinstance(event, SessionNotice):
             self.view.session_noticed(event.route, node, event.member, self.server.clock())
         elif isinstance(event, ReplaceMember):

@@ -9,7 +9,8 @@ when it goes down with the packets it never sent.
 Must not know: routing. Which node gets a packet, and what to do with one a
 link handed back, are the router's: it gives callbacks
 
-    on_packet(node, event)          a Forwarded, Broadcast, SessionNotice or ReplaceMember from node
+    on_packet(node, event)          a Forwarded, Broadcast, SessionNotice, ReplaceMember or
+                                    AffinityNotice from node
     on_link_up(node)                a link to node is open (PeerReady)
     on_link_down(node, unsent)      it is gone; unsent: [peer_stream.Unsent]
 
@@ -62,9 +63,12 @@ from gevent.pool import Pool
 
 from jrouter.errors import ListenError
 from jrouter.ops.listener import Listener
-from jrouter.wire.peer_stream import (Broadcast, Forwarded, PeerAcceptor, PeerClosed, PeerDialer,
-                                      PeerProtocolError, PeerReady, PeerStream, ReplaceMember,
-                                      SessionNotice, State, Unsent)
+from jrouter.wire.peer_stream import (AffinityNotice, Broadcast, Forwarded, PeerAcceptor, PeerClosed,
+                                      PeerDialer, PeerProtocolError, PeerReady, PeerStream,
+                                      ReplaceMember, SessionNotice, State, Unsent)
+
+#: What a link hands to on_packet.
+LinkPacket = Union[Forwarded, Broadcast, SessionNotice, ReplaceMember, AffinityNotice]
 
 if TYPE_CHECKING:
     import ssl as stdlib_ssl
@@ -128,8 +132,7 @@ class PeerLinks:
     read_size = 65536
 
     def __init__(self, node_id: str, secret: str, *,
-                 on_packet: Callable[[str, Union[Forwarded, Broadcast, SessionNotice, ReplaceMember]],
-                                     None],
+                 on_packet: Callable[[str, LinkPacket], None],
                  on_link_up: Callable[[str], None],
                  on_link_down: Callable[[str, list[Unsent]], None],
                  log: Optional[_Log] = None, revision: Callable[[], int] = lambda: 0,
@@ -198,6 +201,11 @@ class PeerLinks:
     def replace_member(self, node: str, member: str) -> bool:
         """Ask ``node`` to end its member ``member``; False when no link to it is open."""
         return self._queue_on(node, lambda stream: stream.replace_member(member))
+
+    def affinity_notice(self, node: str, name: str, key: str, owner: str, member: str) -> bool:
+        """Tell ``node`` that ``key`` of ``name`` is on member ``member`` of
+        node ``owner`` (traffic affinity); False when no link to it is open."""
+        return self._queue_on(node, lambda stream: stream.affinity_notice(name, key, owner, member))
 
     def _queue_on(self, node: str, queue: Callable[[PeerStream], None]) -> bool:
         link = self._up.get(node)
@@ -465,7 +473,8 @@ class _Link:
             cls = event.__class__
             if self.finished:
                 return            # reported down (replaced, stopped) while a callback waited
-            if cls is Forwarded or cls is Broadcast or cls is SessionNotice or cls is ReplaceMember:
+            if cls is Forwarded or cls is Broadcast or cls is SessionNotice or cls is ReplaceMember \
+                    or cls is AffinityNotice:
                 on_packet(self.node, event)           # type: ignore[arg-type]  # set by PeerReady
             elif cls is PeerReady:
                 self._ready(event)                    # type: ignore[arg-type]

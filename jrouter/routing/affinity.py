@@ -33,6 +33,13 @@ session, and when it was last touched. Two ways to learn, by the policy's
   test_biboumi_cluster.py); ``idle`` seconds without either, and the entry
   goes.
 
+Several nodes (docs/cluster.md §8, Affinity): a ``traffic`` table made
+with ``announce`` calls it with (key, member) when an entry is made or moves,
+and again when one is touched half its ``idle`` after it was last said, so
+that every node holds the entries any node made and keeps them alive while
+traffic flows through one node only; what another node said comes in
+through ``noticed``, which, like ``heard_from``, never moves an entry.
+
 Never a gone member: ``member_left`` drops every entry of a member that
 leaves, and ``lookup`` checks the member is still one of the name's
 (``alive``) before it answers. Bounded: at most ``max_entries`` entries;
@@ -61,23 +68,28 @@ DEFAULT_MAX_ENTRIES = 100_000
 
 
 class _Entry:
-    __slots__ = ("member", "sessions", "touched")
+    __slots__ = ("member", "sessions", "touched", "said")
 
     def __init__(self, member: Connection, touched: float) -> None:
         self.member = member
         self.sessions: set[str] = set()   # the member's session ids (session mode)
         self.touched = touched
+        self.said = touched               # when the other nodes last heard of it (announce)
 
 
 class AffinityTable:
     """key -> member for one clustered name, least recently touched first."""
 
-    def __init__(self, mode: str, idle: float, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, mode: str, idle: float, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 announce: Optional[Callable[[Hashable, Connection], None]] = None) -> None:
         if mode not in (SESSION, TRAFFIC):
             raise ValueError(f"affinity mode must be {SESSION!r} or {TRAFFIC!r}, got {mode!r}")
         self.mode = mode
         self.idle = idle
         self.max_entries = max_entries
+        # traffic mode, several nodes: tell the others of an entry (see the module doc)
+        self.announce = announce if mode == TRAFFIC else None
+        self._say_again = idle / 2
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._by_member: dict[Connection, set[Hashable]] = {}
         self._session_key: dict[tuple[Connection, str], Hashable] = {}   # (member, id) -> key
@@ -106,6 +118,8 @@ class AffinityTable:
             return None
         if self.mode == TRAFFIC:
             self._touch(key, entry, now)
+            if self.announce is not None and now - entry.said >= self._say_again:
+                self._say(key, entry, now)
         self.placed_by_affinity += 1
         return entry.member
 
@@ -118,8 +132,15 @@ class AffinityTable:
 
     def placed(self, key: Hashable, member: Connection, now: float) -> None:
         """Traffic mode: a packet for ``key`` went to ``member`` by the hash."""
-        if self.mode == TRAFFIC:
-            self._set(key, member, now)
+        if self.mode != TRAFFIC:
+            return
+        entry = self._entries.get(key)
+        if entry is not None and entry.member is member:
+            self._touch(key, entry, now)
+        else:
+            entry = self._set(key, member, now)        # made, or moved
+            if self.announce is not None:
+                self._say(key, entry, now)
 
     def heard_from(self, key: Hashable, member: Connection, now: float) -> None:
         """Traffic mode: ``member`` sent the user ``key`` a packet: her entry
@@ -128,9 +149,28 @@ class AffinityTable:
             return
         entry = self._entries.get(key)
         if entry is None:
-            self._set(key, member, now)
+            entry = self._set(key, member, now)
+            if self.announce is not None:
+                self._say(key, entry, now)
         elif entry.member is member:
             self._touch(key, entry, now)
+            if self.announce is not None and now - entry.said >= self._say_again:
+                self._say(key, entry, now)
+
+    def noticed(self, key: Hashable, member: Connection, now: float) -> None:
+        """Traffic mode: another node says ``key``'s entry is on ``member``:
+        made here if there is none, refreshed if it is the same, never moved
+        (and not said again: that node told every node)."""
+        if self.mode != TRAFFIC:
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._set(key, member, now)
+        elif entry.member is member:
+            self._touch(key, entry, now)
+        else:
+            return
+        entry.said = now
 
     def session_started(self, key: Hashable, member: Connection, session: str, now: float) -> None:
         """Session mode: ``member`` says its session ``session`` of ``key`` started."""
@@ -195,6 +235,10 @@ class AffinityTable:
         else:
             self._touch(key, entry, now)
         return entry
+
+    def _say(self, key: Hashable, entry: _Entry, now: float) -> None:
+        entry.said = now
+        self.announce(key, entry.member)      # type: ignore[misc]  # checked by the callers
 
     def _touch(self, key: Hashable, entry: _Entry, now: float) -> None:
         entry.touched = now

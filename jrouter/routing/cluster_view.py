@@ -57,7 +57,7 @@ link's bytes (``forward`` takes a route and its member).
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Optional
 
 from jrouter.cluster.mirror import (DefaultChanged, LogSinkChanged, Member, MemberJoined, MemberLeft,
                                     MemberRef, SlotsChanged, TableMirror)
@@ -181,6 +181,10 @@ class ClusterView:
         self.send_session_notice = session_notice
         #: send_replace(node, member): ask ``node`` to end its member (False: no link)
         self.send_replace: Optional[Callable[[str, str], bool]] = None
+        #: send_affinity_notice(name, key, node, member): to every other node,
+        #: a traffic-affinity entry (affinity.py): made, moved, or refreshed
+        self.send_affinity_notice: Optional[Callable[[str, str, str, str], None]] = None
+        router.placement.announce = self._affinity_entry
         self._replacing: dict[tuple[Connection, str], bool] = {}
         self.max_hops = max_hops
         self.hold_limit = hold_limit          # bytes held for one node whose link is not open
@@ -626,6 +630,28 @@ class ClusterView:
         member = self.ids.get(sender)
         if member is not None and self.send_session_notice is not None:
             self.send_session_notice(self.port.outbound(None, route, key), member)   # type: ignore[arg-type]
+
+    def _affinity_entry(self, name: str, key: Hashable, member: Connection) -> None:
+        """A traffic-affinity entry this node made, moved or kept alive: every
+        other node gets it, so that all place the user alike (§8, Affinity)."""
+        if self.send_affinity_notice is None or not isinstance(key, str):
+            return
+        if member.__class__ is RemoteMember:
+            node, member_id = member.ref
+        else:
+            node, member_id = self.node, self.ids.get(member)
+            if member_id is None:
+                return
+        self.send_affinity_notice(name, key, node, member_id)
+
+    def affinity_noticed(self, name: str, key: str, node: str, member: str, now: float) -> None:
+        """Another node's traffic-affinity entry: ``key`` of ``name`` is on
+        ``member`` of ``node`` (one of ours, or of any node)."""
+        holder = self.local.get(member) if node == self.node else self.remote.get(MemberRef(node, member))
+        route = self.router.table.routes.get(name)
+        if holder is None or route is None:
+            return            # gone meanwhile: its entries went with it
+        self.router.placement.noticed(route, key, holder, now)   # type: ignore[arg-type]
 
     def session_noticed(self, route: Element, node: str, member: str, now: float) -> None:
         """Another node's session notice: learnt as if its member had sent it here."""

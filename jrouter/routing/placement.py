@@ -63,6 +63,9 @@ class Placement:
         self.tracking = _any_tracking(policies)
         self.affinities: dict[str, AffinityTable] = {}    # name -> its table (affinity.py)
         self.learning = _any_affinity(policies)
+        #: Several nodes: announce(name, key, member) tells the other nodes of
+        #: a traffic entry (affinity.py; set by the cluster view before routing starts).
+        self.announce: Optional[Callable[[str, Hashable, Connection], None]] = None
 
     def reconfigure(self, policies: Optional[PolicyTable]) -> None:
         """New policies (SIGHUP); they apply to names bound from now on."""
@@ -78,9 +81,19 @@ class Placement:
         table = self.affinities.get(route.name)
         if table is None or table.mode != policy.affinity:
             idle = policy.affinity_idle or DEFAULT_IDLE[policy.affinity]
-            table = self.affinities[route.name] = AffinityTable(policy.affinity, idle,
-                                                                policy.affinity_max)
+            announce = self.announce
+            name = route.name
+            told = None if announce is None else (lambda key, member: announce(name, key, member))
+            table = self.affinities[name] = AffinityTable(policy.affinity, idle,
+                                                          policy.affinity_max, told)
         return table
+
+    def noticed(self, route: Route, key: str, member: Connection, now: float) -> None:
+        """Another node's traffic entry for ``key`` on ``route``'s ``member``."""
+        if member in route.members:
+            affinity = self.affinity(route)
+            if affinity is not None:
+                affinity.noticed(key, member, now)
 
     # -- routing -------------------------------------------------------------
 

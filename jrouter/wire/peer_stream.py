@@ -91,6 +91,9 @@ _SESSION = NS_PEER + " s"
 # <r m='MEMBER'/>: end your member MEMBER: a new connection of the same
 # instance arrived at the sending node (replace='half-open', protocol §6.5).
 _REPLACE = NS_PEER + " r"
+# <t n='NAME' k='KEY' o='NODE' m='MEMBER'/>: under affinity='traffic' the user
+# KEY of NAME is on member MEMBER of node NODE (docs/cluster.md §8, Affinity).
+_AFFINITY = NS_PEER + " t"
 _HELLO = NS_PEER + " hello"
 # How many routes the sender of <a/> has read on this link so far (docs/cluster.md §3).
 _ACK = NS_PEER + " a"
@@ -241,6 +244,22 @@ class ReplaceMember:
         return f"ReplaceMember({self.member!r})"
 
 
+class AffinityNotice:
+    """``<t/>``: the other node made or refreshed the traffic-affinity entry
+    of ``key`` (of name ``name``) on member ``member`` of node ``node``."""
+
+    __slots__ = ("name", "key", "node", "member")
+
+    def __init__(self, name: str, key: str, node: str, member: str) -> None:
+        self.name = name
+        self.key = key
+        self.node = node
+        self.member = member
+
+    def __repr__(self) -> str:
+        return f"AffinityNotice({self.name!r}, {self.key!r}, {self.node!r}, {self.member!r})"
+
+
 class PeerClosed:
     """The other end closed the stream: ``condition`` None for its
     ``</stream:stream>``, else the condition of its ``<stream:error/>``."""
@@ -255,7 +274,8 @@ class PeerClosed:
         return f"PeerClosed({self.condition!r}, {self.text!r})"
 
 
-PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, SessionNotice, ReplaceMember, PeerClosed]
+PeerEvent: TypeAlias = Union[PeerReady, Forwarded, Broadcast, SessionNotice, ReplaceMember,
+                             AffinityNotice, PeerClosed]
 _StreamEvent: TypeAlias = Union[StreamOpen, Element, StreamClose]
 
 
@@ -498,6 +518,16 @@ class PeerStream:
             raise ValueError("a member id must not be empty")
         self._queue(b"<r xmlns='%s' m=%s/>" % (NS_PEER.encode(), quoteattr(member).encode()))
 
+    def affinity_notice(self, name: str, key: str, node: str, member: str) -> None:
+        """Tell the other node that ``key`` of ``name`` is on ``member`` of ``node`` (``<t/>``)."""
+        if self.state is not State.OPEN:
+            raise PeerStateError(f"affinity notice while {self.state.value}")
+        if not (name and key and node and member):
+            raise ValueError("an affinity notice needs a name, a key, a node and a member")
+        self._queue(b"<t xmlns='%s' n=%s k=%s o=%s m=%s/>" % (
+            NS_PEER.encode(), quoteattr(name).encode("utf-8"), quoteattr(key).encode("utf-8"),
+            quoteattr(node).encode("utf-8"), quoteattr(member).encode("utf-8")))
+
     def ping(self) -> None:
         """Queue the keepalive, one space, on an open link (else nothing)."""
         if self.state is State.OPEN:
@@ -579,6 +609,7 @@ class PeerStream:
         session = self._announced_session
         left = self._left
         index = len(parsed)
+        notices = 0           # events that are no routes (<r/>, <t/>): not counted in <a/>
         for position, event in enumerate(parsed):
             if event.__class__ is not Element:
                 index = position
@@ -600,6 +631,11 @@ class PeerStream:
                 continue
             if name == _REPLACE:
                 self._on_replace(event)
+                notices += 1
+                continue
+            if name == _AFFINITY:
+                self._on_affinity(event)
+                notices += 1
                 continue
             attrs = event.attrs
             hops = _HOP_VALUES.get(attrs.get("h", ""), 0)
@@ -610,8 +646,9 @@ class PeerStream:
             if not (left and 0 < hops <= max_hops and (member or name == _BROADCAST)):
                 index, left, hops = position, 0, 0
                 break
-        self.counters.packets_in += len(events) - before
-        self._received += len(events) - before
+        routes = len(events) - before - notices
+        self.counters.packets_in += routes
+        self._received += routes
         self._announced, self._left = (member, hops), left
         self._announced_as_sent = as_sent
         self._announced_session = session
@@ -641,6 +678,8 @@ class PeerStream:
             self._on_read(element)
         elif element.name == _REPLACE:
             self._on_replace(element)
+        elif element.name == _AFFINITY:
+            self._on_affinity(element)
         else:
             self._announced, self._left = self._marker(element)
             self._announced_as_sent = element.name == _FORWARD_AS_SENT
@@ -666,6 +705,13 @@ class PeerStream:
         if not member:
             self.fail("bad-format", "<r/> needs the member to end (m)")
         self._events.append(ReplaceMember(member))
+
+    def _on_affinity(self, element: Element) -> None:
+        attrs = element.attrs
+        name, key, node, member = attrs.get("n"), attrs.get("k"), attrs.get("o"), attrs.get("m")
+        if not (name and key and node and member):
+            self.fail("bad-format", "<t/> needs a name (n), a key (k), a node (o) and a member (m)")
+        self._events.append(AffinityNotice(name, key, node, member))
 
     def _say_received(self) -> None:
         """Once per read that brought routes: how many we have read so far."""

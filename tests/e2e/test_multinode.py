@@ -788,6 +788,58 @@ def test_a_log_sink_on_one_node_gets_one_copy_of_every_route_any_node_places(bed
 
 # -- 9. session affinity: a session start learnt by every node -------------------------------------
 
+def senders_and_two_members(bed, peers, name, label):
+    """c2s.test on node c, s2s.test on node b, and `name` with a member on a
+    (`label`0) and one on b (`label`1), each node knowing all of them."""
+    bed.wait_ready()
+    c2s = peers.bound(bed, "c", "c2s.test")
+    s2s = peers.bound(bed, "b", "s2s.test")
+    members = {label + "0": peers.bound(bed, "a", name, multi="to"),
+               label + "1": peers.bound(bed, "b", name, multi="to")}
+    bed.wait_members(name, lambda found: len(found) == 2, 6.0, "two %s members" % name)
+    knows(s2s, "c2s.test")
+    knows(c2s, name)
+    time.sleep(0.5)
+    return c2s, s2s, members
+
+
+def a_third_member_moves_nobody(bed, peers, name, label, members, c2s, s2s, before):
+    """A third member of `name` joins on node a: messages from s2s on b and
+    from c2s on c still reach each user of `before` ({user: label}) on her
+    member, and 30 users never seen follow the new hash (some go to the new one)."""
+    members[label + "2"] = peers.bound(bed, "a", name, multi="to")
+    bed.wait_members(name, lambda found: len(found) == 3, 6.0, "the new member")
+    time.sleep(0.5)
+    users = sorted(before)
+    guests = ["g%d@%s" % (i, name) for i in range(30)]          # unknown anywhere
+    for sender, sender_name, tag in ((s2s, "s2s.test", "from-b"), (c2s, "c2s.test", "from-c")):
+        got = members_reached(members, name, sender, sender_name, users, tag + "-users")
+        moved = sorted(user for user in users if got[user] != before[user])
+        assert moved == [], "%s: users moved to another %s member: %s" % (tag, name, moved)
+        placed = members_reached(members, name, sender, sender_name, guests, tag + "-guests")
+        assert label + "2" in placed.values(), "%s: the new member got no user at all: %s" % (tag, placed)
+
+
+def members_reached(members, name, sender, sender_name, targets, tag):
+    """`sender` sends a message to each user in `targets` through `name`;
+    {user: the label (in `members`) of the member it reached}, all within 10 s."""
+    for i, target in enumerate(targets):
+        sender.send("<route to='%s' from='%s'><message xmlns='jabber:client' to='%s' "
+                    "from='x@remote.test/r' id='%s-%d'><body>hi</body></message></route>"
+                    % (name, sender_name, target, tag, i))
+    got = {}
+    deadline = time.monotonic() + 10
+    while len(got) < len(targets) and time.monotonic() < deadline:
+        for label, member in members.items():
+            for element in member.collect(0.05):
+                found = re.search((r"id='%s-(\d+)'" % tag).encode(), element.raw)
+                if found:
+                    got[targets[int(found.group(1))]] = label
+            member.forget(lambda e: True)
+    assert len(got) == len(targets), "%s: %d of %d arrived" % (tag, len(got), len(targets))
+    return got
+
+
 SC = "http://jabberd.jabberstudio.org/ns/session/1.0"
 AFFINITY = "<clustering><policy name='sm.test' algorithm='consistent' affinity='session'/></clustering>"
 
@@ -799,14 +851,7 @@ def test_a_live_session_stays_on_its_sm_from_every_node_when_another_sm_joins(be
     the member holding it (node b saw none of the starts: it learnt them from the session notices), while
     users without a session follow the new hash (some go to the new member)."""
     bed = bed_factory(clustering=AFFINITY)
-    bed.wait_ready()
-    c2s = peers.bound(bed, "c", "c2s.test")
-    s2s = peers.bound(bed, "b", "s2s.test")
-    sms = {"sm0": peers.bound(bed, "a", "sm.test", multi="to"),
-           "sm1": peers.bound(bed, "b", "sm.test", multi="to")}
-    bed.wait_members("sm.test", lambda found: len(found) == 2, 6.0, "two sm members")
-    knows(s2s, "c2s.test")
-    time.sleep(0.5)
+    c2s, s2s, sms = senders_and_two_members(bed, peers, "sm.test", "sm")
     users = ["u%d@sm.test" % i for i in range(30)]
     session = {}
     for user in users:
@@ -828,34 +873,27 @@ def test_a_live_session_stays_on_its_sm_from_every_node_when_another_sm_joins(be
     assert len(started) == len(users), "c2s got %d of %d 'started' replies" % (len(started), len(users))
     assert set(session.values()) == {"sm0", "sm1"}
 
-    sms["sm2"] = peers.bound(bed, "a", "sm.test", multi="to")
-    bed.wait_members("sm.test", lambda found: len(found) == 3, 6.0, "the new member")
-    time.sleep(0.5)
-    guests = ["g%d@sm.test" % i for i in range(30)]          # no session anywhere
+    a_third_member_moves_nobody(bed, peers, "sm.test", "sm", sms, c2s, s2s, session)
 
-    def reached(sender, sender_name, targets, tag):
-        for i, target in enumerate(targets):
-            sender.send("<route to='sm.test' from='%s'><message xmlns='jabber:client' to='%s' "
-                        "from='x@remote.test/r' id='%s-%d'><body>hi</body></message></route>"
-                        % (sender_name, target, tag, i))
-        got = {}
-        deadline = time.monotonic() + 10
-        while len(got) < len(targets) and time.monotonic() < deadline:
-            for label, sm in sms.items():
-                for element in sm.collect(0.05):
-                    found = re.search((r"id='%s-(\d+)'" % tag).encode(), element.raw)
-                    if found:
-                        got[targets[int(found.group(1))]] = label
-                sm.forget(lambda e: True)
-        assert len(got) == len(targets), "%s: %d of %d arrived" % (tag, len(got), len(targets))
-        return got
 
-    for sender, name, tag in ((s2s, "s2s.test", "from-b"), (c2s, "c2s.test", "from-c")):
-        got = reached(sender, name, users, tag + "-users")
-        moved = sorted(user for user in users if got[user] != session[user])
-        assert moved == [], "%s: users with a live session moved to another sm: %s" % (tag, moved)
-        placed = reached(sender, name, guests, tag + "-guests")
-        assert "sm2" in placed.values(), "%s: the new member got no user at all: %s" % (tag, placed)
+TRAFFIC = "<clustering><policy name='gw.test' algorithm='consistent' affinity='traffic'/></clustering>"
+
+
+def test_a_users_gateway_member_stays_hers_from_every_node_when_another_member_joins(bed_factory, peers):
+    """gw.test (consistent, affinity='traffic', as for a gateway that says nothing of sessions) has a
+    member on a and one on b; c2s on c sends each of 30 users a message, placed by the hash, and node c
+    tells the other nodes where each went. A third member joins on a. Messages from s2s on b and from c2s
+    on c still reach each user's member (node b placed none of them: it learnt the entries from c's
+    <t/> notices), while users gw.test never heard of follow the new hash (some go to the new member)."""
+    bed = bed_factory(clustering=TRAFFIC)
+    c2s, s2s, gws = senders_and_two_members(bed, peers, "gw.test", "gw")
+
+    users = ["u%d@gw.test" % i for i in range(30)]
+    first = members_reached(gws, "gw.test", c2s, "c2s.test", users, "first")
+    assert set(first.values()) == {"gw0", "gw1"}
+    time.sleep(0.5)                          # c's notices reach a and b
+
+    a_third_member_moves_nobody(bed, peers, "gw.test", "gw", gws, c2s, s2s, first)
 
 
 # -- 10. replace='half-open' across nodes -------------------------------------------------------------

@@ -253,3 +253,47 @@ def test_a_members_traffic_refreshes_or_makes_but_never_moves_an_entry():
     assert table.member_of("v@x") is B and table.moves == 0
     table.heard_from("v@x", B, 8)                  # on its member: refreshed
     assert table.lookup("v@x", 15, everyone) is B
+
+
+# -- several nodes: entries told to the other nodes (docs/cluster.md §8, Affinity) --------------
+
+
+def test_a_traffic_entry_is_told_when_made_or_moved_and_again_half_its_idle_later():
+    said = []
+    table = AffinityTable(TRAFFIC, idle=10, announce=lambda key, member: said.append((key, member)))
+    table.placed("u@x", A, 0)
+    assert said == [("u@x", A)]
+    assert table.lookup("u@x", 4, everyone) is A and said == [("u@x", A)]    # touched, not said
+    assert table.lookup("u@x", 5, everyone) is A and said == [("u@x", A)] * 2  # half the idle since
+    table.heard_from("u@x", A, 9.9)
+    assert len(said) == 2                                     # 4.9 s since it was said
+    table.heard_from("u@x", A, 10)
+    assert said[-1] == ("u@x", A) and len(said) == 3
+    table.heard_from("v@x", B, 11)                            # made by the member's own traffic
+    assert said[-1] == ("v@x", B)
+    assert table.lookup("u@x", 11, lambda m: m is not A) is None   # A left: the entry goes
+    table.placed("u@x", C, 11)                                # placed again: moved, said
+    assert said[-1] == ("u@x", C) and len(said) == 5
+
+
+def test_what_another_node_said_is_made_or_refreshed_here_never_moved_and_not_said_again():
+    said = []
+    table = AffinityTable(TRAFFIC, idle=10, announce=lambda key, member: said.append((key, member)))
+    table.noticed("u@x", A, 0)
+    assert table.lookup("u@x", 1, everyone) is A
+    table.noticed("u@x", B, 2)                                 # another member: A keeps it
+    assert table.lookup("u@x", 3, everyone) is A and table.moves == 0
+    table.noticed("u@x", A, 9)                                 # the other node refreshes it
+    assert table.lookup("u@x", 18, everyone) is A              # alive: 9 s since
+    assert said == [("u@x", A)] and len(table) == 1            # 18 - 9 >= 5: said again here
+
+
+def test_session_tables_and_single_routers_tell_nobody():
+    said = []
+    session = AffinityTable(SESSION, idle=10, announce=lambda key, member: said.append(key))
+    session.session_started("u@x", A, "s1", 0)
+    session.noticed("v@x", A, 0)
+    assert said == [] and session.announce is None and len(session) == 1
+    plain = AffinityTable(TRAFFIC, idle=10)
+    plain.placed("u@x", A, 0)
+    assert plain.lookup("u@x", 6, everyone) is A

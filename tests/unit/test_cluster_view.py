@@ -11,6 +11,7 @@ import pytest
 from jrouter.cluster.keys import DefaultKey, DefaultValue, Layout, MemberKey, MemberValue, encode_value
 from jrouter.cluster.mirror import Batch, Delete, Put, TableMirror
 from jrouter.routing.cluster_view import Claim, ClusterView, ReleaseClaim, RemoteMember
+from jrouter.routing.policy import ClusterPolicy, PolicyTable
 from jrouter.routing.table import MULTI_TO, SINGLE
 
 from jrouter.wire.connection import NS_COMPONENT
@@ -326,6 +327,60 @@ def test_a_lost_links_numbers_are_forgotten_once_a_new_link_took_part_of_what_wa
     view.send_forward = lambda node, data, member, hops, routed, as_sent: sent.append(data) or True
     view.link_up("b", ("s1", 4))
     assert sent == packets and view.not_resent == 0
+
+
+TRAFFIC_POLICY = PolicyTable([ClusterPolicy(match="gw.example", affinity="traffic")])
+
+
+def traffic_view(node):
+    """Node ``node`` with gw.example (affinity='traffic') on b.1 and c.1, and what it says of entries."""
+    net, view, forwarded = node_view(node, clustering=TRAFFIC_POLICY)
+    said = []
+    view.send_affinity_notice = lambda *notice: said.append(notice)
+    table = Table(view)
+    table.bind("gw.example", "b", "b.1")
+    table.bind("gw.example", "c", "c.1")
+    return net, view, forwarded, said
+
+
+def user_route(user, tag):
+    return (f"<route to='gw.example' from='c2s.example'><message xmlns='jabber:client' "
+            f"to='{user}@gw.example' from='v@c2s.example' id='{tag}'/></route>").encode()
+
+
+def test_a_traffic_entry_this_node_makes_is_told_to_the_other_nodes_once():
+    net, view, forwarded, said = traffic_view("a")
+    c2s = net.component("c2s.example")
+    c2s.send(user_route("u", "1"))
+    c2s.send(user_route("u", "2"))
+    ((node, member), _data), again = forwarded
+    assert again[0] == (node, member)
+    assert said == [("gw.example", "u@gw.example", node, member)]
+
+
+def test_what_another_node_says_of_an_entry_places_the_user_here_as_there():
+    """Node b said where each of 8 users is: on the member the hash would
+    not choose. Node a sends each user's packet there, and tells nobody."""
+    net, view, forwarded, said = traffic_view("a")
+    c2s = net.component("c2s.example")
+    users = ["u%d" % i for i in range(8)]
+    _net2, _view2, by_hash, _said2 = traffic_view("d")      # the same table: where the hash puts them
+    other = _net2.component("c2s.example")
+    for user in users:
+        other.send(user_route(user, "h"))
+    hashed = {user: ref for user, (ref, _data) in zip(users, by_hash)}
+    elsewhere = {user: ("c", "c.1") if hashed[user] == ("b", "b.1") else ("b", "b.1") for user in users}
+    for user in users:
+        view.affinity_noticed("gw.example", user + "@gw.example", *elsewhere[user], 0.0)
+    for user in users:
+        c2s.send(user_route(user, "n"))
+    assert {user: ref for user, (ref, _data) in zip(users, forwarded)} == elsewhere
+    assert said == []
+    view.affinity_noticed("gw.example", "x@gw.example", "e", "e.1", 0.0)     # no such member
+    view.affinity_noticed("nothing.example", "x@gw.example", "b", "b.1", 0.0)
+    c2s.send(user_route("x", "x"))
+    # both ignored: x had no entry, so node a made one by the hash, and told it
+    assert said == [("gw.example", "x@gw.example", *forwarded[-1][0])]
 
 
 def test_broadcasts_cross_once_and_reach_each_local_connection_once():

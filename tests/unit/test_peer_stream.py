@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from jrouter.wire import peer_stream
 from jrouter.wire.peer_stream import (
-    NS_COMPONENT, PEER_ROLE, ROUTE, Broadcast, Forwarded, PeerAcceptor, PeerAuthFailed,
+    NS_COMPONENT, PEER_ROLE, ROUTE, AffinityNotice, Broadcast, Forwarded, PeerAcceptor, PeerAuthFailed,
     PeerClosed, PeerDialer, PeerProtocolError, PeerReady, PeerStateError, ReplaceMember, SessionNotice, State, Unsent,
     dials)
 from jrouter.wire.xmlstream import StreamReader
@@ -515,9 +515,52 @@ def test_a_replace_request_names_the_member_to_end_and_one_without_it_breaks_the
     d.replace_member("s'm<1")
     got = pump(d, a)
     assert [type(e) for e in got] == [Forwarded, ReplaceMember] and got[1].member == "s'm<1"
+    ack = a.data_to_send()
+    assert ack == b"<a xmlns='urn:jrouter:peer:0' n='1'/>", "<r/> is no route: not counted"
+    assert d.receive_data(ack) == [] and d.take_unsent() == []
     with pytest.raises(PeerProtocolError) as failed:
         a.receive_data(b"<r xmlns='urn:jrouter:peer:0'/>")
     assert failed.value.condition == "bad-format"
+
+
+def test_an_affinity_notice_crosses_between_routes_and_is_no_route():
+    """<t n k o m/>: traffic affinity's entry, between the routes of a run;
+    not counted in <a/>, so it never comes back from take_unsent."""
+    d, a = open_pair()
+    d.forward(ROUTE_250, "m1", 1, tag=1)
+    d.affinity_notice("gw.example", "u'<@gw.example", "c", "c.7")
+    d.forward(ROUTE_250, "m1", 1, tag=2)
+    got = pump(d, a)
+    assert [type(e) for e in got] == [Forwarded, AffinityNotice, Forwarded]
+    notice = got[1]
+    assert (notice.name, notice.key, notice.node, notice.member) == ("gw.example", "u'<@gw.example", "c", "c.7")
+    ack = a.data_to_send()
+    assert ack == b"<a xmlns='urn:jrouter:peer:0' n='2'/>"
+    assert [u.tag for u in d.take_unsent()] == [1, 2]
+    d2, a2 = open_pair()
+    d2.forward(ROUTE_250, "m1", 1, tag=1)
+    d2.affinity_notice("gw.example", "u@gw.example", "c", "c.7")
+    pump(d2, a2)
+    assert d2.receive_data(a2.data_to_send()) == [] and d2.take_unsent() == []
+
+
+@pytest.mark.parametrize("notice", [b"<t xmlns='urn:jrouter:peer:0' n='gw' k='u@gw' o='c'/>",
+                                    b"<t xmlns='urn:jrouter:peer:0' k='u@gw' o='c' m='c.1'/>",
+                                    b"<t xmlns='urn:jrouter:peer:0' n='gw' k='' o='c' m='c.1'/>"])
+def test_an_affinity_notice_without_all_it_names_breaks_the_link(notice):
+    _d, a = open_pair()
+    with pytest.raises(PeerProtocolError) as failed:
+        a.receive_data(notice)
+    assert failed.value.condition == "bad-format"
+
+
+def test_an_affinity_notice_needs_an_open_link_and_every_field():
+    d = dialer()
+    with pytest.raises(PeerStateError):
+        d.affinity_notice("gw", "u@gw", "c", "c.1")
+    d, _a = open_pair()
+    with pytest.raises(ValueError):
+        d.affinity_notice("gw", "", "c", "c.1")
 
 
 def test_a_member_id_with_markup_characters_is_escaped_and_comes_back():
