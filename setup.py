@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="GPL-2.0-or-later",
-    python_requires=">=3.10",    # typing.TypeAlias (routing/router.py, wire/connection.py, wire/outbox.py)
+    python_requires=">=3.9",     # Debian's pypy3 is 3.9 (docs/architecture.md, PyPy)
     packages=find_packages(exclude=["tests", "tests.*"]),
     install_requires=[
         "gevent>=22.10,<27",

@@ -61,11 +61,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Optional, TypeAlias, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union, overload
 from urllib.parse import quote, unquote
 
 from jrouter.errors import JrouterError
 from jrouter.routing.table import MULTI_FROM, MULTI_TO, SINGLE
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
 __all__ = ["ROOT", "LayoutError", "Layout", "prefix_end",
            "NodeKey", "MemberKey", "UniqueKey", "DefaultKey", "LogKey", "SlotKey", "Key",

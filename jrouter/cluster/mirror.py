@@ -59,11 +59,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import (
-    Collection, Iterable, Mapping, NamedTuple, Optional, Sequence, TypeAlias, TypeVar, Union, assert_never)
+from typing import TYPE_CHECKING, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 from jrouter.cluster.keys import (
     DefaultKey, Key, Layout, LayoutError, LogKey, MemberKey, NodeKey, SlotKey, UniqueKey, decode_value)
+
+if TYPE_CHECKING:
+    from typing import NoReturn, TypeAlias, assert_never
+else:
+    # typing has it from Python 3.11 on; Debian's pypy3 is 3.9 (docs/architecture.md, PyPy).
+    def assert_never(value: object) -> NoReturn:
+        raise AssertionError(f"unhandled: {value!r}")
 
 __all__ = ["Put", "Delete", "Event", "Batch", "MemberRef", "Node", "Member", "DefaultRoute", "Slot",
            "NodeJoined", "NodeLeft", "NodeUpdated", "MemberJoined", "MemberLeft", "MemberUpdated",
@@ -74,7 +80,7 @@ __all__ = ["Put", "Delete", "Event", "Batch", "MemberRef", "Node", "Member", "De
 # -- what the I/O side hands in ------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Put:
     """A key's value, as a watch event or as one entry of a snapshot."""
 
@@ -85,7 +91,7 @@ class Put:
     mod_revision: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Delete:
     """A key gone; ``mod_revision`` is the revision that deleted it."""
 
@@ -96,7 +102,7 @@ class Delete:
 Event: TypeAlias = Union[Put, Delete]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Batch:
     """One watch response: its header revision and its events, in revision order.
 
@@ -122,7 +128,7 @@ class MemberRef(NamedTuple):
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Node:
     """A jrouter node of the cluster (nodes/<node>)."""
 
@@ -134,7 +140,7 @@ class Node:
     lease: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Member:
     """One member of a name, on some node (members/<name>/<node>/<member>)."""
 
@@ -152,7 +158,7 @@ class Member:
         return MemberRef(self.node, self.id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class DefaultRoute:
     """The one <default/> route: the name it was bound with, and its member."""
 
@@ -161,7 +167,7 @@ class DefaultRoute:
     create_revision: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Slot:
     """One slot of a name under a slot policy (slots/<name>/<slot>)."""
 
@@ -172,14 +178,14 @@ class Slot:
     mod_revision: int          # what a txn taking it over compares
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class _Unique:
     name: str
     owner: MemberRef
     create_revision: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class _Sink:
     name: str
     owner: MemberRef
@@ -189,71 +195,71 @@ class _Sink:
 # -- change values ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class NodeJoined:
     node: Node
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class NodeLeft:
     node: Node
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class NodeUpdated:
     old: Node
     new: Node
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class MemberJoined:
     member: Member
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class MemberLeft:
     member: Member
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class MemberUpdated:
     old: Member
     new: Member
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class NameUp:
     """The name's first member anywhere: advertise it available."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class NameDown:
     """The name's last member anywhere is gone: advertise it unavailable."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class UniqueTaken:
     name: str
     owner: MemberRef
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class UniqueReleased:
     name: str
     owner: MemberRef
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class DefaultChanged:
     old: Optional[DefaultRoute]
     new: Optional[DefaultRoute]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class LogSinkChanged:
     """The name's log sink (its latest) is now ``new`` (None: none)."""
 
@@ -262,14 +268,14 @@ class LogSinkChanged:
     new: Optional[MemberRef]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SlotsChanged:
     """Some slot key of ``name`` was written or deleted."""
 
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Unreadable:
     """A key under the prefix that keys.py cannot read; also kept as its record."""
 
@@ -290,28 +296,27 @@ def _read(layout: Layout, kv: Put) -> _Record:
     """The table entry a stored key-value stands for."""
     try:
         key: Key = layout.parse(kv.key)
-        match key:
-            case NodeKey(node=node):
-                n = decode_value(key, kv.value)
-                return Node(node, n.address, n.started, n.version, kv.create_revision, kv.lease)
-            case MemberKey(name=name, node=node, member=member):
-                m = decode_value(key, kv.value)
-                return Member(name, node, member, m.kind, m.identity, m.bound,
-                              kv.create_revision, kv.lease)
-            case UniqueKey(name=name):
-                u = decode_value(key, kv.value)
-                return _Unique(name, MemberRef(u.node, u.member), kv.create_revision)
-            case DefaultKey():
-                d = decode_value(key, kv.value)
-                return DefaultRoute(d.name, MemberRef(d.node, d.member), kv.create_revision)
-            case LogKey(name=name, node=node, member=member):
-                decode_value(key, kv.value)
-                return _Sink(name, MemberRef(node, member), kv.create_revision)
-            case SlotKey(name=name, slot=slot):
-                v = decode_value(key, kv.value)
-                return Slot(name, slot, v.identity, MemberRef(v.node, v.member), kv.mod_revision)
-            case _:
-                assert_never(key)
+        # isinstance, not match: Debian's pypy3 is Python 3.9
+        if isinstance(key, NodeKey):
+            n = decode_value(key, kv.value)
+            return Node(key.node, n.address, n.started, n.version, kv.create_revision, kv.lease)
+        if isinstance(key, MemberKey):
+            m = decode_value(key, kv.value)
+            return Member(key.name, key.node, key.member, m.kind, m.identity, m.bound,
+                          kv.create_revision, kv.lease)
+        if isinstance(key, UniqueKey):
+            u = decode_value(key, kv.value)
+            return _Unique(key.name, MemberRef(u.node, u.member), kv.create_revision)
+        if isinstance(key, DefaultKey):
+            d = decode_value(key, kv.value)
+            return DefaultRoute(d.name, MemberRef(d.node, d.member), kv.create_revision)
+        if isinstance(key, LogKey):
+            decode_value(key, kv.value)
+            return _Sink(key.name, MemberRef(key.node, key.member), kv.create_revision)
+        if isinstance(key, SlotKey):
+            v = decode_value(key, kv.value)
+            return Slot(key.name, key.slot, v.identity, MemberRef(v.node, v.member), kv.mod_revision)
+        assert_never(key)
     except LayoutError as exc:
         return Unreadable(kv.key, str(exc))
 

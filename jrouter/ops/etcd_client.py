@@ -92,7 +92,7 @@ class WatchCompacted(EtcdFailure):
         self.compact_revision = compact_revision
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class KeyValue:
     key: bytes
     value: bytes
@@ -106,13 +106,13 @@ class EventKind(enum.Enum):
     DELETE = "DELETE"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Event:
     kind: EventKind
     kv: KeyValue    # a DELETE's has only key and mod_revision (the deletion's)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class WatchBatch:
     """One watch response as etcd sent it. `revision` is the store's revision
     when it was sent; a catch-up batch may hold events of many revisions. Resume
@@ -122,13 +122,13 @@ class WatchBatch:
     events: list[Event]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Lease:
     id: int
     ttl: int        # as granted: etcd may raise it to its minimum TTL
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class LeaseInfo:
     ttl: int        # seconds left
     granted_ttl: int

@@ -368,7 +368,7 @@ class ClusterView:
                 if self._left(change.member, now):
                     gone.append(change.member.ref)
                 touched.add(change.member.name)
-            elif isinstance(change, MemberJoined | MemberLeft):
+            elif isinstance(change, (MemberJoined, MemberLeft)):
                 touched.add(change.member.name)     # ours: only its place in the order
             elif isinstance(change, DefaultChanged):
                 self._default(change)

@@ -56,6 +56,7 @@ HEADER = (
     "# Format: DateTime FromJID ToJID MessageBody<line end>\n"
 )
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+_LOCAL_TIME = TIMESTAMP_FORMAT[:-2]       # %z: utc_offset()
 FILE_MODE = 0o600
 
 
@@ -105,9 +106,17 @@ def entry_for(element: Element) -> Optional[Entry]:
 
 def format_line(logged: Entry, now_struct_time: time.struct_time) -> str:
     """The line jabberd2 writes, with its ``\\n``, stamped with local time."""
-    stamp = time.strftime(TIMESTAMP_FORMAT, now_struct_time)
+    stamp = time.strftime(_LOCAL_TIME, now_struct_time) + utc_offset(now_struct_time)
     return f"{stamp} {logged.sender} {logged.receiver} {logged.body.replace(chr(10), chr(1))}\n"
 
+
+def utc_offset(local: time.struct_time) -> str:
+    """``%z`` of ``local`` (``+0100``), from its ``tm_gmtoff``: PyPy's
+    ``strftime`` writes ``+0000`` whatever the zone (docs/architecture.md, PyPy)."""
+    offset = local.tm_gmtoff or 0
+    sign = "-" if offset < 0 else "+"
+    minutes = abs(offset) // 60
+    return "%s%02d%02d" % (sign, minutes // 60, minutes % 60)
 
 def message_log_line(route_attrs: Mapping[str, str], child_name: Optional[str],
                      child_attrs: Optional[Mapping[str, str]], body_text: Optional[str],

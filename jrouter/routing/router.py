@@ -26,7 +26,7 @@ is handed in by whoever calls.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Optional, Protocol, TypeAlias, Union
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Optional, Protocol, Union
 
 from jrouter.routing import message_log
 from jrouter.routing.accept import AcceptPort
@@ -42,6 +42,8 @@ from jrouter.wire.jid import parse_jid
 from jrouter.wire.xmlstream import STREAM_PREFIXES, standalone_element
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from jrouter.config import Config
     from jrouter.routing.cluster_view import ClusterView
     from jrouter.routing.filter import FilterRules, Verdict

@@ -26,7 +26,7 @@ queued and closes the socket.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeAlias
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 from jrouter.errors import ConnectionClosed
 
@@ -46,6 +46,8 @@ from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError
 from jrouter.wire.xmlwrite import STREAM_CLOSE, stream_error, stream_header
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from jrouter.routing.ports import Port
     from jrouter.routing.router import Router
     from jrouter.wire.sasl import SaslServer

@@ -18,9 +18,11 @@ the buffer stopped being empty, or overflowed, through ``on_output``.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Optional, TypeAlias
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from jrouter.wire.connection import Connection, ContextKey
     from jrouter.wire.counters import Counters
     from jrouter.wire.xmlstream import Element

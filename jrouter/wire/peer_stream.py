@@ -56,7 +56,7 @@ import enum
 import hmac
 import re
 from collections import deque
-from typing import Any, Callable, NamedTuple, NoReturn, Optional, TypeAlias, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, NoReturn, Optional, Union
 
 from jrouter.errors import JrouterError, ProtocolError
 from jrouter.wire.counters import Counters
@@ -64,6 +64,9 @@ from jrouter.wire.sasl import (NS_SASL, SaslError, SaslEncodingError, SaslServer
                                digest_response, parse_directives, password_bytes, quote)
 from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader
 from jrouter.wire.xmlwrite import STREAM_CLOSE, STREAM_ERRORS_NS, quoteattr, stream_error, stream_header
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
 NS_COMPONENT = "http://jabberd.jabberstudio.org/ns/component/1.0"
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"

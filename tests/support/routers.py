@@ -21,6 +21,8 @@ from .process import ManagedProcess
 ROUTER_KINDS = ("jabberd2", "jrouter")
 JABBERD2_ROUTER = "/usr/sbin/jabberd2-router"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: jrouter on Debian's pypy3: the venv scripts/bootstrap makes (tests/e2e/test_pypy.py)
+PYPY = REPO_ROOT / ".venv-pypy" / "bin" / "python"
 
 # What Debian ships (protocol §2.6): one component user, allowed everything.
 DEFAULT_USERS = {"jabberd": "secret"}
@@ -162,6 +164,8 @@ def router_argv(kind, config_path, args=()):
         return [JABBERD2_ROUTER, "-c", str(config_path), *args]
     if kind == "jrouter":
         return [sys.executable, "-m", "jrouter", "-c", str(config_path), *args]
+    if kind == "jrouter-pypy":      # tests/e2e/test_pypy.py only: not one of ROUTER_KINDS
+        return [str(PYPY), "-m", "jrouter", "-c", str(config_path), *args]
     raise ValueError("router kind must be one of %s, not %r" % (ROUTER_KINDS, kind))
 
 

@@ -382,7 +382,9 @@ def test_server_keeps_no_password():
     """Nothing derived from the password is kept on the server after the exchange."""
     s, ch = challenged()
     s.response(DigestMD5Client("jabberd", "secret").respond(ch))
-    dump = repr(vars(s))
+    # _lookup is where passwords come from (the caller's), not something kept:
+    # PyPy's repr of a bound dict.get shows the dict.
+    dump = repr({name: value for name, value in vars(s).items() if name != "_lookup"})
     assert "secret" not in dump
     assert hashlib.md5(b"jabberd:jabberd-router:secret").hexdigest() not in dump
 
