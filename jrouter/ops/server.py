@@ -311,7 +311,6 @@ class _Peer:
         self.writer: Optional[Greenlet] = None
         self.watcher: Any = None    # the hub's read watcher (listen), if the hub reads
         connection.outbox.on_output = self._mark
-        connection.outbox.on_backlog = self._backlog
         connection.last_activity = server.clock()
 
     def listen(self) -> None:
@@ -405,26 +404,6 @@ class _Peer:
         if sent < len(data):
             self.pending = data[sent:]
             self._start_writer()
-
-    def _backlog(self) -> None:
-        """A backlog waits while a read is still being routed (wire/outbox.py,
-        ``on_backlog``): write what the socket takes now. All else is left to
-        ``push`` after the read: a writer already at work, an overflow, a
-        short write (its rest waits in ``pending``), an error (the writer
-        meets it again). This runs inside the router, perhaps inside the very
-        connection's read, so it never ends or forgets a connection."""
-        connection = self.connection
-        if self.busy or self.pending or self.raw is None or connection.closing \
-                or connection.outbox.overflowed:
-            return
-        data = connection.data_to_send()
-        try:
-            sent = self.raw.send(data)
-        except OSError:               # BlockingIOError too
-            sent = 0
-        connection.outbox.sent(sent)
-        if sent < len(data):
-            self.pending = data[sent:]
 
     def run(self, start_tls: bool = False) -> None:
         """Read in this greenlet till the stream ends (after STARTTLS first,

@@ -12,12 +12,7 @@ the peer's stream and routes what was queued elsewhere (issue 10, #1). It
 keeps taking bytes meanwhile: refusing one here would lose it silently.
 
 Must not know: sockets, routing, what the bytes mean. The shell learns that
-the buffer stopped being empty, or overflowed, through ``on_output``; and,
-through ``on_backlog``, that ``BACKLOG`` packets wait while the router is
-still routing one read: the shell then writes them at once instead of after
-the read, so that a peer that sent a whole window gets its first answers
-while the rest is routed (one component sending to itself waited for the
-whole read before: docs/architecture.md, A packet's way through).
+the buffer stopped being empty, or overflowed, through ``on_output``.
 """
 
 from __future__ import annotations
@@ -37,11 +32,6 @@ def _nothing() -> None:
     pass
 
 
-#: Packets queued for one peer within one read before the shell is asked to
-#: write them (``on_backlog``): 64 x ~250 B is ~16 KiB, one well-filled send.
-BACKLOG = 64
-
-
 #: A routed packet as the outbox keeps it: its route, its sender's namespace
 #: key, and its sender (None when the router made it up, e.g. a bounce).
 Routed: TypeAlias = "tuple[Element, Optional[ContextKey], Optional[Connection]]"
@@ -50,8 +40,7 @@ Routed: TypeAlias = "tuple[Element, Optional[ContextKey], Optional[Connection]]"
 class Outbox:
     """Bytes for one peer, and what is known of the routed packets among them."""
 
-    __slots__ = ("out", "routed", "held", "counters", "on_output", "on_backlog", "size", "limit",
-                 "overflowed",
+    __slots__ = ("out", "routed", "held", "counters", "on_output", "size", "limit", "overflowed",
                  "unacked", "batches", "handed", "acked")
 
     def __init__(self, counters: Counters, limit: int = 0) -> None:
@@ -63,7 +52,6 @@ class Outbox:
                                        Optional[Connection]]]] = None
         self.counters = counters
         self.on_output: Callable[[], None] = _nothing
-        self.on_backlog: Callable[[], None] = _nothing    # BACKLOG packets wait: write them now
         self.size = 0                 # bytes in out and held
         self.limit = limit            # 0: unbounded
         self.overflowed = False
@@ -90,7 +78,7 @@ class Outbox:
     def unhook(self) -> None:
         """The shell is done with this queue: ``on_output`` calls nothing
         (it was the shell's, and held the shell's peer alive)."""
-        self.on_output = self.on_backlog = _nothing
+        self.on_output = _nothing
 
     def send(self, data: bytes) -> None:
         """Queue bytes for the peer, bypassing the throttle."""
@@ -121,8 +109,6 @@ class Outbox:
             if len(out) == 1:
                 self.on_output()
                 return
-            if len(out) >= BACKLOG:
-                self.on_backlog()
         if self.limit and self.size > self.limit:
             self._overflow()
 

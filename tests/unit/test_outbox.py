@@ -48,33 +48,3 @@ def test_unsent_routes_are_exactly_what_the_socket_never_took(steps, last_write_
     assert handed >= acked
     expected = [route for end, route in stream if route is not None and end > acked]
     assert [route for route, _key, _sender in outbox.take_unsent()] == expected
-
-
-def test_a_backlog_within_one_read_asks_the_shell_to_write_it_now():
-    """BACKLOG routed packets waiting: on_backlog, so that a peer that sent a
-    whole window gets its first answers while the rest of the read is routed;
-    once the shell took them, the count starts again. Throttled packets and
-    router-made bytes never ask."""
-    from jrouter.wire.outbox import BACKLOG
-
-    outbox = Outbox(Counters())
-    asked, shell = [], []
-    outbox.on_backlog = lambda: (asked.append(len(outbox.out)), shell.append(outbox.data_to_send()))
-    for i in range(BACKLOG - 1):
-        outbox.deliver(b"r%d;" % i, "route")
-    assert asked == []
-    outbox.deliver(b"last;", "route")
-    assert asked == [BACKLOG] and shell[0].endswith(b"last;") and outbox.out == []
-    for i in range(BACKLOG - 1):
-        outbox.deliver(b"again%d;" % i, "route")
-    assert asked == [BACKLOG]
-    for i in range(2 * BACKLOG):
-        outbox.send(b"made by the router;")
-    assert asked == [BACKLOG]
-    outbox.throttle()
-    for i in range(2 * BACKLOG):
-        outbox.deliver(b"held;", "route")
-    assert asked == [BACKLOG]
-    outbox.unhook()
-    outbox.release_throttled()
-    assert asked == [BACKLOG]
