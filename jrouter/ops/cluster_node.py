@@ -340,12 +340,15 @@ class ClusterNode:
             self.links.broadcast(node, data, hops)
 
     def _session_notice(self, data: bytes, member: str) -> None:
-        for node in self.links.linked():
-            self.links.session_notice(node, data, member)
+        self._to_every_node(self.links.session_notice, data, member)
 
     def _affinity_notice(self, name: str, key: str, owner: str, member: str) -> None:
+        self._to_every_node(self.links.affinity_notice, name, key, owner, member)
+
+    def _to_every_node(self, send: Callable[..., bool], *args: Any) -> None:
+        """A notice to every node with an open link (a node without one misses it)."""
         for node in self.links.linked():
-            self.links.affinity_notice(node, name, key, owner, member)
+            send(node, *args)
 
     def _packet(self, node: str, event: LinkPacket) -> None:
         if isinstance(event, Forwarded):

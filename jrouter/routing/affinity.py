@@ -117,9 +117,7 @@ class AffinityTable:
             self.dropped_idle += 1
             return None
         if self.mode == TRAFFIC:
-            self._touch(key, entry, now)
-            if self.announce is not None and now - entry.said >= self._say_again:
-                self._say(key, entry, now)
+            self._traffic(key, entry, now)
         self.placed_by_affinity += 1
         return entry.member
 
@@ -136,11 +134,9 @@ class AffinityTable:
             return
         entry = self._entries.get(key)
         if entry is not None and entry.member is member:
-            self._touch(key, entry, now)
+            self._traffic(key, entry, now)
         else:
-            entry = self._set(key, member, now)        # made, or moved
-            if self.announce is not None:
-                self._say(key, entry, now)
+            self._made(key, member, now)        # made, or moved
 
     def heard_from(self, key: Hashable, member: Connection, now: float) -> None:
         """Traffic mode: ``member`` sent the user ``key`` a packet: her entry
@@ -149,13 +145,9 @@ class AffinityTable:
             return
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._set(key, member, now)
-            if self.announce is not None:
-                self._say(key, entry, now)
+            self._made(key, member, now)
         elif entry.member is member:
-            self._touch(key, entry, now)
-            if self.announce is not None and now - entry.said >= self._say_again:
-                self._say(key, entry, now)
+            self._traffic(key, entry, now)
 
     def noticed(self, key: Hashable, member: Connection, now: float) -> None:
         """Traffic mode: another node says ``key``'s entry is on ``member``:
@@ -235,6 +227,19 @@ class AffinityTable:
         else:
             self._touch(key, entry, now)
         return entry
+
+    def _made(self, key: Hashable, member: Connection, now: float) -> None:
+        """Traffic mode: an entry made (or moved) here, told to the other nodes."""
+        entry = self._set(key, member, now)
+        if self.announce is not None:
+            self._say(key, entry, now)
+
+    def _traffic(self, key: Hashable, entry: _Entry, now: float) -> None:
+        """Traffic mode: a packet for ``key`` went to, or came from, its entry's
+        member: touched, and told again half its idle after it was last told."""
+        self._touch(key, entry, now)
+        if self.announce is not None and now - entry.said >= self._say_again:
+            self._say(key, entry, now)
 
     def _say(self, key: Hashable, entry: _Entry, now: float) -> None:
         entry.said = now
