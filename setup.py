@@ -1,6 +1,30 @@
+import os
+
 from setuptools import find_packages, setup
 
 from jrouter import __version__
+
+#: The modules every packet passes through: with JROUTER_COMPILE=1 they are
+#: compiled to C extensions by mypyc, from these same sources and their types
+#: (docs/architecture.md, compiled). Everything else stays Python.
+COMPILED = [
+    "jrouter/wire/xmlstream.py", "jrouter/wire/connection.py", "jrouter/wire/outbox.py",
+    "jrouter/wire/jid.py", "jrouter/wire/counters.py", "jrouter/wire/xmlwrite.py",
+    "jrouter/routing/router.py", "jrouter/routing/accept.py", "jrouter/routing/ports.py",
+    "jrouter/routing/placement.py", "jrouter/routing/table.py", "jrouter/routing/filter.py",
+    "jrouter/routing/policy.py", "jrouter/routing/balance.py", "jrouter/routing/redelivery.py",
+    "jrouter/routing/affinity.py", "jrouter/routing/membership.py", "jrouter/ops/server.py",
+]
+
+
+def compiled_modules() -> list:
+    if os.environ.get("JROUTER_COMPILE") != "1":
+        return []
+    from mypyc.build import mypycify
+
+    # One shared library for them all, named after the package.
+    return mypycify(["--config-file", "mypy.ini", *COMPILED], opt_level="3", group_name="jrouter")
+
 
 setup(
     name="jrouter",
@@ -17,6 +41,8 @@ setup(
         "configobj>=5.0.8,<6",
         "docopt-ng>=0.9,<1",
         "prometheus_client>=0.16,<1",
+        # mypyc_attr only: what a compiled class must stay (xmlstream.NamespaceContext)
+        "mypy_extensions>=0.4.3",
     ],
     extras_require={
         "test": [
@@ -35,4 +61,5 @@ setup(
         "jrouter-status = jrouter.ops.status_cli:main",
     ]},
     data_files=[("share/man/man8", ["man/jrouter.8"])],
+    ext_modules=compiled_modules(),
 )

@@ -1,8 +1,9 @@
-"""Shared fixtures: routers of either kind, and the real jabberd2 sm/c2s around them.
+"""Shared fixtures: routers of each kind, and the real jabberd2 sm/c2s around them.
 
-`router_kind` is parametrized over ('jabberd2', 'jrouter'), so every test that
-uses `router` (or `jabberd2_stack`) runs once against each router. A test that
-wants one kind only parametrizes `router_kind` itself.
+`router_kind` is parametrized over ROUTER_KINDS (the C router, jrouter, and
+jrouter compiled: tests/support/routers.py), so every test that uses `router`
+(or `jabberd2_stack`) runs once against each router. A test that wants one
+kind only parametrizes `router_kind` itself.
 When a test fails, the logs and output of the processes it started are added
 to the report.
 """
@@ -31,7 +32,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(params=ROUTER_KINDS)
 def router_kind(request):
-    """'jabberd2' (Debian's C router) or 'jrouter' (ours)."""
+    """'jabberd2' (Debian's C router), 'jrouter' (ours) or 'jrouter-compiled'."""
     return request.param
 
 

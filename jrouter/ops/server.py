@@ -47,11 +47,15 @@ if TYPE_CHECKING:
     from jrouter.wire.connection import Connection
 
 
+#: What a read asks of the kernel at most (``RouterServer.read_size``).
+READ_SIZE = 65536
+
+
 class RouterServer:
     """Accept peers on ``config.ip``:``config.port`` and serve the router."""
 
     #: bytes asked of the kernel per read
-    read_size = 65536
+    read_size = READ_SIZE
     #: seconds a peer gets to answer our ``</stream:stream>`` at shutdown
     shutdown_grace = 2.0
     #: seconds of silence after which a peer's parser is let go (Router.rest_idle)
@@ -98,7 +102,8 @@ class RouterServer:
         self._save_again_at = 0.0
 
     @property
-    def address(self) -> Optional[tuple[str, int]]:
+    def address(self) -> Optional[tuple[Any, ...]]:
+        """(host, port) where it listens; IPv6 adds flowinfo and scope id."""
         return self._server.address if self._server else None
 
     def start(self) -> None:
@@ -172,7 +177,8 @@ class RouterServer:
 
     # -- one peer ----------------------------------------------------------
 
-    def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        # (host, port), or over IPv6 (host, port, flowinfo, scope id)
         ip, port = address[0], address[1]
         if not self._admit(sock, ip):
             sock.close()
@@ -546,7 +552,7 @@ class _Greenlets:
 #: and shrink it to what came, leaving a hole in the C heap next to a chunk
 #: the stream reader keeps, and under connection churn those holes grew the
 #: router by ~60 KiB per reconnect (docs/architecture.md, memory).
-_READ_BUFFER = bytearray(RouterServer.read_size)
+_READ_BUFFER = bytearray(READ_SIZE)
 _READ_VIEW = memoryview(_READ_BUFFER)
 
 

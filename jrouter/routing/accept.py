@@ -163,7 +163,7 @@ class AcceptPort:
         raw = stanza.raw
         as_sent: Optional[bytes]
         cut, tag_end = stanza._start_tag()
-        if (sender_key(connection, raw) is self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
+        if (sender_key(connection, raw) == self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
                 and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
             # Unprefixed, no declaration of its own: it inherited the stream's
             # jabber:component:accept, and so did any child that declares nothing.

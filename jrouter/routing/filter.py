@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from lxml import etree
 
@@ -365,12 +365,12 @@ class FilterRules:
     packet itself and are matched every time."""
 
     rules: tuple[Rule, ...] = ()
-    if TYPE_CHECKING:
-        # Set by __post_init__ (caches, not fields): pattern -> compiled. A
-        # rule's pattern is looked up only when the stanza has that
-        # attribute, and then the rule has the pattern, so never with None.
-        _wildcards: dict[Optional[str], re.Pattern[bytes]] = field(init=False)
-        _memo: dict[tuple[Optional[str], Optional[str]], Outcome] = field(init=False)
+    # Caches, not part of the value (set by __post_init__): pattern ->
+    # compiled. A rule's pattern is looked up only when the stanza has that
+    # attribute, and then the rule has the pattern, so never with None.
+    _wildcards: dict[Optional[str], re.Pattern[bytes]] = field(init=False, repr=False, compare=False)
+    _memo: dict[tuple[Optional[str], Optional[str]], Outcome] = field(init=False, repr=False,
+                                                                      compare=False)
 
     def __post_init__(self) -> None:
         wildcards = {}

@@ -94,7 +94,7 @@ class ComponentPort:
             connection.counters.drops += 1  # silently, as jabberd2 does (protocol §4.1)
 
     def outbound(self, target: Connection, route: Element, key: Optional[ContextKey]) -> bytes:
-        if key is target.context or key is None:
+        if key is None or key == target.context:
             return route.raw
         return _serialize(route.tree())
 

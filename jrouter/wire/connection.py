@@ -70,9 +70,12 @@ _Handler: TypeAlias = Callable[["Connection", Any, float], None]
 
 #: The key of a namespace context (``Router.context_key``): the default
 #: namespace and the sorted (prefix, uri) declarations, interned so that two
-#: streams in the same context share one key object, compared with ``is`` on
-#: the hot path. Where a key is Optional, None means "the bytes stand alone"
-#: (they declare every namespace they use).
+#: streams in the same context share one key object. Compared with ``==``,
+#: which costs no more than ``is`` for one shared object: compiled (mypyc,
+#: docs/architecture.md), a fixed-length tuple travels as a C struct and is
+#: boxed anew where it becomes an object, so ``is`` would never hold. Where a
+#: key is Optional, None means "the bytes stand alone" (they declare every
+#: namespace they use).
 ContextKey: TypeAlias = tuple[Optional[str], tuple[tuple[str, str], ...]]
 
 

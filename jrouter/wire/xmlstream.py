@@ -55,7 +55,9 @@ from __future__ import annotations
 import pyexpat
 import re
 import weakref
-from typing import TYPE_CHECKING, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
+
+from mypy_extensions import mypyc_attr
 
 from jrouter.errors import ProtocolError
 from jrouter.wire.lxml_side import KNOWN_URIS, lxml_parser, uri_refused
@@ -87,12 +89,9 @@ _LONG_OPENING = 1024
 _OWN_DEFAULT = re.compile(rb"\sxmlns\s*=")
 _QUOTED = re.compile(rb"'[^']*'|\"[^\"]*\"")
 
-if TYPE_CHECKING:
-    # Only ever applied where expat has just accepted a start tag, so it
-    # always matches: the type says so, at no cost at run time.
-    def _match_tag(raw: bytes, pos: int = 0) -> re.Match[bytes]: ...
-else:
-    _match_tag = _START_TAG.match
+# Only ever applied where expat has just accepted a start tag, so it always
+# matches: the type says so (a plain assignment, which mypyc compiles too).
+_match_tag: Callable[..., re.Match[bytes]] = _START_TAG.match  # type: ignore[assignment]
 
 #: What ``StreamReader.feed`` returns.
 StreamEvent = Union["StreamOpen", "Element", "StreamClose"]
@@ -142,13 +141,16 @@ class StreamClose:
         return "StreamClose()"
 
 
+@mypyc_attr(native_class=False)
 class NamespaceContext:
     """The namespace declarations in force at the top level of one stream.
 
     Shared by every element of the stream: it is what ``Element.tree()``
     needs to parse a raw element on its own. Never changed once made, so
     streams whose headers declare the same, in the same order, share one
-    (``shared``): ~0.5 KiB less per connection.
+    (``shared``): ~0.5 KiB less per connection. Shared by weak reference,
+    which mypyc's native classes do not take: so compiled, this one stays
+    a Python class (docs/architecture.md, compiled).
     """
 
     __slots__ = ("default_ns", "prefixes", "declarations", "opening", "__weakref__")

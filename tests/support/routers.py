@@ -11,6 +11,7 @@ captured stdout/stderr (`router.stdout`, `router.stderr`).
 """
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,29 @@ from xml.sax.saxutils import escape, quoteattr
 
 from .process import ManagedProcess
 
-ROUTER_KINDS = ("jabberd2", "jrouter")
+#: "jrouter-compiled" is jrouter with its packet path compiled by mypyc, as the
+#: Debian package ships it (scripts/build-compiled): every test that compares
+#: the routers runs on it too.
+ROUTER_KINDS = ("jabberd2", "jrouter", "jrouter-compiled")
 JABBERD2_ROUTER = "/usr/sbin/jabberd2-router"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: jrouter on Debian's pypy3: the venv scripts/bootstrap makes (tests/e2e/test_pypy.py)
 PYPY = REPO_ROOT / ".venv-pypy" / "bin" / "python"
+#: Where scripts/build-compiled builds the compiled tree for the tests.
+COMPILED_TREE = REPO_ROOT / ".build" / "compiled"
+_built = []
+
+
+def compiled_tree():
+    """The compiled tree, built (or found up to date) once per test run by
+    scripts/build-compiled with the interpreter running the tests."""
+    if not _built:
+        done = subprocess.run([str(REPO_ROOT / "scripts" / "build-compiled"), str(COMPILED_TREE)],
+                              env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        _built.append(Path(done.stdout.strip()))
+    return _built[0]
 
 # What Debian ships (protocol §2.6): one component user, allowed everything.
 DEFAULT_USERS = {"jabberd": "secret"}
@@ -162,25 +181,31 @@ def router_argv(kind, config_path, args=()):
     """The command line that runs router `kind` on `config_path`."""
     if kind == "jabberd2":
         return [JABBERD2_ROUTER, "-c", str(config_path), *args]
-    if kind == "jrouter":
+    if kind in ("jrouter", "jrouter-compiled"):     # the latter from its tree (router_cwd)
         return [sys.executable, "-m", "jrouter", "-c", str(config_path), *args]
     if kind == "jrouter-pypy":      # tests/e2e/test_pypy.py only: not one of ROUTER_KINDS
         return [str(PYPY), "-m", "jrouter", "-c", str(config_path), *args]
     raise ValueError("router kind must be one of %s, not %r" % (ROUTER_KINDS, kind))
 
 
-class RouterProcess(ManagedProcess):
-    """A running router of `kind` ('jabberd2' | 'jrouter') on a RouterFiles.
+def router_cwd(kind):
+    """Where router `kind` runs: `python -m jrouter` imports the package from there."""
+    return compiled_tree() if kind == "jrouter-compiled" else REPO_ROOT
 
-    Both kinds get the same files and flags; jrouter runs from the repo root
-    with the interpreter running the tests. `args` adds flags (e.g. ['-i', 'x']).
+
+class RouterProcess(ManagedProcess):
+    """A running router of `kind` (one of ROUTER_KINDS) on a RouterFiles.
+
+    Every kind gets the same files and flags; jrouter runs from the repo root
+    (compiled: from its tree) with the interpreter running the tests. `args`
+    adds flags (e.g. ['-i', 'x']).
     """
 
     def __init__(self, kind, files, *, args=(), env=None):
         env = dict(os.environ if env is None else env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         super().__init__("router", router_argv(kind, files.config, args), files.directory,
-                         cwd=REPO_ROOT, env=env, log_path=files.log)
+                         cwd=router_cwd(kind), env=env, log_path=files.log)
         self.kind = kind
         self.files = files
 

@@ -1,0 +1,72 @@
+"""jrouter compiled (issue 12; docs/architecture.md, compiled): the modules
+setup.py's COMPILED names built into C extensions by mypyc from the same
+sources, in the tree scripts/build-compiled makes.
+
+Every test that compares the routers runs on it already (the router kind
+"jrouter-compiled" is one of ROUTER_KINDS: the real sm and c2s, biboumi,
+xmpp.js, mu-conference, s2s, faults, TLS, operations). This module checks
+that the build is what it claims: each of those modules is an extension in
+the tree, the running router has mapped them, everything else still
+imports, and unusual bytes go through both protocols unchanged.
+"""
+
+import ast
+import importlib.machinery
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import test_pypy
+from tests.support.routers import REPO_ROOT, compiled_tree
+
+# test_pypy's own, collected here again: `router` below runs compiled.
+test_components_of_both_protocols_exchange_stanzas_byte_for_byte = \
+    test_pypy.test_components_of_both_protocols_exchange_stanzas_byte_for_byte
+
+#: The shared library mypyc makes for them all (setup.py's group_name).
+_LIBRARY = "jrouter__mypyc"
+
+_IMPORT_ALL = """
+import importlib, pkgutil, jrouter
+for module in pkgutil.walk_packages(jrouter.__path__, "jrouter."):
+    if module.name != "jrouter.__main__":
+        print(module.name, importlib.import_module(module.name).__file__)
+"""
+
+
+def compiled_names():
+    """The module names setup.py's COMPILED lists (read, not imported:
+    importing setup.py would run setup())."""
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["COMPILED"]:
+            paths = ast.literal_eval(node.value)
+            return {p[:-len(".py")].replace("/", ".") for p in paths}
+    raise AssertionError("setup.py has no COMPILED list")
+
+
+@pytest.fixture
+def router(router_factory):
+    """jrouter run from the compiled tree, with its extensions loaded."""
+    router = router_factory("jrouter-compiled")
+    maps = Path("/proc/%d/maps" % router.pid).read_text()
+    assert _LIBRARY in maps, "the router process has not loaded %s" % _LIBRARY
+    return router
+
+
+def test_every_module_setup_py_names_is_an_extension_and_the_rest_imports():
+    names = compiled_names()
+    assert "jrouter.wire.xmlstream" in names and "jrouter.routing.router" in names, names
+    tree = compiled_tree()
+    done = subprocess.run([sys.executable, "-c", _IMPORT_ALL], cwd=tree, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    files = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    extension = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    assert names <= set(files), names - set(files)
+    for name, path in files.items():
+        assert os.path.dirname(path).startswith(str(tree)), (name, path)   # not the source tree's
+        assert path.endswith(extension) == (name in names), (name, path)
