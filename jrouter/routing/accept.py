@@ -162,7 +162,10 @@ class AcceptPort:
         """``<route>`` around an XEP-0114 stanza, moved into jabber:client."""
         raw = stanza.raw
         as_sent: Optional[bytes]
-        cut, tag_end = stanza._start_tag()
+        cut = stanza.name_end
+        # Its start tag ends before its first child: 'xmlns' up to there may be
+        # a declaration of its own (in text, a false alarm costs the slow path).
+        tag_end = stanza.child_start if stanza.child_name is not None else len(raw)
         if (sender_key(connection, raw) == self._accept_context and stanza.name.startswith(_ACCEPT_PREFIX)
                 and raw.find(b":", 1, cut) < 0 and raw.find(b"xmlns", cut, tag_end) < 0):
             # Unprefixed, no declaration of its own: it inherited the stream's
@@ -326,7 +329,7 @@ class WrappedRoute(Element):
         self.context = SELF_CONTAINED
         self.end = None
         self._tree = None
-        self._tag = (6, start)
+        self._name_end = 6
         self.payload = payload
         # The stanza's own bytes when they inherit jabber:component:accept
         # and nothing else: another XEP-0114 component gets them as they are.

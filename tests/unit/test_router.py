@@ -455,6 +455,36 @@ def test_22_xep0114_wrap_and_unwrap(net):
                             b"from='u@example.com/r'  ><body>yo</body></message>")
 
 
+@pytest.mark.parametrize("stanza, spliced", [
+    # Unprefixed, no declaration of its own ('xmlns' in a child's text is none).
+    ("<message to='u@example.com' from='b@legacy.example.com'><body>xmlns='x'</body></message>",
+     b"<message xmlns='jabber:client' to='u@example.com' from='b@legacy.example.com'>"
+     b"<body>xmlns='x'</body></message>"),
+    ("<message\tto='u@example.com' from='b@legacy.example.com'/>",
+     b"<message xmlns='jabber:client'\tto='u@example.com' from='b@legacy.example.com'/>"),
+    # A declaration of its own, or what may be one in a childless stanza's text.
+    ("<message xmlns='jabber:component:accept' to='u@example.com' from='b@legacy.example.com'/>", None),
+    ("<message to='u@example.com' from='b@legacy.example.com'>xmlns</message>", None),
+])
+def test_22_an_xep0114_stanza_is_wrapped_by_splicing_unless_it_may_declare_a_namespace(
+        net, stanza, spliced):
+    """The stanza moves into jabber:client either way: spliced where it
+    inherits the stream's namespace, else re-serialised."""
+    sm = net.component("example.com")
+    legacy = net.legacy("legacy.example.com")
+    sm.take()
+    legacy.send(stanza)
+    route = sm.raw()
+    head = b"<route xmlns='%s' to='example.com' from='legacy.example.com'>" % NS_C.encode()
+    assert route.startswith(head) and route.endswith(b"</route>")
+    if spliced is not None:
+        assert route[len(head):-len(b"</route>")] == spliced
+    (payload,) = etree.fromstring(route)
+    assert payload.tag == "{jabber:client}message"
+    assert dict(payload.attrib) == {"to": "u@example.com", "from": "b@legacy.example.com"}
+    assert payload.text == etree.fromstring(stanza).text
+
+
 @pytest.mark.parametrize("separator", ["", " ", "<!-- between -->"])
 def test_22_every_payload_of_a_route_reaches_an_xep0114_component(net, separator):
     """A route carrying several stanzas delivers each, in order, to an XEP-0114

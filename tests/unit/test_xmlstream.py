@@ -70,6 +70,18 @@ def test_attribute_is_spliced_in_first():
     assert route.with_attribute("error", "404")[len(b"<route error='404'"):] == route.raw[6:]
 
 
+@pytest.mark.parametrize("raw, name", [
+    (b"<m/>", b"<m"), (b"<message>x</message>", b"<message"),
+    (b"<message\tto='a b'/>", b"<message"), (b"<message\r\n to='a'><b/></message>", b"<message"),
+    (b"<p:m xmlns:p='urn:x'/>", b"<p:m"), (b"<m\xc3\xa9 to='x'/>", b"<m\xc3\xa9"),
+])
+def test_name_end_is_where_the_tag_name_ends(raw, name):
+    """Where an attribute is spliced in: after the name, whatever ends it."""
+    (element,) = elements(StreamReader().feed(HEADER + raw))
+    assert element.name_end == len(name)
+    assert element.with_attribute("error", "404").startswith(name + b" error='404'")
+
+
 def test_empty_first_child_followed_by_end_tag():
     """An empty first child right before the parent's end tag is cut exactly."""
     data = HEADER + b"<route><e a='/>'/></route><route><f></f><g/></route>"
