@@ -39,7 +39,7 @@ try:
     from _sha1 import sha1 as _sha1  # type: ignore[import-not-found]  # no stub in typeshed
 except ImportError:     # an interpreter built without them
     from hashlib import sha1 as _sha1
-    from hmac import compare_digest as _compare_digest
+    from hmac import compare_digest as _compare_digest  # type: ignore[no-redef]
 from jrouter.wire.counters import Counters
 from jrouter.wire.outbox import Outbox
 from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError, StreamOpen, StreamReader

@@ -68,7 +68,7 @@ try:
     from _operator import _compare_digest
 except ImportError:     # an interpreter built without them
     from hashlib import md5 as _md5
-    from hmac import compare_digest as _compare_digest
+    from hmac import compare_digest as _compare_digest  # type: ignore[no-redef]
 
 __all__ = [
     "SaslError",
