@@ -4,10 +4,11 @@ sources, in the tree scripts/build-compiled makes.
 
 Every test that compares the routers runs on it already (the router kind
 "jrouter-compiled" is one of ROUTER_KINDS: the real sm and c2s, biboumi,
-xmpp.js, mu-conference, s2s, faults, TLS, operations). This module checks
-that the build is what it claims: each of those modules is an extension in
-the tree, the running router has mapped them, everything else still
-imports, and unusual bytes go through both protocols unchanged.
+xmpp.js, mu-conference, faults, TLS, operations, lifecycle, memory; and
+test_federation pairs it with the C router, through the real s2s). This
+module checks that the build is what it claims: each of those modules is an
+extension in the tree, the running router has mapped them, everything else
+still imports, and unusual bytes go through both protocols unchanged.
 """
 
 import ast
