@@ -342,8 +342,11 @@ def _parse_unicode(s: str) -> Optional[JID]:
 
 
 @lru_cache(maxsize=CACHE_SIZE)
-def parse_jid(s: str) -> Optional[JID]:
-    """Parse and stringprep a JID the way jabberd2 does; None if invalid."""
+def parse_jid(s: object) -> Optional[JID]:
+    """Parse and stringprep a JID the way jabberd2 does; None if invalid,
+    or not a string: callers hand it attributes that may be absent (None),
+    and lru_cache hides the parameter's type from mypy, so compiled code
+    would otherwise raise TypeError there (the message log did)."""
     if not isinstance(s, str):
         return None
     return _parse_ascii(s) if s.isascii() else _parse_unicode(s)

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import test_pypy
-from tests.support.routers import REPO_ROOT, compiled_tree
+from tests.support.cluster_nodes import cluster_section
+from tests.support.ports import free_port
+from tests.support.routers import REPO_ROOT, RouterProcess, compiled_tree, write_router_config
 
 # test_pypy's own, collected here again: `router` below runs compiled.
 test_components_of_both_protocols_exchange_stanzas_byte_for_byte = \
@@ -29,6 +31,20 @@ test_components_of_both_protocols_exchange_stanzas_byte_for_byte = \
 
 #: The shared library mypyc makes for them all (setup.py's group_name).
 _LIBRARY = "jrouter__mypyc"
+
+#: The unit test files that cannot run on the compiled build, and why. All
+#: the others run on it (test_unit_tests_pass_on_the_compiled_build): that is
+#: how parse_jid(None) and RemoteMember were found.
+INTERPRETED_ONLY = {
+    "test_affinity.py": "a Member fake stands for a Connection",
+    "test_stats.py": "a FakeConnection stands for a Connection",
+    "test_status.py": "a FakeConnection stands for a Connection",
+    "test_outbox.py": "plain strings stand for routes",
+    "test_teardown_memory.py": "weak references, which native classes do not take",
+    "test_fuzz_connection.py": "weak references, and a Connection method replaced",
+    "test_cluster_view.py": "RemoteMember, where a Connection is expected: no <cluster> yet",
+    "test_cluster_slots.py": "RemoteMember, where a Connection is expected: no <cluster> yet",
+}
 
 _IMPORT_ALL = """
 import importlib, pkgutil, jrouter
@@ -71,3 +87,43 @@ def test_every_module_setup_py_names_is_an_extension_and_the_rest_imports():
     for name, path in files.items():
         assert os.path.dirname(path).startswith(str(tree)), (name, path)   # not the source tree's
         assert path.endswith(extension) == (name in names), (name, path)
+
+
+def test_the_compiled_build_refuses_a_cluster_configuration_with_a_clear_error(tmp_path):
+    """Not yet for <cluster>: a member on another node travels where the
+    compiled modules expect a Connection, so the compiled router would fail
+    mid-traffic (test_cluster_view's tests do, run on this build); it refuses
+    to start instead, and says why."""
+    section = cluster_section("a", "127.0.0.1", free_port(), ["http://127.0.0.1:%d" % free_port()])
+    files = write_router_config(tmp_path / "router", free_port(), extra=section)
+    router = RouterProcess("jrouter-compiled", files)
+    router.spawn()
+    router.wait_for(lambda: not router.running(), 20.0, "the router's exit")
+    assert router.returncode == 1, router.describe()
+    assert "compiled build, which does not serve <cluster> yet" in router.log_text, router.describe()
+
+
+def test_unit_tests_pass_on_the_compiled_build():
+    """The unit tests, on the compiled modules: the tree first on the path
+    (and the tests' own directory appended, so it stays first)."""
+    tree = compiled_tree()
+    ignored = ["--ignore=tests/unit/%s" % name for name in INTERPRETED_ONLY]
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "pytest"), "-q", "-p", "no:cacheprovider",
+         "--import-mode=append", "tests/unit", *ignored,
+         "tests/e2e/test_compiled.py::test_this_process_runs_the_compiled_build"],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(tree), JROUTER_EXPECT_COMPILED="1"),
+        capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-2000:]
+
+
+def test_this_process_runs_the_compiled_build():
+    """Run by the test above in the compiled unit run: proof it was compiled."""
+    import jrouter.wire.xmlstream
+
+    if os.environ.get("JROUTER_EXPECT_COMPILED") == "1":
+        assert jrouter.wire.xmlstream.__file__.startswith(str(compiled_tree()))
+        assert jrouter.wire.xmlstream.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    else:
+        assert jrouter.wire.xmlstream.__file__.endswith(".py")

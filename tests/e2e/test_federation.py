@@ -31,7 +31,7 @@ PASSWORDS = {ALICE: "alice-pw", BOB: "bob-pw"}
 # (one.test's router, two.test's router)
 ROUTER_PAIRS = [("jabberd2", "jabberd2"), ("jrouter", "jrouter"),
                 ("jrouter", "jabberd2"), ("jabberd2", "jrouter"),
-                ("jrouter-compiled", "jabberd2")]       # as the Debian package ships it
+                ("jrouter-compiled", "jabberd2")]       # compiled: scripts/build-compiled
 
 # The first stanza for a domain waits for s2s: DNS, connect, dialback both ways.
 FIRST_HOP = 20.0

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.peer import Peer
 
-#: jrouter as the tests run it and as the Debian package ships it (compiled).
+#: jrouter interpreted, and compiled (scripts/build-compiled).
 JROUTER_KINDS = ["jrouter", "jrouter-compiled"]
 
 IDLE = 200              # idle components of each protocol

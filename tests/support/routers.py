@@ -19,9 +19,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from .process import ManagedProcess
 
-#: "jrouter-compiled" is jrouter with its packet path compiled by mypyc, as the
-#: Debian package ships it (scripts/build-compiled): every test that compares
-#: the routers runs on it too.
+#: "jrouter-compiled" is jrouter with its packet path compiled by mypyc
+#: (scripts/build-compiled): every test that compares the routers runs on it too.
 ROUTER_KINDS = ("jabberd2", "jrouter", "jrouter-compiled")
 JABBERD2_ROUTER = "/usr/sbin/jabberd2-router"
 REPO_ROOT = Path(__file__).resolve().parents[2]
