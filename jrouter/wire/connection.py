@@ -70,8 +70,8 @@ _Handler: TypeAlias = Callable[["Connection", Any, float], None]
 
 #: The key of a namespace context (``Router.context_key``): the default
 #: namespace and the sorted (prefix, uri) declarations, interned so that two
-#: streams in the same context share one key object. Compared with ``==``,
-#: which costs no more than ``is`` for one shared object: compiled (mypyc,
+#: streams in the same context share one key object. Compared with ``==``
+#: (item by item, each found identical at once): compiled (mypyc,
 #: docs/architecture.md), a fixed-length tuple travels as a C struct and is
 #: boxed anew where it becomes an object, so ``is`` would never hold. Where a
 #: key is Optional, None means "the bytes stand alone" (they declare every
