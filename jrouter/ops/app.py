@@ -41,14 +41,6 @@ _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _choice = random.SystemRandom().choice
 
 
-def compiled_build() -> bool:
-    """True when the packet path was compiled by mypyc (setup.py's COMPILED,
-    scripts/build-compiled): its modules are extensions, not .py files."""
-    from jrouter.routing import router
-
-    return not router.__file__.endswith(".py")
-
-
 def make_id() -> str:
     """A stream id or nonce as jabberd2 makes them: 40 of [0-9a-z]."""
     return "".join(_choice(_ID_ALPHABET) for _ in range(40))
@@ -93,12 +85,6 @@ class RouterProcess:
         try:
             filter_rules = self._load_filter()
         except FilterError:
-            return 1
-        if self.config.cluster is not None and compiled_build():
-            # A member on another node (cluster_view.RemoteMember) travels
-            # where the compiled modules expect a Connection, and they check.
-            log.error("this jrouter is the compiled build, which does not serve <cluster> yet "
-                      "(docs/architecture.md, compiled): run the interpreted one")
             return 1
         tls_context = self._tls_context()
         raise_fd_limit(self.config.max_fds, log.warning)

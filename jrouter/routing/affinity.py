@@ -54,7 +54,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable, Hashable, Optional
 
 if TYPE_CHECKING:
-    from jrouter.wire.connection import Connection
+    from jrouter.routing.member import RouteMember
 
 SESSION = "session"
 TRAFFIC = "traffic"
@@ -70,7 +70,7 @@ DEFAULT_MAX_ENTRIES = 100_000
 class _Entry:
     __slots__ = ("member", "sessions", "touched", "said")
 
-    def __init__(self, member: Connection, touched: float) -> None:
+    def __init__(self, member: RouteMember, touched: float) -> None:
         self.member = member
         self.sessions: set[str] = set()   # the member's session ids (session mode)
         self.touched = touched
@@ -81,7 +81,7 @@ class AffinityTable:
     """key -> member for one clustered name, least recently touched first."""
 
     def __init__(self, mode: str, idle: float, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 announce: Optional[Callable[[Hashable, Connection], None]] = None) -> None:
+                 announce: Optional[Callable[[Hashable, RouteMember], None]] = None) -> None:
         if mode not in (SESSION, TRAFFIC):
             raise ValueError(f"affinity mode must be {SESSION!r} or {TRAFFIC!r}, got {mode!r}")
         self.mode = mode
@@ -91,8 +91,8 @@ class AffinityTable:
         self.announce = announce if mode == TRAFFIC else None
         self._say_again = idle / 2
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._by_member: dict[Connection, set[Hashable]] = {}
-        self._session_key: dict[tuple[Connection, str], Hashable] = {}   # (member, id) -> key
+        self._by_member: dict[RouteMember, set[Hashable]] = {}
+        self._session_key: dict[tuple[RouteMember, str], Hashable] = {}   # (member, id) -> key
         #: Counts for the operator: packets placed by an entry, entries moved
         #: to another member (a user's session moved), entries dropped because
         #: their member left, and dropped idle or to make room.
@@ -106,7 +106,7 @@ class AffinityTable:
 
     # -- asking --------------------------------------------------------------
 
-    def lookup(self, key: Hashable, now: float, alive: Callable[[Connection], bool]) -> Optional[Connection]:
+    def lookup(self, key: Hashable, now: float, alive: Callable[[RouteMember], bool]) -> Optional[RouteMember]:
         """The member holding ``key``'s session, if any and still ``alive``
         (a traffic entry is touched: the packet is going there)."""
         entry = self._entries.get(key)
@@ -121,14 +121,14 @@ class AffinityTable:
         self.placed_by_affinity += 1
         return entry.member
 
-    def member_of(self, key: Hashable) -> Optional[Connection]:
+    def member_of(self, key: Hashable) -> Optional[RouteMember]:
         """The entry's member, without touching it (for the operator)."""
         entry = self._entries.get(key)
         return None if entry is None else entry.member
 
     # -- learning ------------------------------------------------------------
 
-    def placed(self, key: Hashable, member: Connection, now: float) -> None:
+    def placed(self, key: Hashable, member: RouteMember, now: float) -> None:
         """Traffic mode: a packet for ``key`` went to ``member`` by the hash."""
         if self.mode != TRAFFIC:
             return
@@ -138,7 +138,7 @@ class AffinityTable:
         else:
             self._made(key, member, now)        # made, or moved
 
-    def heard_from(self, key: Hashable, member: Connection, now: float) -> None:
+    def heard_from(self, key: Hashable, member: RouteMember, now: float) -> None:
         """Traffic mode: ``member`` sent the user ``key`` a packet: her entry
         there is refreshed, or made if she has none; one elsewhere stays."""
         if self.mode != TRAFFIC:
@@ -149,7 +149,7 @@ class AffinityTable:
         elif entry.member is member:
             self._traffic(key, entry, now)
 
-    def noticed(self, key: Hashable, member: Connection, now: float) -> None:
+    def noticed(self, key: Hashable, member: RouteMember, now: float) -> None:
         """Traffic mode: another node says ``key``'s entry is on ``member``:
         made here if there is none, refreshed if it is the same, never moved
         (and not said again: that node told every node)."""
@@ -164,7 +164,7 @@ class AffinityTable:
             return
         entry.said = now
 
-    def session_started(self, key: Hashable, member: Connection, session: str, now: float) -> None:
+    def session_started(self, key: Hashable, member: RouteMember, session: str, now: float) -> None:
         """Session mode: ``member`` says its session ``session`` of ``key`` started."""
         if self.mode != SESSION:
             return
@@ -172,7 +172,7 @@ class AffinityTable:
         entry.sessions.add(session)
         self._session_key[(member, session)] = key
 
-    def session_ended(self, member: Connection, session: str, now: float) -> None:
+    def session_ended(self, member: RouteMember, session: str, now: float) -> None:
         """Session mode: ``member`` says its session ``session`` ended."""
         key = self._session_key.pop((member, session), None)
         entry = None if key is None else self._entries.get(key)
@@ -184,7 +184,7 @@ class AffinityTable:
         else:
             self._touch(key, entry, now)
 
-    def member_left(self, member: Connection) -> int:
+    def member_left(self, member: RouteMember) -> int:
         """``member`` is gone: every entry of its goes; how many."""
         keys = list(self._by_member.get(member, ()))
         for key in keys:
@@ -205,13 +205,13 @@ class AffinityTable:
         self.dropped_idle += dropped
         return dropped
 
-    def counts(self) -> dict[Connection, int]:
+    def counts(self) -> dict[RouteMember, int]:
         """Entries per member (for /status and metrics)."""
         return {member: len(keys) for member, keys in self._by_member.items()}
 
     # -- the table -------------------------------------------------------------
 
-    def _set(self, key: Hashable, member: Connection, now: float) -> _Entry:
+    def _set(self, key: Hashable, member: RouteMember, now: float) -> _Entry:
         entry = self._entries.get(key)
         if entry is not None and entry.member is not member:
             self._drop(key, entry)
@@ -228,7 +228,7 @@ class AffinityTable:
             self._touch(key, entry, now)
         return entry
 
-    def _made(self, key: Hashable, member: Connection, now: float) -> None:
+    def _made(self, key: Hashable, member: RouteMember, now: float) -> None:
         """Traffic mode: an entry made (or moved) here, told to the other nodes."""
         entry = self._set(key, member, now)
         if self.announce is not None:

@@ -27,6 +27,7 @@ from jrouter.routing.cluster_effects import ClaimSlot, ReleaseClaim, SlotChoice,
 
 if TYPE_CHECKING:
     from jrouter.routing.cluster_view import ClusterView, RemoteMember
+    from jrouter.routing.member import RouteMember
     from jrouter.wire.connection import Connection
 
 
@@ -162,7 +163,7 @@ class ClusterSlots:
             return
         route.slots.reset(self._reserved(name, route.by_slot), route.by_slot)
 
-    def _reserved(self, name: str, by_slot: dict[int, Connection]) -> dict[int, Optional[str]]:
+    def _reserved(self, name: str, by_slot: dict[int, RouteMember]) -> dict[int, Optional[str]]:
         """Slot -> the identity it is kept for, in slot order (the same on
         every node): the slot keys', and a member's own for a slot whose key
         the watch has not brought yet."""

@@ -67,14 +67,15 @@ from jrouter.routing.cluster_effects import (Claim, ClaimSlot, Effect, HeldName,
 from jrouter.routing.cluster_slots import ClusterSlots
 from jrouter.routing.placement import HOLD, Choice
 from jrouter.routing.table import SINGLE
-from jrouter.wire.connection import NS_COMPONENT
+from jrouter.wire.connection import NS_COMPONENT, Connection
 from jrouter.wire.counters import Counters
 from jrouter.wire.jid import parse_jid
 
 if TYPE_CHECKING:
     from jrouter.cluster.mirror import Change
+    from jrouter.routing.member import RouteMember
     from jrouter.routing.router import Router
-    from jrouter.wire.connection import Connection, ContextKey
+    from jrouter.wire.connection import ContextKey
     from jrouter.wire.xmlstream import Element
 
 #: forward(node, data, member, hops, tag, as_sent): queue a route's bytes for
@@ -111,7 +112,7 @@ class RemotePort:
     def outbound(self, target: RemoteMember, route: Element, key: Optional[ContextKey]) -> bytes:
         """The route as it must cross: bytes that mean on a plain component
         stream what they meant on the sender's (docs/cluster.md §3)."""
-        if key is None or key is self.plain:
+        if key is None or key == self.plain:
             return route.raw
         from lxml import etree
 
@@ -228,21 +229,21 @@ class ClusterView:
             for key in [key for key in self._replacing if key[0] is connection]:
                 del self._replacing[key]
 
-    def joined(self, connection: Connection, name: str, kind: str) -> None:
+    def joined(self, connection: RouteMember, name: str, kind: str) -> None:
         """A connection of this node joined ``name`` (Membership.join): its
         member key (put already with a slot it claimed)."""
-        if connection.protocol_port is self.port:
+        if not isinstance(connection, Connection):      # a RemoteMember: its node's
             return
         if self.slots.registered(connection, name):
             return
         identity = connection.protocol_port.identity(connection)
         self._effect(RegisterMember(name, self.member_id(connection), kind, identity))
 
-    def left(self, connection: Connection, name: str, kind: Optional[str], default: bool,
+    def left(self, connection: RouteMember, name: str, kind: Optional[str], default: bool,
              sink: bool = False) -> None:
         """A connection of this node left ``name``: its keys go; its claims
         (a name without multi, the default route it held) are released."""
-        if connection.protocol_port is self.port:
+        if not isinstance(connection, Connection):      # a RemoteMember: its node's
             return
         member = self.ids.get(connection)
         if member is None:
@@ -387,7 +388,7 @@ class ClusterView:
         acts as if it were alone, and out of the cluster)."""
         for remote in list(self.remote.values()):
             for name in list(remote.names):
-                self.router.membership.leave(remote, name, now)  # type: ignore[arg-type]
+                self.router.membership.leave(remote, name, now)
         self.remote.clear()
         self._place_again_held(None)
 
@@ -397,20 +398,20 @@ class ClusterView:
             remote = self.remote[member.ref] = RemoteMember(member, self.port)
         # Under a slot policy: the slot whose key names it (None: an extra member).
         slot = self.mirror.slot_of(member.name, member.ref)
-        joined = self.router.membership.join(remote, member.name, member.kind, now,  # type: ignore[arg-type]
+        joined = self.router.membership.join(remote, member.name, member.kind, now,
                                              slot=slot)
         if joined is not None:
             route, slot = joined
-            self.router.membership.online(remote, route, slot)  # type: ignore[arg-type]
+            self.router.membership.online(remote, route, slot)
             # One router tells its components of every bind (protocol §4.3).
-            self.router.membership.advertise(member.name, remote, available=True)  # type: ignore[arg-type]
+            self.router.membership.advertise(member.name, remote, available=True)
 
     def _left(self, member: Member, now: float) -> bool:
         """True when the remote member has no name left (it is gone)."""
         remote = self.remote.get(member.ref)
         if remote is None:
             return False
-        self.router.membership.leave(remote, member.name, now)  # type: ignore[arg-type]
+        self.router.membership.leave(remote, member.name, now)
         if not remote.names:
             del self.remote[member.ref]
             return True
@@ -429,7 +430,7 @@ class ClusterView:
         if new is not None and new.node != self.node:
             holder = self.remote.get(new)
             if holder is not None:
-                sinks[change.name] = holder     # type: ignore[assignment]
+                sinks[change.name] = holder
 
     def _default(self, change: DefaultChanged) -> None:
         table = self.router.table
@@ -447,12 +448,12 @@ class ClusterView:
         if route is None:
             return
         present = set(map(id, route.members))
-        ordered: list[Connection] = []
+        ordered: list[RouteMember] = []
         for member in self.mirror.members(name):
             holder = self.local.get(member.id) if member.node == self.node \
                 else self.remote.get(member.ref)
             if holder is not None and id(holder) in present:
-                ordered.append(holder)      # type: ignore[arg-type]
+                ordered.append(holder)
         placed = set(map(id, ordered))
         ordered += [member for member in route.members if id(member) not in placed]
         route.members[:] = ordered
@@ -616,7 +617,7 @@ class ClusterView:
                     return True
                 self.counters.drops += 1
                 return False
-            target.deliver(target.protocol_port.outbound(target, route, key),  # type: ignore[union-attr, arg-type]
+            target.deliver(target.protocol_port.outbound(target, route, key),  # type: ignore[union-attr]
                            route, key, None)
         finally:
             self.hops_in = 0
@@ -631,17 +632,17 @@ class ClusterView:
         if member is not None and self.send_session_notice is not None:
             self.send_session_notice(self.port.outbound(None, route, key), member)   # type: ignore[arg-type]
 
-    def _affinity_entry(self, name: str, key: Hashable, member: Connection) -> None:
+    def _affinity_entry(self, name: str, key: Hashable, member: RouteMember) -> None:
         """A traffic-affinity entry this node made, moved or kept alive: every
         other node gets it, so that all place the user alike (§8, Affinity)."""
         if self.send_affinity_notice is None or not isinstance(key, str):
             return
-        if member.__class__ is RemoteMember:
+        if isinstance(member, RemoteMember):
             node, member_id = member.ref
+        elif isinstance(member, Connection) and member in self.ids:
+            node, member_id = self.node, self.ids[member]
         else:
-            node, member_id = self.node, self.ids.get(member)
-            if member_id is None:
-                return
+            return          # ours, with no member id in the cluster table yet
         self.send_affinity_notice(name, key, node, member_id)
 
     def affinity_noticed(self, name: str, key: str, node: str, member: str, now: float) -> None:
@@ -651,7 +652,7 @@ class ClusterView:
         route = self.router.table.routes.get(name)
         if holder is None or route is None:
             return            # gone meanwhile: its entries went with it
-        self.router.placement.noticed(route, key, holder, now)   # type: ignore[arg-type]
+        self.router.placement.noticed(route, key, holder, now)
 
     def session_noticed(self, route: Element, node: str, member: str, now: float) -> None:
         """Another node's session notice: learnt as if its member had sent it here."""
@@ -659,7 +660,7 @@ class ClusterView:
         from_ = parse_jid(route.attrs.get("from") or "")
         if sender is None or from_ is None:
             return          # gone meanwhile: its entries went with it
-        self.router.placement.learn(self.router.table, sender, route, from_, now)  # type: ignore[arg-type]
+        self.router.placement.learn(self.router.table, sender, route, from_, now)
 
     def broadcasted(self, route: Element) -> None:
         """A broadcast from another node: once to each of this node's

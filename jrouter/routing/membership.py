@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from jrouter.routing.balance import SlotBusy, SlotsFull
 from jrouter.routing.table import CLAIM
-from jrouter.wire.connection import NS_COMPONENT
+from jrouter.wire.connection import NS_COMPONENT, Connection
 from jrouter.wire.xmlwrite import quoteattr
 
 if TYPE_CHECKING:
     from jrouter.routing.router import Router
     from jrouter.routing.table import Route
-    from jrouter.wire.connection import Connection
+    from jrouter.routing.member import RouteMember
 
 
 class Membership:
@@ -54,7 +54,7 @@ class Membership:
             then(self.join(connection, name, kind, now, alias_of, slot), None, now)
         cluster.slots.claim(connection, name, kind, resume)
 
-    def join(self, connection: Connection, name: str, kind: str, now: float,
+    def join(self, connection: RouteMember, name: str, kind: str, now: float,
              alias_of: Optional[str] = None, slot: Optional[int] = CLAIM
              ) -> Optional[tuple[Route, Optional[int]]]:
         """Make ``connection`` a member of ``name``; returns (route, slot),
@@ -84,7 +84,7 @@ class Membership:
             return self._refuse_full(connection, name)
         return self._joined(connection, name, kind, route, mixed, slot)
 
-    def _joined(self, connection: Connection, name: str, kind: str, route: Route, mixed: bool,
+    def _joined(self, connection: RouteMember, name: str, kind: str, route: Route, mixed: bool,
                 slot: Optional[int]) -> tuple[Route, Optional[int]]:
         if mixed:
             self.log.error(f"Mixed route types for '{name}' bind request")
@@ -96,7 +96,7 @@ class Membership:
             cluster.joined(connection, name, kind)     # its member key in the cluster table
         return route, slot
 
-    def replace_instance(self, name: str, connection: Connection, now: float) -> bool:
+    def replace_instance(self, name: str, connection: RouteMember, now: float) -> bool:
         """A cluster instance reconnects while its old connection still holds
         its own name (an sm's <id>): under replace='half-open' the old
         connection is ended and the name is free again."""
@@ -116,16 +116,19 @@ class Membership:
         self._replace(holder, now)
         return True
 
-    def _replace(self, old: Connection, now: float) -> None:
-        old.kick("conflict", "replaced by a new connection of the same instance")
-        self.router.disconnect(old, now)
+    def _replace(self, old: RouteMember, now: float) -> None:
+        # Always one of ours: a member on another node is ended by its own
+        # node (replace_instance), and one router has no other kind.
+        if isinstance(old, Connection):
+            old.kick("conflict", "replaced by a new connection of the same instance")
+            self.router.disconnect(old, now)
 
-    def _refuse_full(self, connection: Connection, name: str) -> Optional[tuple[Route, Optional[int]]]:
+    def _refuse_full(self, connection: RouteMember, name: str) -> Optional[tuple[Route, Optional[int]]]:
         # The answer join gives for a full route: None.
         self.log.notice(f"{connection.label} tried to bind '{name}', but all its slots are taken")
         return None
 
-    def online(self, connection: Connection, route: Route, slot: Optional[int],
+    def online(self, connection: RouteMember, route: Route, slot: Optional[int],
                alias_of: Optional[str] = None) -> None:
         """jabberd2's "online" line, with the member count and slot."""
         # A member on another node (cluster_view.RemoteMember) has no port of ours.
@@ -156,7 +159,7 @@ class Membership:
 
     # -- leaving -------------------------------------------------------------
 
-    def leave(self, connection: Connection, name: str, now: float,
+    def leave(self, connection: RouteMember, name: str, now: float,
               reply: Optional[Callable[[], None]] = None) -> None:
         """Take ``connection`` out of ``name`` (unbind, or its socket is gone)."""
         table = self.table
@@ -181,7 +184,7 @@ class Membership:
         if remaining == 0:
             self.advertise(name, connection, available=False)
 
-    def leave_with_aliases(self, connection: Connection, name: str, now: float,
+    def leave_with_aliases(self, connection: RouteMember, name: str, now: float,
                            reply: Optional[Callable[[], None]] = None) -> None:
         self.leave(connection, name, now, reply)
         for alias, target in self.router.aliases.items():
@@ -190,7 +193,7 @@ class Membership:
 
     # -- advertisements (protocol §4.3) --------------------------------------
 
-    def advertise(self, name: str, source: Connection, available: bool) -> None:
+    def advertise(self, name: str, source: RouteMember, available: bool) -> None:
         """Tell every bound jabberd2 component that ``name`` came or went.
         jabberd2 sends one copy per name the receiver has bound; one is enough."""
         kind = "" if available else " type='unavailable'"
@@ -199,7 +202,7 @@ class Membership:
             if connection is not source and connection.names and connection.protocol_port.advertised:
                 connection.send(data)
 
-    def advertise_reverse(self, connection: Connection) -> None:
+    def advertise_reverse(self, connection: RouteMember) -> None:
         """Tell a binder about every name it does not serve itself."""
         parts = [f"<presence xmlns='{NS_COMPONENT}' from={quoteattr(route.name)}/>"
                  for route in self.table.served() if connection not in route.members]

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from jrouter.routing.policy import PolicyTable
     from jrouter.routing.router import HeldPacket, Log
     from jrouter.routing.table import Route, RouteTable
-    from jrouter.wire.connection import Connection
+    from jrouter.routing.member import RouteMember
     from jrouter.wire.jid import JID
     from jrouter.wire.xmlstream import Element
 
@@ -65,7 +65,7 @@ class Placement:
         self.learning = _any_affinity(policies)
         #: Several nodes: announce(name, key, member) tells the other nodes of
         #: a traffic entry (affinity.py; set by the cluster view before routing starts).
-        self.announce: Optional[Callable[[str, Hashable, Connection], None]] = None
+        self.announce: Optional[Callable[[str, Hashable, RouteMember], None]] = None
 
     def reconfigure(self, policies: Optional[PolicyTable]) -> None:
         """New policies (SIGHUP); they apply to names bound from now on."""
@@ -88,7 +88,7 @@ class Placement:
                                                           policy.affinity_max, told)
         return table
 
-    def noticed(self, route: Route, key: str, member: Connection, now: float) -> None:
+    def noticed(self, route: Route, key: str, member: RouteMember, now: float) -> None:
         """Another node's traffic entry for ``key`` on ``route``'s ``member``."""
         if member in route.members:
             affinity = self.affinity(route)
@@ -98,7 +98,7 @@ class Placement:
     # -- routing -------------------------------------------------------------
 
     def target(self, route: Route, element: Element, route_to: Optional[JID],
-               now: float) -> Union[Connection, Choice]:
+               now: float) -> Union[RouteMember, Choice]:
         """The member that gets ``element`` (a ``<route/>`` for ``route_to``),
         or a ``Choice`` to HOLD or BOUNCE it for a dead slot."""
         members = route.members
@@ -124,7 +124,7 @@ class Placement:
             affinity.placed(key, member, now)
         return member
 
-    def learn(self, table: RouteTable, sender: Connection, element: Element, from_: JID,
+    def learn(self, table: RouteTable, sender: RouteMember, element: Element, from_: JID,
               now: float) -> None:
         """What a unicast from ``sender`` says of where sessions live: an sm's
         session started or ended (``session``), or a member talking to a
@@ -146,7 +146,7 @@ class Placement:
         if key is not None and affinity is not None:
             affinity.heard_from(key, sender, now)
 
-    def _learn_session(self, table: RouteTable, sender: Connection, child: Mapping[str, str],
+    def _learn_session(self, table: RouteTable, sender: RouteMember, child: Mapping[str, str],
                        now: float) -> None:
         """An sm's session-control reply (docs §6.9): ``started`` names the
         user (``target``) and the sm's session id (``sc:sm``), ``ended`` the
@@ -211,12 +211,12 @@ class Placement:
 
     # -- the operator's question ---------------------------------------------
 
-    def member_for(self, route: Route, address: str) -> Optional[Connection]:
+    def member_for(self, route: Route, address: str) -> Optional[RouteMember]:
         """The member a stanza for (on a from-hashed name, from) ``address``
         goes to now; None when the choice would be random or nobody gets it."""
         return self.explain(route, address)[0]
 
-    def explain(self, route: Route, address: str) -> tuple[Optional[Connection], str]:
+    def explain(self, route: Route, address: str) -> tuple[Optional[RouteMember], str]:
         """``member_for`` and why, in words for the operator: the only member,
         affinity, the hash (jabberd2's), the home slot, a failover, random,
         or held or bounced for a dead slot."""
@@ -242,7 +242,7 @@ class Placement:
             return member, f"hash: home slot {home} ({route.policy.algorithm})"
         return member, f"failover: home slot {home} is down, slot {choice.slot} serves it"
 
-    def affinity_holder(self, route: Route, key: str) -> Optional[Connection]:
+    def affinity_holder(self, route: Route, key: str) -> Optional[RouteMember]:
         """The live member the name's affinity table gives ``key``, if any (untouched)."""
         affinity = self.affinities.get(route.name)
         holder = None if affinity is None else affinity.member_of(key)
@@ -255,7 +255,7 @@ class Placement:
         return self.holds.hold(route.name, slot, packet, now, size=_held_size(packet))
 
     def member_left(self, route: Route, slot: Optional[int], now: float,
-                    member: Optional[Connection] = None) -> None:
+                    member: Optional[RouteMember] = None) -> None:
         """A member gave its slot up: under dead='hold' its packets wait;
         its affinity entries go (their users are placed afresh)."""
         if slot is not None and route.policy.dead == "hold":
@@ -277,7 +277,7 @@ class Placement:
 
     # -- IQ tracking (policy track-iq) ---------------------------------------
 
-    def remember_request(self, table: RouteTable, sender: Connection, element: Element, from_: JID,
+    def remember_request(self, table: RouteTable, sender: RouteMember, element: Element, from_: JID,
                          now: float) -> None:
         """Remember which member of a tracked cluster sent an IQ request."""
         if not self.tracking or element.child_name is None or not element.child_name.endswith(" iq"):
@@ -291,7 +291,7 @@ class Placement:
         self.iqs.remember(child["id"], _full(child.get("from")), _full(child.get("to")), sender, now)
 
     def _tracked_reply(self, route: Route, element: Element, child: Mapping[str, str],
-                       now: float) -> Optional[Connection]:
+                       now: float) -> Optional[RouteMember]:
         if element.child_name is None or not element.child_name.endswith(" iq") \
                 or child.get("type") not in ("result", "error") or child.get("id") is None:
             return None

@@ -90,7 +90,7 @@ class Redelivery:
                 backlog.routed += 1
                 return None
             return self._bounce(backlog, sender, element)
-        target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr, arg-type]
+        target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr]
                        element, key, sender)
         backlog.routed += 1
         return None

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from jrouter.config import Config
     from jrouter.routing.cluster_view import ClusterView
     from jrouter.routing.filter import FilterRules, Verdict
+    from jrouter.routing.member import RouteMember
     from jrouter.routing.ports import Port
     from jrouter.routing.table import Route
     from jrouter.wire.connection import ContextKey
@@ -219,9 +220,9 @@ class Router:
                 self._bounce_held(packet)
 
     def context_key(self, default_ns: Optional[str], prefixes: Mapping[str, str]) -> ContextKey:
-        """An interned key for a namespace context, compared by identity on
-        the hot path: raw bytes keep their meaning between two streams whose
-        keys are the same object."""
+        """An interned key for a namespace context (``ContextKey``: compared
+        with ``==``): raw bytes keep their meaning between two streams whose
+        keys are equal."""
         key = (default_ns, tuple(sorted(prefixes.items())))
         return self._context_keys.setdefault(key, key)
 
@@ -268,8 +269,8 @@ class Router:
             return self._undeliverable(sender, route, element, key, target, now)
         if self.logging_messages:
             self._log_message(element)
-        # Not a Choice, so a Connection (mypy narrows `__class__ is` only where it holds).
-        target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr, arg-type]
+        # Not a Choice, so a member (mypy narrows `__class__ is` only where it holds).
+        target.deliver(target.protocol_port.outbound(target, element, key),  # type: ignore[union-attr]
                        element, key, sender)
 
     def route_for(self, to_domain: str, from_domain: Optional[str]) -> Optional[Route]:
@@ -323,11 +324,10 @@ class Router:
         if cluster is not None:     # every other node gives it to its own connections
             cluster.broadcast(cluster.port.outbound(None, element, key))  # type: ignore[arg-type]
 
-    def deliver_held(self, route: Route, slot: int, connection: Connection) -> None:
+    def deliver_held(self, route: Route, slot: int, member: RouteMember) -> None:
         """An instance took its slot back: what was held for it is delivered."""
         for sender, element, key in self.placement.member_back(route, slot):
-            connection.deliver(connection.protocol_port.outbound(connection, element, key),
-                               element, key, sender)
+            member.deliver(member.protocol_port.outbound(member, element, key), element, key, sender)
 
     def _bounce_held(self, packet: HeldPacket) -> None:
         sender, element, _key = packet
@@ -337,10 +337,11 @@ class Router:
     def _copy_to_log_sinks(self, element: Element, key: Optional[ContextKey]) -> None:
         cluster = self.cluster
         for sink in self.table.log_sinks.values():
-            # A sink on another node reads the copy as a plain component stream does.
-            remote = cluster is not None and sink.protocol_port is cluster.port
-            context = cluster.port.plain if remote else sink.context    # type: ignore[union-attr]
-            if key is context or key is None:
+            if isinstance(sink, Connection):
+                local, context = True, sink.context
+            else:   # on another node (a cluster's): it reads a plain component stream
+                local, context = False, cluster.port.plain              # type: ignore[union-attr]
+            if key is None or key == context:
                 data = element.with_attribute("type", "log")
             else:
                 from lxml import etree
@@ -349,20 +350,20 @@ class Router:
                 tree = copy.deepcopy(element.tree())
                 tree.set("type", "log")
                 data = etree.tostring(tree)
-            if remote:
-                cluster.copy_to_sink(sink, data)        # type: ignore[union-attr, arg-type]
-            else:
+            if local:
                 sink.deliver(data)
+            else:
+                cluster.copy_to_sink(sink, data)        # type: ignore[union-attr, arg-type]
 
     # -- the operator's question ---------------------------------------------
 
-    def member_for(self, name: str, jid_text: str) -> Optional[Connection]:
+    def member_for(self, name: str, jid_text: str) -> Optional[RouteMember]:
         """Which member of ``name`` a stanza for (or, on a from-hashed route,
         from) ``jid_text`` goes to now, as routing would choose it; None
         when nothing serves the name or the choice would be random."""
         return self.explain_placement(name, jid_text)[0]
 
-    def explain_placement(self, name: str, jid_text: str) -> tuple[Optional[Connection], str]:
+    def explain_placement(self, name: str, jid_text: str) -> tuple[Optional[RouteMember], str]:
         """``member_for`` and why (``Placement.explain``)."""
         route = self.table.routes.get(name)
         if route is None or not route.members:

@@ -27,7 +27,7 @@ from jrouter.routing.policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from jrouter.routing.policy import ClusterPolicy, PolicyTable
-    from jrouter.wire.connection import Connection
+    from jrouter.routing.member import RouteMember
 
 SINGLE = "single"
 MULTI_TO = "multi-to"          # jabberd2 components bound with multi: hash the stanza 'to'
@@ -47,14 +47,14 @@ class Route:
                  remembered: Mapping[str, int] = MappingProxyType({})) -> None:
         self.name = name
         self.kind = kind
-        self.members: list[Connection] = []
+        self.members: list[RouteMember] = []
         self.alias_of = alias_of
         self.policy = policy
         # Slot algorithms only: slot ids by identity, and slot -> connection.
         self.slots = SlotTable(policy.slots, remembered) if policy.algorithm != "jabberd2" else None
-        self.by_slot: dict[int, Connection] = {}
+        self.by_slot: dict[int, RouteMember] = {}
 
-    def slot_of(self, connection: Connection) -> Optional[int]:
+    def slot_of(self, connection: RouteMember) -> Optional[int]:
         for slot, member in self.by_slot.items():
             if member is connection:
                 return slot
@@ -70,7 +70,7 @@ class RouteTable:
     def __init__(self, policies: Optional[PolicyTable] = None) -> None:
         self.routes: dict[str, Route] = {}
         self.default_name: Optional[str] = None
-        self.log_sinks: dict[str, Connection] = {}  # name -> connection
+        self.log_sinks: dict[str, RouteMember] = {}  # name -> connection
         self.policies = policies    # policy.PolicyTable, or None: jabberd2's behaviour
         #: name -> {identity: slot}: the slot each instance had, kept when its
         #: route goes and, saved by the shell, over a restart (protocol §6.10).
@@ -90,7 +90,7 @@ class RouteTable:
         """The routes with at least one member."""
         return [route for route in self.routes.values() if route.members]
 
-    def add(self, name: str, connection: Connection, kind: str, alias_of: Optional[str] = None,
+    def add(self, name: str, connection: RouteMember, kind: str, alias_of: Optional[str] = None,
             identity: Optional[str] = None, slot: Optional[int] = CLAIM
             ) -> tuple[Route, bool, Optional[int]]:
         """Append ``connection`` to ``name``'s members; return (route, mixed,
@@ -120,7 +120,7 @@ class RouteTable:
         route.members.append(connection)
         return route, mixed, slot
 
-    def remove(self, name: str, connection: Connection) -> tuple[int, Optional[int]]:
+    def remove(self, name: str, connection: RouteMember) -> tuple[int, Optional[int]]:
         """Take ``connection`` out of ``name``; return (remaining members,
         the slot it held or None)."""
         route = self.routes.get(name)

@@ -4,8 +4,9 @@ sources, in the tree scripts/build-compiled makes.
 
 Every test that compares the routers runs on it already (the router kind
 "jrouter-compiled" is one of ROUTER_KINDS: the real sm and c2s, biboumi,
-xmpp.js, mu-conference, faults, TLS, operations, lifecycle, memory; and
-test_federation pairs it with the C router, through the real s2s). This
+xmpp.js, mu-conference, faults, TLS, operations, lifecycle, memory;
+test_federation pairs it with the C router, through the real s2s; and
+test_multinode runs every test on compiled nodes too). This
 module checks that the build is what it claims: each of those modules is an
 extension in the tree, the running router has mapped them, everything else
 still imports, and unusual bytes go through both protocols unchanged.
@@ -21,9 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import test_pypy
-from tests.support.cluster_nodes import cluster_section
-from tests.support.ports import free_port
-from tests.support.routers import REPO_ROOT, RouterProcess, compiled_tree, write_router_config
+from tests.support.routers import REPO_ROOT, compiled_tree
 
 # test_pypy's own, collected here again: `router` below runs compiled.
 test_components_of_both_protocols_exchange_stanzas_byte_for_byte = \
@@ -42,8 +41,6 @@ INTERPRETED_ONLY = {
     "test_outbox.py": "plain strings stand for routes",
     "test_teardown_memory.py": "weak references, which native classes do not take",
     "test_fuzz_connection.py": "weak references, and a Connection method replaced",
-    "test_cluster_view.py": "RemoteMember, where a Connection is expected: no <cluster> yet",
-    "test_cluster_slots.py": "RemoteMember, where a Connection is expected: no <cluster> yet",
 }
 
 _IMPORT_ALL = """
@@ -87,20 +84,6 @@ def test_every_module_setup_py_names_is_an_extension_and_the_rest_imports():
     for name, path in files.items():
         assert os.path.dirname(path).startswith(str(tree)), (name, path)   # not the source tree's
         assert path.endswith(extension) == (name in names), (name, path)
-
-
-def test_the_compiled_build_refuses_a_cluster_configuration_with_a_clear_error(tmp_path):
-    """Not yet for <cluster>: a member on another node travels where the
-    compiled modules expect a Connection, so the compiled router would fail
-    mid-traffic (test_cluster_view's tests do, run on this build); it refuses
-    to start instead, and says why."""
-    section = cluster_section("a", "127.0.0.1", free_port(), ["http://127.0.0.1:%d" % free_port()])
-    files = write_router_config(tmp_path / "router", free_port(), extra=section)
-    router = RouterProcess("jrouter-compiled", files)
-    router.spawn()
-    router.wait_for(lambda: not router.running(), 20.0, "the router's exit")
-    assert router.returncode == 1, router.describe()
-    assert "compiled build, which does not serve <cluster> yet" in router.log_text, router.describe()
 
 
 def test_unit_tests_pass_on_the_compiled_build():

@@ -27,6 +27,7 @@ from lxml import etree
 from jrouter.cluster.keys import MemberKey, SlotKey, UniqueKey
 from tests.support.cluster_nodes import (NS_ACCEPT, NS_COMPONENT, ClusterBed, ComponentPeer, SplitStack,
                                          advertised, advertisement, stanza_id)
+from tests.support.routers import JROUTER_KINDS
 from tests.support.xmpp import Clients, run
 
 try:  # failure reports then show the bed's logs and etcd keys
@@ -44,8 +45,16 @@ TTL = 3                     # the bed's default <lease-ttl>
 # -- fixtures ---------------------------------------------------------------------------
 
 
+@pytest.fixture(params=JROUTER_KINDS)
+def cluster_router_kind(request):
+    """The build every node runs: each test runs on the interpreted and the
+    compiled one (docs/architecture.md, compiled: a member on another node
+    goes where compiled code checks types)."""
+    return request.param
+
+
 @pytest.fixture
-def bed_factory(request, tmp_path):
+def bed_factory(request, tmp_path, cluster_router_kind):
     """make(node_ids=NODES, **ClusterBed settings) -> a started bed (each
     node's component port answers); every bed is stopped at teardown. Each
     test's first step is ``bed.wait_ready()``, so that a cluster that does
@@ -54,7 +63,7 @@ def bed_factory(request, tmp_path):
 
     def make(node_ids=NODES, **settings):
         directory = tmp_path / ("bed" if not made else "bed-%d" % (len(made) + 1))
-        bed = ClusterBed(directory, node_ids, **settings)
+        bed = ClusterBed(directory, node_ids, router_kind=cluster_router_kind, **settings)
         made.append(bed)
         _track(request, bed)
         return bed.start()

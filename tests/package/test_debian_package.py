@@ -85,7 +85,8 @@ def build(outdir):
     result = sh(str(REPO_ROOT / "scripts" / "build-deb"), str(outdir), timeout=240,
                 env=dict(os.environ))
     deb = Path(result.stdout.strip().splitlines()[-1])
-    assert deb.name.startswith("jrouter_") and deb.name.endswith("_all.deb"), result.stdout
+    arch = sh("dpkg", "--print-architecture").stdout.strip()
+    assert deb.name.startswith("jrouter_") and deb.name.endswith("_%s.deb" % arch), result.stdout
     assert deb.is_file(), deb
     return deb
 
@@ -108,6 +109,12 @@ def check_files():
     assert "ExecStart=\nExecStart=/usr/sbin/jrouter -c /etc/jabberd2/router.xml\n" in drop_in
     where = sh("python3", "-c", "import jrouter; print(jrouter.__file__)", env=CLEAN_ENV)
     assert where.stdout.strip() == "/usr/lib/python3/dist-packages/jrouter/__init__.py"
+    # The packet path is compiled (setup.py's COMPILED); the rest stays Python.
+    files = sh("python3", "-c", "import jrouter.wire.xmlstream as x, jrouter.ops.cli as c; "
+               "print(x.__file__); print(c.__file__)", env=CLEAN_ENV).stdout.split()
+    assert files[0].startswith(
+        "/usr/lib/python3/dist-packages/jrouter/wire/xmlstream.cpython-3") and files[0].endswith(".so")
+    assert files[1] == "/usr/lib/python3/dist-packages/jrouter/ops/cli.py", files
     # The command line with Debian's docopt 0.6.2: jabberd2's exit codes.
     version = sh("/usr/sbin/jrouter", "--version", env=CLEAN_ENV)
     assert version.stdout.startswith("jrouter "), version.stdout

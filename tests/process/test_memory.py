@@ -12,10 +12,7 @@ import time
 import pytest
 
 from tests.support.peer import Peer
-from tests.support.routers import ROUTER_KINDS
-
-#: jrouter interpreted, and compiled (scripts/build-compiled).
-JROUTER_KINDS = [kind for kind in ROUTER_KINDS if kind != "jabberd2"]
+from tests.support.routers import JROUTER_KINDS  # interpreted, and compiled (scripts/build-compiled)
 
 IDLE = 200              # idle components of each protocol
 SETUP_SECONDS = 90.0    # for all of them; ~4 s here

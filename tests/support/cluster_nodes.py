@@ -94,8 +94,10 @@ def answers_header(ip, port, timeout=3.0):
 class ClusterNode:
     """One jrouter node: its files and its runs (a RouterProcess each), newest last."""
 
-    def __init__(self, node_id, directory, etcd_endpoint, clustering="", relayed=False, **cluster):
+    def __init__(self, node_id, directory, etcd_endpoint, clustering="", relayed=False,
+                 router_kind="jrouter", **cluster):
         self.node_id = node_id
+        self.router_kind = router_kind       # a jrouter kind of routers.ROUTER_KINDS
         self.ip = "127.0.0.1"
         self.port, self.peer_port = free_ports(2, self.ip)
         # relayed: the other nodes dial it through a MutingRelay (<advertise>), which
@@ -164,7 +166,7 @@ class ClusterNode:
         port listens and answers a stream header."""
         if self.running():
             raise RuntimeError("%s already runs (pid %d)" % (self.name, self.pid))
-        run = RouterProcess("jrouter", self.files)
+        run = RouterProcess(self.router_kind, self.files)
         n = len(self.runs) + 1
         if n > 1:        # keep each run's stdout/stderr
             run.stdout_path = str(self.files.directory / ("router.%d.stdout" % n))
@@ -230,13 +232,15 @@ class ClusterBed:
     `lease_ttl`, `bind_wait`, `timeout` (per etcd call) and `hops` go into
     every node's ``<cluster>``; small by default so that a dead node's
     routes go within seconds. `clustering`: a ``<clustering>`` section
-    (per-name policies) every node's router.xml gets too.
+    (per-name policies) every node's router.xml gets too. `router_kind`:
+    which build every node runs (routers.ROUTER_KINDS).
     """
 
     name = "cluster bed"
 
     def __init__(self, directory, node_ids=("a", "b", "c"), *, lease_ttl=3, bind_wait=2,
-                 timeout=1, hops=2, cluster=CLUSTER, clustering="", relayed=()):
+                 timeout=1, hops=2, cluster=CLUSTER, clustering="", relayed=(),
+                 router_kind="jrouter"):
         self.directory = Path(directory)
         self.lease_ttl = lease_ttl
         self.layout = Layout(cluster)
@@ -246,7 +250,8 @@ class ClusterBed:
             node_id: ClusterNode(node_id, self.directory / ("node-%s" % node_id),
                                  self.etcd.endpoint, name=cluster, timeout=timeout,
                                  lease_ttl=lease_ttl, bind_wait=bind_wait, hops=hops,
-                                 clustering=clustering, relayed=node_id in relayed)
+                                 clustering=clustering, relayed=node_id in relayed,
+                                 router_kind=router_kind)
             for node_id in node_ids}
         self._client = None
 

@@ -22,6 +22,8 @@ from .process import ManagedProcess
 #: "jrouter-compiled" is jrouter with its packet path compiled by mypyc
 #: (scripts/build-compiled): every test that compares the routers runs on it too.
 ROUTER_KINDS = ("jabberd2", "jrouter", "jrouter-compiled")
+#: Those that are jrouter: the tests of what only jrouter does run on both builds.
+JROUTER_KINDS = tuple(kind for kind in ROUTER_KINDS if kind != "jabberd2")
 JABBERD2_ROUTER = "/usr/sbin/jabberd2-router"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: jrouter on Debian's pypy3: the venv scripts/bootstrap makes (tests/e2e/test_pypy.py)
