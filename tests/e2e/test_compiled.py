@@ -35,9 +35,6 @@ _LIBRARY = "jrouter__mypyc"
 #: the others run on it (test_unit_tests_pass_on_the_compiled_build): that is
 #: how parse_jid(None) and RemoteMember were found.
 INTERPRETED_ONLY = {
-    "test_affinity.py": "a Member fake stands for a Connection",
-    "test_stats.py": "a FakeConnection stands for a Connection",
-    "test_status.py": "a FakeConnection stands for a Connection",
     "test_outbox.py": "plain strings stand for routes",
     "test_teardown_memory.py": "weak references, which native classes do not take",
     "test_fuzz_connection.py": "weak references, and a Connection method replaced",
