@@ -96,23 +96,22 @@ class Membership:
             cluster.joined(connection, name, kind)     # its member key in the cluster table
         return route, slot
 
-    def replace_instance(self, name: str, connection: RouteMember, now: float) -> bool:
+    def replace_instance(self, name: str, connection: Connection, now: float) -> bool:
         """A cluster instance reconnects while its old connection still holds
         its own name (an sm's <id>): under replace='half-open' the old
         connection is ended and the name is free again."""
         holder = self.table.routes[name].members[0]
-        cluster = self.router.cluster
-        remote = cluster is not None and holder.protocol_port is cluster.port
-        if holder is connection or (holder.user != connection.user and not remote) \
+        ours = isinstance(holder, Connection)   # else a member on another node (a cluster's)
+        if holder is connection or (holder.user != connection.user and ours) \
                 or holder.protocol_port.identity(holder) != name:
             return False
         if not any(holder in route.members and route.policy.replace == "half-open"
                    for route in self.table.served()):
             return False
         self.log.notice(f"[{name}] {connection.label} replaces {holder.label} (instance '{name}')")
-        if remote:
+        if not ours:
             # Its node ends it; the bind waits for the name (docs/cluster.md §8).
-            return cluster.replace_remote(connection, name, holder)   # type: ignore[union-attr, arg-type]
+            return self.router.cluster.replace_remote(connection, name, holder)  # type: ignore[union-attr, arg-type]
         self._replace(holder, now)
         return True
 

@@ -70,7 +70,7 @@ class RouteTable:
     def __init__(self, policies: Optional[PolicyTable] = None) -> None:
         self.routes: dict[str, Route] = {}
         self.default_name: Optional[str] = None
-        self.log_sinks: dict[str, RouteMember] = {}  # name -> connection
+        self.log_sinks: dict[str, RouteMember] = {}  # name -> its member
         self.policies = policies    # policy.PolicyTable, or None: jabberd2's behaviour
         #: name -> {identity: slot}: the slot each instance had, kept when its
         #: route goes and, saved by the shell, over a restart (protocol §6.10).
