@@ -1,6 +1,7 @@
 import os
+import platform
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 from jrouter import __version__
 
@@ -24,6 +25,16 @@ def compiled_modules() -> list:
 
     # One shared library for them all, named after the package.
     return mypycify(["--config-file", "mypy.ini", *COMPILED], opt_level="3", group_name="jrouter")
+
+
+def framer_module() -> list:
+    """The C framer (jrouter/wire/framing.py), against the system's libexpat
+    (Debian: libexpat1-dev). Not on PyPy, where framing.py's pyexpat one
+    runs faster than a C extension can through PyPy's emulation of the C API."""
+    if platform.python_implementation() != "CPython":
+        return []
+    return [Extension("jrouter.wire._expatframe", ["jrouter/wire/_expatframe.c"], libraries=["expat"],
+                      extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter"])]
 
 
 setup(
@@ -61,5 +72,5 @@ setup(
         "jrouter-status = jrouter.ops.status_cli:main",
     ]},
     data_files=[("share/man/man8", ["man/jrouter.8"])],
-    ext_modules=compiled_modules(),
+    ext_modules=framer_module() + compiled_modules(),
 )

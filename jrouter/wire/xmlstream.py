@@ -12,17 +12,19 @@ takes bytes as they arrive and returns events:
 
 Routing is the router's whole job, so an element is not turned into a tree:
 expat (with namespace processing, so unbound prefixes are errors as in
-jabberd2) checks well-formedness and reports where each top-level element
-starts and ends, and the element keeps the exact bytes it arrived in. The
+jabberd2) checks well-formedness, and a framer (``framing.py``: in C on
+CPython, with pyexpat on PyPy) reports where each top-level element starts
+and ends, and the element keeps the exact bytes it arrived in. The
 router forwards those bytes unchanged, inserts an attribute by splicing, and
 asks for an lxml tree (``Element.tree()``) only on cold paths such as
 ``<bind/>``. For each top-level element the reader keeps its attributes and
 those of its first child, which is all that routing, hashing and filtering
 look at.
 
-Byte positions come from expat's ``CurrentByteIndex``: at a start tag it is
-the ``<``; at an end tag, the ``<`` of ``</``. The end of a start tag is found
-with a quote-aware regular expression (an attribute value may contain ``>``).
+Byte positions are the framer's, counted from the start of its parser; the
+reader keeps the bytes from the first unfinished element on and cuts each
+element out of them. The end of a start tag is found with a quote-aware
+regular expression (an attribute value may contain ``>``).
 
 Hardening: a DOCTYPE is refused before expat can read any declaration, so no
 entity is ever defined or expanded, and nothing is fetched. A top-level
@@ -52,14 +54,16 @@ This module must not know about routing, SASL, sockets or the clock.
 
 from __future__ import annotations
 
-import pyexpat
 import re
 import weakref
-from typing import TYPE_CHECKING, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 from mypy_extensions import mypyc_attr
 
 from jrouter.errors import ProtocolError
+from jrouter.wire import framing
+from jrouter.wire.framing import START_TAG as _START_TAG
+from jrouter.wire.framing import Frame, FramerFactory
 from jrouter.wire.lxml_side import KNOWN_URIS, lxml_parser, uri_refused
 from jrouter.wire.xmlwrite import STREAM_PREFIXES, STREAMS_NS, quoteattr
 
@@ -78,9 +82,6 @@ MAX_DEPTH = 128
 #: module docstring): below it no name or text can reach lxml's limits.
 _PARSEABLE_SIZE = 10_000_000
 
-# The start tag of an element that expat has already accepted: the name, then
-# anything up to '>' that is not inside a quoted attribute value.
-_START_TAG = re.compile(rb"<([^\s/>]+)[^'\">]*(?:(?:'[^']*'|\"[^\"]*\")[^'\">]*)*>")
 
 #: The bytes that end a tag name: XML's white space, '/' and '>'.
 _NAME_ENDS = frozenset(b" \t\r\n/>")
@@ -298,12 +299,8 @@ _CONTEXTS: weakref.WeakValueDictionary[tuple[Optional[str], tuple[tuple[str, str
 #: Stream root names (b"stream:stream"), one object each; a few at most.
 _ROOT_NAMES: dict[bytes, bytes] = {}
 
-#: Bytes a stream reader's expat parser reads before it is renewed (``_renew``).
+#: Bytes a stream reader's framer reads before it is renewed (``_renew``).
 RENEW_AFTER = 1 << 18
-
-#: Every expat handler ``StreamReader`` sets (``release`` unsets them).
-_HANDLERS = ("XmlDeclHandler", "StartDoctypeDeclHandler", "EntityDeclHandler",
-             "StartNamespaceDeclHandler", "StartElementHandler", "EndElementHandler")
 
 
 class StreamReader:
@@ -315,14 +312,17 @@ class StreamReader:
 
     ``max_element_size`` (bytes, 0 = unlimited) may be changed at any time
     (a peer that authenticates gets a larger one); ``max_depth`` is
-    ``MAX_DEPTH`` unless a test asks for another.
+    ``MAX_DEPTH`` and ``framer`` is ``framing.FRAMER`` unless a test asks
+    for another.
     """
 
     def __init__(self, max_element_size: int = 0, max_depth: int = MAX_DEPTH,
-                 renew_after: int = RENEW_AFTER) -> None:
+                 renew_after: int = RENEW_AFTER, framer: Optional[FramerFactory] = None) -> None:
         self.max_element_size = max_element_size
         self.max_depth = max_depth
         self.renew_after = renew_after
+        self._make_framer: FramerFactory = framer if framer is not None else framing.FRAMER
+        self._framer: Any = None
         self._new_parser()
 
     @property
@@ -332,62 +332,36 @@ class StreamReader:
     @max_element_size.setter
     def max_element_size(self, limit: int) -> None:
         self._limit = limit
-        # _end compares each element's size with this one number.
+        # _events compares each element's size with this one number.
         self._check_above = limit if 0 < limit < _PARSEABLE_SIZE else _PARSEABLE_SIZE
 
-    def _expat(self) -> pyexpat.XMLParserType:
-        # Always UTF-8, whatever the XML declaration says: the raw bytes are
-        # forwarded and parsed by lxml as UTF-8 (_refuse_encoding). No name
-        # interning: the table would keep every name the peer ever sent.
-        parser = pyexpat.ParserCreate(encoding="UTF-8", namespace_separator=" ", intern=None)
-        parser.SetParamEntityParsing(pyexpat.XML_PARAM_ENTITY_PARSING_NEVER)
-        parser.XmlDeclHandler = self._refuse_encoding
-        parser.StartDoctypeDeclHandler = self._refuse_doctype
-        parser.EntityDeclHandler = self._refuse_entity
-        return parser
+    def _framer_for_stream(self) -> Any:
+        return self._make_framer(self.max_depth, KNOWN_URIS, uri_refused, StreamError)
 
     def _new_parser(self) -> None:
-        parser = self._expat()
-        parser.StartNamespaceDeclHandler = self._header_namespace
-        parser.StartElementHandler = self._start
-        parser.EndElementHandler = self._end
-        self._parser = parser
-        self._parsed = 0        # bytes fed to this parser
-        self._depth = 0
+        self._drop_parser()
+        self._framer = self._framer_for_stream()
+        self._parsed = 0        # bytes fed to this framer
         self._buffer = b""
         self._base = 0          # absolute offset of _buffer[0]
         self._keep_from = 0     # absolute offset where unconsumed bytes begin
-        self._events: list[StreamEvent] = []
-        self._header_default: Optional[str] = None
-        self._header_prefixes: dict[str, str] = {}
         # None until the header is read (_open); every element comes after it.
         self.context: NamespaceContext = None  # type: ignore[assignment]
-        # The top-level element being read (None until _start sees it).
-        self._top_start = 0
-        self._top_name: str = None  # type: ignore[assignment]
-        self._top_attrs: dict[str, str] = None  # type: ignore[assignment]
-        self._child_name: Optional[str] = None
-        self._child_attrs: Optional[dict[str, str]] = None
-        self._child_start = 0
-        self._child_mark: Optional[int] = None
 
     def release(self) -> None:
-        """The stream is over: let go of the parser and what was read. The
-        parser's handlers are this reader's methods, a cycle that only the
-        garbage collector would otherwise break, long after the connection
+        """The stream is over: let go of the framer and what was read
         (docs/architecture.md, memory). ``feed`` must not be called again."""
         self._drop_parser()
         self._buffer = b""
-        self._events = []
         self.context = None  # type: ignore[assignment]
 
     def rest(self) -> bool:
-        """The stream is idle: let its parser go (~12 KiB each) until bytes
+        """The stream is idle: let its framer go (~12 KiB each) until bytes
         come again, when ``feed`` renews it (``_renew``) as it does every
         ``renew_after`` bytes. Only between top-level elements (what follows
         the last one, a keepalive space or the start of a tag, is read again
-        by the new parser); True if it let go."""
-        if self._depth != 1 or self._parser is None:
+        by the new framer); True if it let go."""
+        if self._framer is None or self._framer.depth != 1:
             return False
         self._drop_parser()
         self._buffer = self._buffer[self._keep_from - self._base:]
@@ -396,80 +370,70 @@ class StreamReader:
         return True
 
     def _drop_parser(self) -> None:
-        parser = self._parser
-        if parser is not None:
-            for handler in _HANDLERS:
-                setattr(parser, handler, None)
-        self._parser = None  # type: ignore[assignment]  # feed renews it before any use
+        framer = self._framer
+        if framer is not None:
+            framer.close()
+        self._framer = None     # feed renews it before any use
 
-    # -- expat callbacks ---------------------------------------------------
+    # -- public API --------------------------------------------------------
 
-    def _refuse_encoding(self, version: str, encoding: Optional[str], standalone: int) -> None:
-        if encoding is not None and encoding.upper() not in ("UTF-8", "UTF8"):
+    def feed(self, data: bytes) -> list[StreamEvent]:
+        """Parse ``data``; return the events it completed."""
+        # Keep only what an unfinished element still needs, usually nothing:
+        # then the buffer is the chunk itself, and elements are cut from it
+        # with one copy.
+        self._parsed += len(data)
+        if self._parsed > self.renew_after and (self._framer is None or self._framer.depth):
+            data = self._renew(data)
+        old = self._buffer
+        keep = self._keep_from - self._base
+        self._base = self._keep_from
+        self._buffer = buffer = data if keep >= len(old) else old[keep:] + data
+        # No NUL is ever UTF-8 XML: one beside the first '<' of a stream
+        # means UTF-16, which expat detects on its own even when told UTF-8.
+        # Refused before any byte is framed: offsets would not be bytes.
+        if self.context is None and b"\x00" in buffer[:buffer.find(b"<") + 2]:
             raise StreamError("unsupported-encoding", "only UTF-8 is supported")
-
-    def _refuse_doctype(self, *args: object) -> None:
-        raise StreamError("restricted-xml", "DTDs are not allowed")
-
-    def _refuse_entity(self, *args: object) -> None:
-        raise StreamError("restricted-xml", "entity declarations are not allowed")
-
-    def _header_namespace(self, prefix: Optional[str], uri: Optional[str]) -> None:
-        if uri not in KNOWN_URIS:
-            _vet_uri(uri)
-        if prefix is None:
-            self._header_default = uri
-        else:
-            self._header_prefixes[prefix] = uri or ""   # never None: expat refuses xmlns:p=''
-
-    # These run for every element (and declaration) of every stanza: keep them lean.
-
-
-    def _start(self, name: str, attrs: dict[str, str]) -> None:
-        depth = self._depth
-        self._depth = depth + 1
-        if depth == 1:
-            self._top_start = self._parser.CurrentByteIndex
-            self._top_name = name
-            self._top_attrs = attrs
-        elif depth == 2:
-            if self._child_name is None:
-                self._child_name = name
-                self._child_attrs = attrs
-                self._child_start = self._parser.CurrentByteIndex
-        elif depth == 0:
-            self._open(name, attrs)
-        elif depth > self.max_depth:        # depth is the new element's level
-            raise _too_deep(self.max_depth)
-
-    def _end(self, name: str) -> None:
-        depth = self._depth - 1
-        self._depth = depth
-        if depth == 1:
-            base = self._base
-            start = self._top_start
-            child_name = self._child_name
-            if child_name is not None:      # expat points at its end tag
-                end = self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
+        frames: list[Frame] = []
+        failure: Optional[StreamError] = None
+        try:
+            self._framer.parse(data, buffer, self._base, frames)
+        except StreamError as exc:
+            failure = exc
+        # What came before the failure first: an element in it may fail first.
+        events = self._events(frames)
+        if failure is None:
+            limit = self._limit
+            if limit and self._base + len(buffer) - self._keep_from > limit:
+                failure = _too_large(limit)
             else:
-                end = self._childless_end(start)
-            if end - start > self._check_above:
-                self._check_large(start, end)
-            mark = self._child_mark
-            self._events.append(Element(
-                self._top_name, self._top_attrs, self._buffer[start - base:end - base],
-                child_name, self._child_attrs, self._child_start - start,
-                0 if mark is None else mark - start, self.context, end))
-            self._keep_from = end
-            # The element has them now: held here too, a stanza of 70k
-            # attributes kept ~20 MiB per connection until the next one.
-            self._child_name = self._child_mark = self._child_attrs = None
-            self._top_attrs = None  # type: ignore[assignment]
-        elif depth == 2:
-            if self._child_mark is None:
-                self._child_mark = self._parser.CurrentByteIndex
-        elif depth == 0:
-            self._events.append(StreamClose())
+                return events
+        failure.events = events
+        raise failure
+
+    def _events(self, frames: list[Frame]) -> list[StreamEvent]:
+        """The events of the framer's frames (framing.py), in order."""
+        events: list[StreamEvent] = []
+        context = self.context
+        try:
+            for frame in frames:
+                if frame is None:
+                    events.append(StreamClose())
+                elif context is None:
+                    events.append(self._open(frame))
+                    context = self.context
+                else:
+                    start, end, name, attrs, child_name, child_attrs, child_start, child_mark = frame
+                    if end - start > self._check_above:
+                        self._check_large(start, end)
+                    base = self._base
+                    events.append(Element(name, attrs, self._buffer[start - base:end - base], child_name,
+                                          child_attrs, child_start, child_mark, context, end))
+                    self._keep_from = end
+        except StreamError as exc:
+            exc.events = events
+            raise
+        return events
 
     def _check_large(self, start: int, end: int) -> None:
         """An element over the size limit, or so large (the limit allows it)
@@ -485,88 +449,41 @@ class StreamReader:
         except etree.XMLSyntaxError as exc:
             raise StreamError("policy-violation", f"stanza beyond the XML parser's limits ({exc})") from None
 
-    def _childless_end(self, start: int) -> int:
-        """Where an element without child elements ends: its start tag, if
-        that is empty (``/>``), else its end tag, where expat points."""
-        base = self._base
-        tag = _match_tag(self._buffer, start - base)
-        if self._buffer[tag.end() - 2] == 0x2F:
-            return tag.end() + base
-        return self._buffer.index(b">", self._parser.CurrentByteIndex - base) + 1 + base
-
-    def _open(self, name: str, attrs: dict[str, str]) -> None:
-        # Later declarations belong to stanzas, not to the stream context.
-        self._parser.StartNamespaceDeclHandler = _vet_declaration
-        context = self.context = NamespaceContext.shared(self._header_default, self._header_prefixes)
-        offset = self._parser.CurrentByteIndex - self._base
-        # No NUL is ever UTF-8 XML: a NUL beside the header's '<' means
-        # UTF-16, which expat detects on its own even when told UTF-8.
-        if b"\x00" in self._buffer[:offset + 2]:
-            raise StreamError("unsupported-encoding", "only UTF-8 is supported")
-        tag = _match_tag(self._buffer, offset)
+    def _open(self, header: tuple[Any, ...]) -> StreamOpen:
+        name, attrs, declarations, start = header
+        default_ns: Optional[str] = None
+        prefixes: dict[str, str] = {}
+        for prefix, uri in declarations:
+            if prefix is None:
+                default_ns = uri
+            else:
+                prefixes[prefix] = uri or ""    # never None: expat refuses xmlns:p=''
+        context = self.context = NamespaceContext.shared(default_ns, prefixes)
+        tag = _match_tag(self._buffer, start - self._base)
         self._keep_from = self._base + tag.end()
         root = tag.group(1)                 # _renew reopens the stream with it
         self._root_name = _ROOT_NAMES.setdefault(root, root) if len(_ROOT_NAMES) < 16 else root
         # The shared context's strings: the header's own copies go with the event.
-        self._events.append(StreamOpen(name, attrs, context.default_ns, dict(context.prefixes)))
-        self._header_default, self._header_prefixes = None, {}
-
-    # -- public API --------------------------------------------------------
-
-    def feed(self, data: bytes) -> list[StreamEvent]:
-        """Parse ``data``; return the events it completed."""
-        # Keep only what an unfinished element still needs, usually nothing:
-        # then the buffer is the chunk itself, and elements are cut from it
-        # with one copy.
-        self._parsed += len(data)
-        if self._parsed > self.renew_after and self._depth:
-            data = self._renew(data)
-        old = self._buffer
-        keep = self._keep_from - self._base
-        self._base = self._keep_from
-        self._buffer = buffer = data if keep >= len(old) else old[keep:] + data
-        try:
-            self._parser.Parse(data)
-            limit = self._limit
-            if limit and self._base + len(buffer) - self._keep_from > limit:
-                raise _too_large(limit)
-        except pyexpat.ExpatError as exc:
-            raise self._fatal(StreamError("xml-not-well-formed", pyexpat.ErrorString(exc.code))) from None
-        except StreamError as exc:
-            raise self._fatal(exc) from None
-        events = self._events
-        if events:
-            self._events = []
-        return events
-
-    def _fatal(self, error: StreamError) -> StreamError:
-        """Attach the elements completed before the error: they were sent
-        before it, and are handled before the stream ends."""
-        error.events = self._events
-        self._events = []
-        return error
+        return StreamOpen(name, attrs, context.default_ns, dict(context.prefixes))
 
     def _renew(self, data: bytes) -> bytes:
-        """A new expat parser in the middle of the stream; returns what to
-        feed it. expat remembers every attribute and element name it has
-        seen until the parser goes (its DTD tables): a peer sending names it
+        """A new framer in the middle of the stream; returns what to feed
+        it. expat remembers every attribute and element name it has seen
+        until the parser goes (its DTD tables): a peer sending names it
         never repeats would grow them by ~9 MiB per MiB. So every
-        ``renew_after`` bytes the reader starts a parser afresh: the header's
-        declarations again (the context's wrapper), then the unfinished
-        element's bytes read again, so no event changes. Offsets from here
-        on are the new parser's, as after ``restart``."""
+        ``renew_after`` bytes the reader starts a framer afresh: the
+        header's declarations again (the context's wrapper), then the
+        unfinished element's bytes read again, so no event changes. Offsets
+        from here on are the new framer's, as after ``restart``."""
         pending = self._buffer[self._keep_from - self._base:]
-        parser = self._expat()
-        # The root's own name, so that </stream:stream> still closes it.
+        self._drop_parser()
+        framer = self._framer_for_stream()
+        # The root's own name, so that </stream:stream> still closes it; its
+        # frame is the header again, not an event.
         opening = b"<" + self._root_name + self.context.declarations + b">"
-        parser.Parse(opening)                       # no handler: no event
-        parser.StartNamespaceDeclHandler = _vet_declaration
-        parser.StartElementHandler = self._start
-        parser.EndElementHandler = self._end
-        self._parser = parser
+        framer.parse(opening, opening, 0, [])
+        self._framer = framer
         self._parsed = len(data)
-        self._depth = 1
-        self._child_name = self._child_mark = self._child_attrs = None
         self._buffer = b""
         self._base = self._keep_from = len(opening)
         return pending + data
@@ -585,25 +502,6 @@ class StreamReader:
 
 def _too_large(limit: int) -> StreamError:
     return StreamError("policy-violation", f"stanza too large (limit {limit} bytes)")
-
-
-def _vet_uri(uri: Optional[str]) -> None:
-    """The stream error lxml's refusal of ``uri`` as a namespace name means (lxml_side.py)."""
-    if uri_refused(uri):
-        raise StreamError("xml-not-well-formed", "namespace name is not a URI")
-
-
-def _vet_declaration(prefix: Optional[str], uri: Optional[str],
-                     known: set[Optional[str]] = KNOWN_URIS) -> None:
-    """expat's handler for every declaration after the header (a function,
-    ``known`` a local: it runs for nearly every packet)."""
-    if uri not in known:
-        _vet_uri(uri)
-
-
-def _too_deep(limit: int) -> StreamError:
-    return StreamError("policy-violation", f"stanza nested too deeply (limit {limit} levels)")
-
 
 
 # The context of elements the router built itself: they declare every

@@ -18,6 +18,9 @@ from jrouter.wire.xmlwrite import quoteattr
 
 from .harness import NS_ACCEPT, NS_C, STREAMS, Network, header
 
+# Every test here once with each framer (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("framer")
+
 def nest(levels, leaf=b"x"):
     """``levels`` nested ``<d>`` elements (``levels`` levels) around ``leaf``."""
     return b"<d>" * levels + leaf + b"</d>" * levels

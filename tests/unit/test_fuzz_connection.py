@@ -34,8 +34,10 @@ import re
 import sys
 import weakref
 
+import pytest
+
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from jrouter.errors import ConnectionClosed
 from jrouter.testing.sasl_client import DigestMD5Client
@@ -43,6 +45,9 @@ from jrouter.wire.xmlstream import MAX_DEPTH, STREAMS_NS, Element, StreamReader
 from jrouter.wire.xmlwrite import STREAM_CLOSE, quoteattr
 
 from .harness import NS_ACCEPT, NS_C, NS_SASL, Network, header
+
+# Every test here once with each framer (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("framer")
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 STANZA_LIMIT = 8192
@@ -440,8 +445,9 @@ class ConnectionFuzzer(RuleBasedStateMachine):
             assert [ref for ref in self.gone if ref() is not None] == []
 
 
-TestConnectionFuzzer = ConnectionFuzzer.TestCase
-TestConnectionFuzzer.settings = FUZZ_SETTINGS
+def test_connection_fuzzer(framer):
+    """The machine, once with each framer (the module's pytestmark)."""
+    run_state_machine_as_test(ConnectionFuzzer, settings=FUZZ_SETTINGS)
 
 
 # -- defects the fuzzer found, as plain tests ------------------------------------------------

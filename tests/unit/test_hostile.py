@@ -1,9 +1,14 @@
 """Hostile and stuck peers in the in-memory router (issue 10): bounded
 queues, disconnects that cost no more than a slice, memory that is given back."""
 
+import pytest
+
 from jrouter.routing.policy import ClusterPolicy, PolicyTable
 
 from .harness import NS_ACCEPT, Network, header
+
+# Every test here once with each framer (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("framer")
 
 STREAMS = "http://etherx.jabber.org/streams"
 

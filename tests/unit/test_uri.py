@@ -29,6 +29,9 @@ from jrouter.wire.uri import is_uri_reference
 from jrouter.wire.xmlstream import Element, StreamReader
 from jrouter.wire.xmlwrite import quoteattr
 
+# Every test here once with each framer (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("framer")
+
 XML_NS = "http://www.w3.org/XML/1998/namespace"
 XMLNS_NS = "http://www.w3.org/2000/xmlns/"
 

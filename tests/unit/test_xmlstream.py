@@ -7,6 +7,9 @@ from jrouter.wire.xmlstream import STREAMS_NS, Element, StreamClose, StreamError
 
 from jrouter.wire.xmlwrite import stream_error, stream_header
 
+# Every test here once with each framer (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("framer")
+
 NS_C = "http://jabberd.jabberstudio.org/ns/component/1.0"
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='" + NS_C.encode() +
           b"' xmlns:stream='http://etherx.jabber.org/streams' to='foo' version='1.0'>")
